@@ -1,0 +1,59 @@
+"""The `xtra` command: one sub-command per pipeline stage, each in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from xtra.errors import XtraError
+
+__all__ = ["main", "COMMANDS"]
+
+# sub-command -> (module, one-line help). Modules are imported only when used.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("xtra.config", "validate params.yaml against the schema"),
+    "profile": ("xtra.profiles", "write a shipped profile (demo, paper_b16, paper_h14) to params.yaml"),
+    "prepare": ("xtra.data.prepare", "convert a raw dataset into checksummed WebDataset shards"),
+    "pretrain": ("xtra.train.pretrain", "pre-train (or initialise) one model of params.yaml"),
+    "probe": ("xtra.train.probe", "probe one model's frozen encoder on its benchmarks"),
+    "report": ("xtra.report.cli", "write result tables and figures"),
+    "reconstruct": ("xtra.reconstruct", "PNG grid of input, target and predicted next blocks"),
+    "convert-checkpoint": ("xtra.model.convert", "import an official XTRA checkpoint"),
+    "bench": ("xtra.bench", "throughput benchmarks (attention paths, data loading, probe sweep)"),
+}
+
+
+def _module_for(command: str):
+    return importlib.import_module(COMMANDS[command][0])
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xtra", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            _module_for(name).configure_parser(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    module = _module_for(args.command)
+    try:
+        return int(module.run(args) or 0)
+    except XtraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""params.yaml: strict validation against the JSON schema, defaults, and cross-field checks.
+
+`load_params(path)` returns the params as a plain nested dict with every default filled in. Any
+problem raises `ParamsError` naming the file and the key (`models.xtra_k2.arch.block_size`).
+`xtra validate` is the command-line face of the same checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+
+from xtra.errors import ParamsError
+
+__all__ = ["SCHEMA_PATH", "load_params", "validate_params", "load_schema", "params_hash", "model_arch",
+           "configure_parser", "run"]
+
+SCHEMA_PATH = Path(str(resources.files("xtra") / "schema" / "params.schema.yaml"))
+# Dataset kinds whose data ships inside registry packages: they need no `root`.
+EMBEDDED_KINDS = frozenset({"mnist5k", "digits"})
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    """The parsed schema (cached; treat it as read-only)."""
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _resolve_local_ref(ref: str) -> dict[str, Any]:
+    """The schema node a local reference (`#/$defs/name`) points to."""
+    node: Any = load_schema()
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def _with_defaults(cls):
+    """A validator class that also fills in the schema's defaults (jsonschema's documented recipe)."""
+    validate_properties = cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001 - jsonschema callback
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = json.loads(json.dumps(sub["default"]))
+                elif "$ref" in sub and name not in instance:
+                    target = _resolve_local_ref(sub["$ref"])
+                    if "default" in target:
+                        instance[name] = json.loads(json.dumps(target["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(cls, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(Draft202012Validator)
+
+
+def _key(path: Iterator[Any]) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe(error) -> str:  # noqa: ANN001 - a jsonschema ValidationError
+    where = _key(error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        known = sorted(error.schema.get("properties", {}))
+        return f"{where}: unknown key(s) {extra}" + (f"; known keys: {known}" if known else "")
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    return f"{where}: {error.message}"
+
+
+def validate_params(params: dict[str, Any], source: str = "params.yaml", check_paths: bool = True) -> dict:
+    """Validate in place (filling defaults) and return `params`; raise ParamsError naming the key."""
+    if not isinstance(params, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(params).__name__}")
+    errors = sorted(_Validator(load_schema()).iter_errors(params), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = "\n  ".join(_describe(e) for e in errors[:10])
+        raise ParamsError(f"{source}: invalid params:\n  {lines}")
+    problems = list(_cross_checks(params, check_paths))
+    if problems:
+        raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(problems))
+    return params
+
+
+def _cross_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
+    from xtra.model.xtra import ArchConfig
+
+    datasets = params["datasets"]
+    for name, ds in datasets.items():
+        if ds["kind"] not in EMBEDDED_KINDS:
+            if not ds.get("root"):
+                yield f"datasets.{name}.root: required for kind {ds['kind']!r}"
+            elif check_paths and not Path(ds["root"]).exists():
+                yield f"datasets.{name}.root: path {ds['root']!r} does not exist"
+    for name, model in params["models"].items():
+        where = f"models.{name}"
+        try:
+            ArchConfig.from_dict(model["arch"])
+        except ParamsError as exc:
+            yield f"{where}.arch: {exc}"
+        if model["init"] == "pretrain" and model.get("dataset") not in datasets:
+            yield f"{where}.dataset: {model.get('dataset')!r} is not a dataset of this params file"
+        if model["init"] == "official":
+            ckpt = model.get("checkpoint")
+            if not ckpt:
+                yield f"{where}.checkpoint: required for init 'official'"
+            elif check_paths and not Path(ckpt).exists():
+                yield f"{where}.checkpoint: path {ckpt!r} does not exist"
+    probe = params["probe"]
+    for name, bench in probe["benchmarks"].items():
+        if bench["dataset"] not in datasets:
+            yield f"probe.benchmarks.{name}.dataset: {bench['dataset']!r} is not a dataset of this params file"
+    for name in probe.get("models") or []:
+        if name not in params["models"]:
+            yield f"probe.models: {name!r} is not a model of this params file"
+
+
+def load_params(path: str | Path = "params.yaml", check_paths: bool = True) -> dict[str, Any]:
+    """Read, validate and default-fill a params file. Raises ParamsError naming the file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ParamsError(f"cannot read params file {path}: {exc.strerror}") from exc
+    try:
+        params = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    return validate_params(params, str(path), check_paths)
+
+
+def params_hash(section: Any) -> str:
+    """sha256 of a params section in canonical JSON: what a stage's cache key is made of."""
+    return hashlib.sha256(json.dumps(section, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def model_arch(params: dict[str, Any], model: str) -> dict[str, Any]:
+    if model not in params["models"]:
+        raise ParamsError(f"models.{model}: no such model; known: {sorted(params['models'])}")
+    return params["models"][model]["arch"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--no-paths", action="store_true", help="do not check that dataset/checkpoint paths exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = load_params(args.params, check_paths=not args.no_paths)
+    print(f"{args.params}: valid (profile {params['profile']!r}, {len(params['datasets'])} datasets, "
+          f"{len(params['models'])} models, {len(params['probe']['benchmarks'])} benchmarks)")
+    return 0

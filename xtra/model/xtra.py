@@ -1,0 +1,236 @@
+"""The XTRA pre-training model: encoder -> projection -> predictor -> block concatenation -> pixel heads.
+
+Shapes (METHOD.md): S image side, p patch, G = S/p, N = G^2 tokens, k block side in patches,
+g = G/k, M = g^2 blocks, c = k*p block side in pixels, d encoder width, d_pred predictor width.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xtra.errors import ParamsError
+from xtra.model.mask import MaskSpec
+from xtra.model.vit import PRESETS, Encoder, Transformer, init_weights
+
+__all__ = ["ArchConfig", "XTRA", "build_arch_encoder", "block_orders_of", "MODEL_PRESETS", "patchify_blocks", "normalize_blocks", "concat_blocks", "xtra_loss"]
+
+# Defaults of the paper's two models (METHOD.md "Architecture"); anything not given follows the rules
+# in ArchConfig.resolved().
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "xtra_b16": {"preset": "base", "img_size": 256, "patch_size": 16, "block_size": 4, "proj_hidden": 4096,
+                 "predictor_width": 768, "predictor_heads": 6, "head_hidden": 6144},
+    "xtra_h14": {"preset": "huge", "img_size": 224, "patch_size": 14, "block_size": 4, "proj_hidden": 5120,
+                 "predictor_width": 640, "predictor_heads": 8, "head_hidden": 9408},
+}
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Every architecture knob of METHOD.md, including the ablation switches."""
+
+    preset: str = "tiny"
+    width: int | None = None  # overrides of the preset's width / depth / heads (small demo models)
+    depth: int | None = None
+    heads: int | None = None
+    img_size: int = 32
+    patch_size: int = 4
+    block_size: int = 2
+    drop_path_rate: float = 0.0
+    proj_hidden: int | None = None  # default 4 * d
+    predictor_depth: int = 8
+    predictor_width: int | None = None  # default d
+    predictor_heads: int | None = None  # default max(1, d_pred // 64)
+    head_hidden: int | None = None  # default 3 * c^2
+    num_heads_ahead: int = 1
+    norm_pix_loss: bool = True
+    loss: str = "mse"  # mse | l1
+    block_order: str = "raster"  # raster | pseudo_random
+    num_block_orders: int = 1
+    block_order_seed: int = 0
+    predictor_fp32: bool = False  # the public fp16 recipe: predictor and heads forced to fp32
+    attn_impl: str = "auto"  # auto | sdpa | flex | reference
+
+    @classmethod
+    def from_dict(cls, arch: dict[str, Any]) -> "ArchConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(arch) - known)
+        if unknown:
+            raise ParamsError(f"unknown arch key(s) {unknown}; known: {sorted(known)}")
+        return cls(**arch).resolved()
+
+    def resolved(self) -> "ArchConfig":
+        """Fill the defaults that depend on other fields and check the combination."""
+        if self.preset not in PRESETS:
+            raise ParamsError(f"arch.preset: unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
+        if self.img_size % (self.patch_size * self.block_size) != 0:
+            raise ParamsError(
+                f"arch.img_size {self.img_size} is not divisible by patch_size x block_size "
+                f"= {self.patch_size} x {self.block_size}"
+            )
+        if self.loss not in ("mse", "l1"):
+            raise ParamsError(f"arch.loss: expected 'mse' or 'l1', got {self.loss!r}")
+        if self.block_order not in ("raster", "pseudo_random"):
+            raise ParamsError(f"arch.block_order: expected 'raster' or 'pseudo_random', got {self.block_order!r}")
+        num_blocks = (self.img_size // (self.patch_size * self.block_size)) ** 2
+        if not 1 <= self.num_heads_ahead < num_blocks:
+            raise ParamsError(f"arch.num_heads_ahead {self.num_heads_ahead} must be in [1, {num_blocks - 1}]")
+        size = {**PRESETS[self.preset], **{k: v for k, v in (("width", self.width), ("depth", self.depth),
+                                                                ("heads", self.heads)) if v is not None}}
+        if size["width"] % size["heads"] != 0:
+            raise ParamsError(f"arch: width {size['width']} is not divisible by heads {size['heads']}")
+        d = size["width"]
+        d_pred = self.predictor_width or d
+        c = self.block_size * self.patch_size
+        return ArchConfig(**{**asdict(self), **size, "proj_hidden": self.proj_hidden or 4 * d, "predictor_width": d_pred,
+                             "predictor_heads": self.predictor_heads or max(1, d_pred // 64),
+                             "head_hidden": self.head_hidden or 3 * c * c})
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_blocks(self) -> int:
+        return (self.grid // self.block_size) ** 2
+
+    @property
+    def block_pixels(self) -> int:
+        return self.block_size * self.patch_size
+
+
+def patchify_blocks(images: torch.Tensor, block_pixels: int) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, M, 3*c*c): blocks in raster order, each flattened channel-major (3, c, c)."""
+    b, ch, s, _ = images.shape
+    g = s // block_pixels
+    x = images.reshape(b, ch, g, block_pixels, g, block_pixels)  # (B, 3, g, c, g, c)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch * block_pixels * block_pixels)
+
+
+def unpatchify_blocks(blocks: torch.Tensor, block_pixels: int) -> torch.Tensor:
+    """Inverse of patchify_blocks: (B, M, 3*c*c) -> (B, 3, S, S)."""
+    b, m, _ = blocks.shape
+    g = int(round(m**0.5))
+    x = blocks.reshape(b, g, g, 3, block_pixels, block_pixels).permute(0, 3, 1, 4, 2, 5)  # (B, 3, g, c, g, c)
+    return x.reshape(b, 3, g * block_pixels, g * block_pixels)
+
+
+def normalize_blocks(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-block normalisation: subtract the mean, divide by sqrt(unbiased var + eps). (B, M, D) -> same."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True, unbiased=True)
+    return (target - mean) / torch.sqrt(var + eps)
+
+
+def concat_blocks(tokens: torch.Tensor, grid: int, block_size: int) -> torch.Tensor:
+    """(B, N, d) raster tokens -> (B, M, d*k*k): each block's k x k tokens, channel-major (d, row, col)."""
+    b, _, d = tokens.shape
+    g = grid // block_size
+    x = tokens.transpose(1, 2).reshape(b, d, g, block_size, g, block_size)  # (B, d, g, k, g, k)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, d * block_size * block_size)
+
+
+def xtra_loss(preds: list[torch.Tensor], target: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+    """Mean over heads j of the error of pred_j[:, :M-1-j] against target[:, 1+j:]. All (B, M, 3c^2)."""
+    error = F.mse_loss if loss == "mse" else F.l1_loss
+    m = target.shape[1]
+    terms = [error(p[:, : m - 1 - j].float(), target[:, 1 + j :].float()) for j, p in enumerate(preds)]
+    return torch.stack(terms).mean()
+
+
+class _MLP2(nn.Module):
+    """Two linear layers with GELU between, stored as `mlp.0` / `mlp.2` like the official release."""
+
+    def __init__(self, dim_in: int, hidden: int, dim_out: int, last_bias: bool) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim_in, hidden), nn.GELU(), nn.Linear(hidden, dim_out, bias=last_bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class Predictor(Transformer):
+    """Learned position embedding (N x d_pred) + block-causal blocks of width d_pred + final norm."""
+
+    def __init__(self, num_tokens: int, width: int, depth: int, heads: int, attn_impl: str) -> None:
+        super().__init__(width, depth, heads, 0.0, attn_impl=attn_impl)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+        out, _ = self.run_blocks(x + self.pos_embed, spec)
+        return self.norm(out)
+
+
+def block_orders_of(cfg: ArchConfig) -> list[tuple[int, ...]] | None:
+    """The fixed set of pseudo-random block permutations (None for raster order)."""
+    if cfg.block_order == "raster":
+        return None
+    gen = torch.Generator().manual_seed(cfg.block_order_seed)
+    return [tuple(torch.randperm(cfg.num_blocks, generator=gen).tolist()) for _ in range(cfg.num_block_orders)]
+
+
+def build_arch_encoder(cfg: ArchConfig) -> Encoder:
+    """The encoder of an architecture config (preset size with its overrides)."""
+    cfg = cfg.resolved()
+    return Encoder(cfg.img_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, cfg.block_size,
+                   cfg.drop_path_rate, attn_impl=cfg.attn_impl)
+
+
+class XTRA(nn.Module):
+    """The full pre-training model; `encoder` alone is what probing uses."""
+
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg.resolved()
+        self.encoder = build_arch_encoder(cfg)
+        self.proj = _MLP2(cfg.width, cfg.proj_hidden, cfg.predictor_width, last_bias=False)
+        self.predictor = Predictor(cfg.grid**2, cfg.predictor_width, cfg.predictor_depth, cfg.predictor_heads,
+                                   cfg.attn_impl)
+        in_dim = cfg.predictor_width * cfg.block_size**2
+        out_dim = 3 * cfg.block_pixels**2
+        self.heads = nn.ModuleList(_MLP2(in_dim, cfg.head_hidden, out_dim, last_bias=True)
+                                   for _ in range(cfg.num_heads_ahead))
+        self.proj.apply(init_weights)
+        self.heads.apply(init_weights)
+        self.block_orders = block_orders_of(cfg)
+        if self.block_orders:
+            self.encoder.block_order = self.block_orders[0]  # the order probing uses
+
+    def set_attn_impl(self, impl: str) -> None:
+        self.encoder.set_attn_impl(impl)  # type: ignore[arg-type]
+        self.predictor.set_attn_impl(impl)  # type: ignore[arg-type]
+
+    def order_for_step(self, step: int) -> tuple[int, ...] | None:
+        return None if self.block_orders is None else self.block_orders[step % len(self.block_orders)]
+
+    def forward(self, images: torch.Tensor, order: tuple[int, ...] | None = None) -> list[torch.Tensor]:
+        """(B, 3, S, S) -> one (B, M, 3c^2) prediction per head, blocks in raster order."""
+        cfg = self.cfg
+        spec = MaskSpec(cfg.grid, cfg.block_size, order)
+        z = self.proj(self.encoder(images, spec))  # (B, N, d_pred)
+        fp32 = cfg.predictor_fp32 and torch.is_autocast_enabled(images.device.type)
+        with torch.autocast(images.device.type, enabled=False) if fp32 else nullcontext():
+            z = self.predictor(z.float() if fp32 else z, spec)  # (B, N, d_pred)
+            blocks = concat_blocks(z, cfg.grid, cfg.block_size)  # (B, M, d_pred*k*k)
+            return [head(blocks) for head in self.heads]  # each (B, M, 3c^2)
+
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised images -> (B, M, 3c^2) targets in raster block order."""
+        target = patchify_blocks(images, self.cfg.block_pixels)
+        return normalize_blocks(target) if self.cfg.norm_pix_loss else target
+
+    def loss(self, images: torch.Tensor, step: int = 0) -> torch.Tensor:
+        order = self.order_for_step(step)
+        preds, target = self(images, order), self.targets(images)
+        if order is not None:  # predict blocks in the permuted order: reorder blocks by rank
+            perm = torch.as_tensor(order, device=images.device)
+            preds, target = [p[:, perm] for p in preds], target[:, perm]
+        return xtra_loss(preds, target, self.cfg.loss)
+
