@@ -7,6 +7,7 @@ whose `state_dict` keys are `model.encoder.*`, `model.proj.*`, `model.predictor.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,7 +36,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a torch file?): {exc}") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(ckpt).__name__}")

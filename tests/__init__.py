@@ -1,0 +1,1 @@
+"""Tests of xtra-repro (a package so that `tests.fixtures` imports under plain `pytest` too)."""

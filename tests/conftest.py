@@ -1,0 +1,62 @@
+"""Shared test fixtures: the demo datasets prepared once per session, and params files in tmp dirs."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+XTRA = [sys.executable, "-m", "xtra.cli"]
+
+# a small, fast model for stage tests: same structure as the demo, fewer blocks
+SMALL_ARCH = {"preset": "tiny", "width": 64, "depth": 2, "heads": 2, "img_size": 32, "patch_size": 4,
+              "block_size": 2, "predictor_depth": 1, "predictor_width": 32, "predictor_heads": 2}
+
+
+def demo_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def write_params(directory: Path, params: dict[str, Any], prepared: Path | None = None) -> Path:
+    """Write `params` to directory/params.yaml with every path inside `directory` (prepared may be shared)."""
+    params = copy.deepcopy(params)
+    params["paths"] = {"prepared": str(prepared or directory / "data" / "prepared"),
+                       "models": str(directory / "models"), "results": str(directory / "results")}
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_xtra(*args: str, cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*XTRA, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"xtra {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(tmp_path_factory) -> Path:
+    """The demo datasets (mnist5k, digits) prepared once per test session; returns the prepared root."""
+    from xtra.config import validate_params
+    from xtra.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("prepared")
+    params = validate_params(demo_params())
+    for name in ("mnist5k", "digits"):
+        prepare_dataset(name, params["datasets"][name], root)
+    return root
+
+
+def small_model(**train: Any) -> dict[str, Any]:
+    """A model entry of params.yaml with SMALL_ARCH pre-trained on mnist5k."""
+    return {"init": "pretrain", "dataset": "mnist5k", "eval_resize": 32, "arch": dict(SMALL_ARCH),
+            "train": {"epochs": 1, "batch_size": 32, "accelerator": "cpu", "num_workers": 0,
+                      "checkpoint_every_n_steps": 10, "log_every_n_steps": 5, "reconstruct_images": 2, **train}}

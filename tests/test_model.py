@@ -1,0 +1,200 @@
+"""The block-causal mask, the encoder/predictor, block concatenation and the XTRA loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xtra.errors import ParamsError
+from xtra.model.mask import block_causal_mask, block_ids, block_ranks, build_dense_mask
+from xtra.model.vit import build_encoder
+from xtra.model.xtra import XTRA, MODEL_PRESETS, ArchConfig, concat_blocks, patchify_blocks, xtra_loss
+
+
+def tiny_arch(**kw) -> ArchConfig:
+    base = dict(width=32, depth=2, heads=2, img_size=32, patch_size=4, block_size=2, predictor_depth=2,
+                predictor_width=16, predictor_heads=2, attn_impl="sdpa")
+    return ArchConfig(**{**base, **kw})
+
+
+def test_block_ids_follow_the_formula() -> None:
+    grid, k = 8, 2
+    ids = block_ids(grid, k).view(grid, grid)
+    for i in range(grid):
+        for j in range(grid):
+            assert ids[i, j] == (i // k) * (grid // k) + (j // k)
+
+
+def test_k1_is_token_causal_and_k_grid_is_full() -> None:
+    grid = 8
+    n = grid * grid
+    assert torch.equal(block_causal_mask(grid, 1), torch.tril(torch.ones(n, n, dtype=torch.bool)))
+    assert block_causal_mask(grid, grid).all()
+
+
+def test_block_mask_attends_within_block_and_to_earlier_blocks_only() -> None:
+    grid, k = 8, 2
+    ids = block_ids(grid, k)
+    mask = block_causal_mask(grid, k)
+    expected = ids.unsqueeze(0) <= ids.unsqueeze(1)
+    assert torch.equal(mask, expected)
+    assert not mask[0, 2]  # token 2 is in block 1, token 0 in block 0: no look-ahead
+    assert mask[0, 1] and mask[1, 0]  # tokens 0 and 1 share block 0: full attention inside it
+
+
+def _block_pixel_slice(m: int, arch: ArchConfig) -> tuple[slice, slice]:
+    c, g = arch.block_pixels, arch.grid // arch.block_size
+    r, col = divmod(m, g)
+    return slice(r * c, (r + 1) * c), slice(col * c, (col + 1) * c)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("order", ["raster", "pseudo_random"])
+def test_changing_block_m_changes_nothing_before_it(k: int, order: str) -> None:
+    torch.manual_seed(0)
+    arch = tiny_arch(block_size=k, block_order=order, num_block_orders=1).resolved()
+    model = XTRA(arch).eval()
+    perm = model.order_for_step(0)
+    ranks = block_ranks(arch.grid, k, perm)  # (N,) rank of each token's block
+    m_block = 5 if arch.num_blocks > 5 else arch.num_blocks - 1
+    m_rank = int(ranks[block_ids(arch.grid, k) == m_block][0])
+    x = torch.randn(2, 3, 32, 32)
+    y = x.clone()
+    rows, cols = _block_pixel_slice(m_block, arch)
+    y[:, :, rows, cols] += torch.randn_like(y[:, :, rows, cols])
+    with torch.no_grad():
+        from xtra.model.mask import MaskSpec
+
+        spec = MaskSpec(arch.grid, k, perm)
+        enc_x, enc_y = model.encoder(x, spec), model.encoder(y, spec)
+        pred_x = model.predictor(model.proj(enc_x), spec)
+        pred_y = model.predictor(model.proj(enc_y), spec)
+    before, at = ranks < m_rank, ranks == m_rank
+    assert before.any()
+    torch.testing.assert_close(enc_x[:, before], enc_y[:, before], rtol=0, atol=1e-6)
+    torch.testing.assert_close(pred_x[:, before], pred_y[:, before], rtol=0, atol=1e-6)
+    assert (enc_x[:, at] - enc_y[:, at]).abs().max() > 1e-3  # the test can fail: block m itself changes
+
+
+def test_reference_and_sdpa_paths_agree() -> None:
+    torch.manual_seed(0)
+    model = XTRA(tiny_arch()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        dense = model.encoder(x)
+        model.set_attn_impl("reference")
+        ref = model.encoder(x)
+    torch.testing.assert_close(dense, ref)
+
+
+def test_flex_attention_forward_equals_dense_on_cpu() -> None:
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    grid, k, heads, dim = 8, 2, 2, 16
+    q, kk, v = (torch.randn(1, heads, grid * grid, dim) for _ in range(3))
+    ranks = block_ranks(grid, k)
+
+    def mask_mod(b, h, qi, ki):
+        return ranks[ki] <= ranks[qi]
+
+    block_mask = flex.create_block_mask(mask_mod, B=None, H=None, Q_LEN=grid * grid, KV_LEN=grid * grid,
+                                        device="cpu")
+    out_flex = flex.flex_attention(q, kk, v, block_mask=block_mask)
+    out_dense = F.scaled_dot_product_attention(q, kk, v, attn_mask=build_dense_mask(ranks))
+    torch.testing.assert_close(out_flex, out_dense, rtol=1e-4, atol=1e-5)
+
+
+def test_paper_encoder_parameter_counts_on_meta_device() -> None:
+    with torch.device("meta"):
+        base = build_encoder("base", 256, 16, 4)
+        huge = build_encoder("huge", 224, 14, 4)
+    n_base = sum(p.numel() for p in base.parameters())
+    n_huge = sum(p.numel() for p in huge.parameters())
+    assert abs(n_base - 85.8e6) / 85.8e6 < 0.01, n_base
+    assert abs(n_huge - 631e6) / 631e6 < 0.01, n_huge
+
+
+def test_paper_presets_build_with_their_shapes() -> None:
+    with torch.device("meta"):
+        model = XTRA(ArchConfig(**MODEL_PRESETS["xtra_h14"]))
+    assert model.heads[0].mlp[0].in_features == 640 * 16
+    assert model.heads[0].mlp[2].out_features == 3 * 56 * 56
+    assert model.proj.mlp[2].bias is None and model.heads[0].mlp[2].bias is not None
+
+
+def test_concat_blocks_is_channel_major() -> None:
+    grid, k, d = 4, 2, 3
+    tokens = torch.arange(grid * grid * d, dtype=torch.float32).view(1, grid * grid, d)  # token t, channel ch
+    out = concat_blocks(tokens, grid, k)  # (1, 4, d*k*k)
+    for block in range(4):
+        br, bc = divmod(block, grid // k)
+        expected = [tokens[0, (br * k + r) * grid + (bc * k + c), ch]
+                    for ch in range(d) for r in range(k) for c in range(k)]
+        assert out[0, block].tolist() == torch.stack(expected).tolist()
+
+
+def test_loss_equals_a_direct_computation_of_the_formula() -> None:
+    torch.manual_seed(0)
+    b, s, c = 2, 8, 4  # 2x2 blocks of 4x4 pixels
+    images = torch.randn(b, 3, s, s)
+    m = (s // c) ** 2
+    preds = [torch.randn(b, m, 3 * c * c) for _ in range(2)]
+    # direct: cut block m at rows/cols, flatten (3, c, c), normalise with the unbiased variance
+    targets = []
+    for blk in range(m):
+        r, col = divmod(blk, s // c)
+        t = images[:, :, r * c:(r + 1) * c, col * c:(col + 1) * c].reshape(b, -1)
+        targets.append((t - t.mean(1, keepdim=True)) / torch.sqrt(t.var(1, keepdim=True) + 1e-6))
+    target = torch.stack(targets, 1)
+    direct = sum(((preds[j][:, : m - 1 - j] - target[:, 1 + j:]) ** 2).mean() for j in range(2)) / 2
+    model_target = patchify_blocks(images, c)
+    from xtra.model.xtra import normalize_blocks
+
+    ours = xtra_loss(preds, normalize_blocks(model_target))
+    torch.testing.assert_close(ours, direct)
+    l1 = xtra_loss(preds, normalize_blocks(model_target), loss="l1")
+    direct_l1 = sum((preds[j][:, : m - 1 - j] - target[:, 1 + j:]).abs().mean() for j in range(2)) / 2
+    torch.testing.assert_close(l1, direct_l1)
+
+
+def test_forward_features_returns_chosen_blocks() -> None:
+    torch.manual_seed(0)
+    encoder = XTRA(tiny_arch(depth=3)).encoder.eval()
+    x = torch.randn(1, 3, 32, 32)
+    feats = encoder.forward_features(x, blocks=[-1, 0])
+    assert [f.shape for f in feats] == [torch.Size([1, 64, 32])] * 2
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.norm(encoder.forward_features(x)[0]), encoder(x))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(img_size=30), "not divisible by patch_size x block_size"),
+        (dict(preset="gigantic"), "unknown preset"),
+        (dict(num_heads_ahead=64), "num_heads_ahead"),
+        (dict(loss="l2"), "arch.loss"),
+    ],
+)
+def test_bad_arch_is_a_clear_error(kw: dict, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        tiny_arch(**kw).resolved()
+
+
+def test_checkpoint_with_missing_or_unexpected_keys_is_named(tmp_path) -> None:
+    from dataclasses import asdict
+
+    from xtra.errors import CheckpointError
+    from xtra.model.checkpoint import load_encoder, save_model_checkpoint
+
+    arch = tiny_arch().resolved()
+    path = tmp_path / "m.ckpt"
+    save_model_checkpoint(XTRA(arch), path, asdict(arch), drop=("encoder.norm",))
+    with pytest.raises(CheckpointError, match=r"missing keys: \['norm.bias', 'norm.weight'\]"):
+        load_encoder(path)
+    with pytest.raises(CheckpointError, match="different architecture"):
+        save_model_checkpoint(XTRA(arch), path, asdict(arch))
+        load_encoder(path, expected_arch={**asdict(arch), "depth": 3})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_encoder(path)

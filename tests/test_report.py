@@ -1,0 +1,405 @@
+"""The report stage: fabricated probe results -> tables, metrics, plot data and figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from xtra.cli import main as xtra_main  # noqa: E402
+from xtra.errors import XtraError  # noqa: E402
+from xtra.report import build_report, update_readme  # noqa: E402
+from xtra.report.cli import MARKERS, configure_parser, run  # noqa: E402
+from xtra.report.collect import collect_results, read_pretrain_log  # noqa: E402
+from xtra.report.figures import bars_figure  # noqa: E402
+from xtra.report.reference import BENCHMARKS, PUBLISHED_IMAGES_SEEN, load_reference  # noqa: E402
+from xtra.report.tables import results_table, run_rows, to_markdown  # noqa: E402
+
+AIM = load_reference().query("series == 'AIM-0.6B (DFN-2B+)' and benchmark != 'mean15'")
+AIM_TOP1 = dict(zip(AIM["benchmark"], AIM["top1"]))
+
+
+def _params(tmp: Path, benchmarks: dict, models=("xtra", "random"),
+            protocol: str = "paper") -> dict:
+    return {
+        "paths": {"results": str(tmp / "results"), "models": str(tmp / "models")},
+        "models": {m: {"init": "random" if m == "random" else "pretrain", "dataset": "mnist5k",
+                       "arch": {}, "train": {}} for m in models},
+        "probe": {"protocol": protocol,
+                  "benchmarks": {b: {"dataset": b, "kinds": kinds, "lrs": [1e-3, 3e-3]}
+                                 for b, kinds in benchmarks.items()}},
+        "report": {"reference_dir": "xtra/report/reference",
+                   "reference_models": ["XTRA-B/16", "XTRA-H/14", "AIM-0.6B"]},
+    }
+
+
+def _result(model: str, benchmark: str, kind: str, top1: float | None,
+            protocol: str = "paper") -> dict:
+    """A result as the probe writes it: the selected head (lr 1e-3) and a worse one at 3e-3."""
+    heads = [] if top1 is None else [
+        {"lr": 1e-3, "weight_decay": 0.1, "top1": top1, "top5": 99.0, "heldout_top1": None},
+        {"lr": 3e-3, "weight_decay": 0.1, "top1": top1 - 5, "top5": 98.0, "heldout_top1": None}]
+    return {"model": model, "benchmark": benchmark, "kind": kind, "protocol": protocol,
+            "selected": {"lr": 1e-3, "weight_decay": 0.1}, "top1": top1, "top5": 99.0,
+            "heads": heads, "heldout": None, "epochs": 1, "seed": 0}
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def _write_models(tmp: Path) -> None:
+    xtra = tmp / "models" / "xtra"
+    xtra.mkdir(parents=True)
+    # Lightning's CSVLogger: loss and lr on separate rows, NaN elsewhere, extra columns.
+    pd.DataFrame({"epoch": [0, 0, 0, 0, 1], "step": [0, 0, 1, 1, 2],
+                  "train/loss": [2.0, np.nan, 1.5, np.nan, 1.0],
+                  "lr-AdamW": [np.nan, 1e-4, np.nan, 5e-4, np.nan],
+                  "val/loss": [np.nan] * 5}).to_csv(xtra / "log.csv", index=False)
+    _write_json(xtra / "metrics.json", {"images_seen": 50_000, "final_loss": 1.0})
+    grid = (np.arange(48 * 64 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
+    Image.fromarray(grid).save(xtra / "reconstruction.png")
+    _write_json(tmp / "models" / "random" / "metrics.json", {"images_seen": 0})
+
+
+def make_demo(tmp_path: Path) -> dict:
+    """Two models, three benchmarks: 5 results, one partial (no top1), one failed, one missing."""
+    params = _params(tmp_path, {"in1k": ["attentive", "linear"], "cifar10": ["attentive"],
+                                "digits": ["attentive"]})
+    probe = tmp_path / "results" / "probe"
+    for model, benchmark, kind, top1 in [
+        ("xtra", "in1k", "attentive", 80.0), ("xtra", "in1k", "linear", 70.0),
+        ("xtra", "cifar10", "attentive", 97.0), ("xtra", "digits", "attentive", None),
+        ("random", "in1k", "attentive", 10.0), ("random", "digits", "attentive", 20.0),
+    ]:
+        _write_json(probe / model / f"{benchmark}-{kind}.json",
+                    _result(model, benchmark, kind, top1))
+    _write_json(probe / "random" / "failures.json", {"failures": [
+        {"job": "in1k-linear", "benchmark": "in1k", "kind": "linear",
+         "error": "RuntimeError: CUDA out of memory", "attempts": 2}]})
+    _write_models(tmp_path)
+    return params
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> dict:
+    return make_demo(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """The demo report, built twice into the same folder; the bytes of the first build kept."""
+    tmp = tmp_path_factory.mktemp("report")
+    params = make_demo(tmp)
+    out = tmp / "results"
+    build_report(params, out)
+    first = {p.relative_to(out): p.read_bytes() for p in _outputs(out)}
+    report = build_report(params, out)
+    return {"params": params, "out": out, "report": report, "first": first}
+
+
+def _outputs(out: Path) -> list[Path]:
+    return sorted(p for sub in ("tables", "figures", "plots") for p in (out / sub).iterdir()) + [
+        out / "metrics.json"]
+
+
+def _row(table: pd.DataFrame, row: str, model: str, kind: str, protocol: str = "paper",
+         reference: str | None = None) -> pd.Series:
+    sel = (table["row"] == row) & (table["model"] == model) & (table["kind"] == kind) & (
+        table["protocol"] == protocol)
+    if reference is not None:
+        sel &= table["reference"] == reference
+    assert sel.sum() == 1, (row, model, kind, protocol, reference)
+    return table[sel].iloc[0]
+
+
+def test_reference_keeps_published_cells_with_sources():
+    ref = load_reference()
+    xtra_h = ref[ref["series"] == "XTRA-H/14 (IN-21k)"].set_index("benchmark")
+    assert xtra_h.loc["in1k", "top1"] == 80.9 and xtra_h.loc["in1k", "confidence"] == "high"
+    assert xtra_h.loc["mean15", "top1"] == 76.2 and xtra_h.loc["mean15", "confidence"] == "low"
+    assert set(AIM_TOP1) == set(BENCHMARKS) and AIM_TOP1["in1k"] == 78.5
+    assert AIM_TOP1["infograph"] == 45.2
+    dino = ref[ref["model"] == "DINO"]
+    assert "in1k" not in set(dino["benchmark"])  # an empty published cell is never filled in
+    assert (ref["source"] != "").all()
+    assert PUBLISHED_IMAGES_SEEN["XTRA-H/14 (IN-21k)"] == pytest.approx(1.31e9)
+    assert PUBLISHED_IMAGES_SEEN["XTRA-B/16 (IN-1k)"] == pytest.approx(1.0248e9)
+
+
+def test_collect_marks_missing_failed_and_partial(demo):
+    collected = collect_results(demo)
+    res = collected.results.set_index(["model", "benchmark", "kind", "protocol"])
+    assert len(res) == 8 and (res["status"] == "ok").sum() == 5
+    assert set(collected.results["protocol"]) == {"paper"}
+    partial = res.loc[("xtra", "digits", "attentive", "paper")]
+    assert partial["status"] == "partial" and "digits-attentive.json: no top1" in partial["reason"]
+    failed = res.loc[("random", "in1k", "linear", "paper")]
+    assert failed["status"] == "failed" and "failures.json" in failed["reason"]
+    assert "CUDA out of memory" in failed["reason"]
+    missing = res.loc[("random", "cifar10", "attentive", "paper")]
+    assert missing["status"] == "missing"
+    assert "cifar10-attentive.json: not found" in missing["reason"]
+    for row in (partial, failed, missing):
+        assert math.isnan(row["top1"])  # missing is NaN, not 0
+    assert res.loc[("xtra", "in1k", "attentive", "paper"), ["top1", "lr"]].tolist() == [80.0, 1e-3]
+    sweep = collected.sweep.set_index(["model", "benchmark", "kind", "lr"])
+    assert len(sweep) == 10
+    assert sweep.loc[("xtra", "in1k", "attentive", 1e-3), "selected"]
+    assert not sweep.loc[("xtra", "in1k", "attentive", 3e-3), "selected"]
+    assert sweep.loc[("xtra", "in1k", "attentive", 3e-3), "top1"] == 75.0
+
+
+def test_protocol_is_a_column(tmp_path):
+    params = _params(tmp_path, {"digits": ["linear"], "mnist": ["linear"]}, models=("m",),
+                     protocol="heldout")
+    probe = tmp_path / "results" / "probe" / "m"
+    _write_json(probe / "digits-linear.json", _result("m", "digits", "linear", 91.0, "heldout"))
+    # a stale file of the other protocol: its own row, and the expected row says why it is absent
+    _write_json(probe / "mnist-linear.json", _result("m", "mnist", "linear", 99.0, "paper"))
+    collected = collect_results(params)
+    res = collected.results.set_index(["benchmark", "protocol"])
+    assert res.loc[("digits", "heldout"), "top1"] == 91.0
+    assert res.loc[("mnist", "paper"), "top1"] == 99.0
+    assert res.loc[("mnist", "heldout"), "status"] == "partial"
+    assert "another protocol than heldout" in res.loc[("mnist", "heldout"), "reason"]
+    table = results_table(collected.results, load_reference(), collected.benchmarks, [])
+    assert _row(table, "run", "m", "linear", "heldout")["digits"] == 91.0
+    assert _row(table, "run", "m", "linear", "paper")["mnist"] == 99.0
+    assert "| run | m | linear | heldout |" in to_markdown(table, collected.results)
+
+
+def test_table_holds_expected_numbers(built):
+    table = pd.read_csv(built["out"] / "tables" / "top1.csv", keep_default_na=True)
+    table["reference"] = table["reference"].fillna("")
+    assert list(table.columns[5:22]) == [*BENCHMARKS, "digits", "mean15"]
+    r = _row(table, "run", "xtra", "attentive")
+    assert (r["in1k"], r["cifar10"]) == (80.0, 97.0) and math.isnan(r["digits"])
+    assert math.isnan(r["mean15"]) and r["mean_present"] == pytest.approx(88.5)
+    assert r["n_present"] == 2 and math.isnan(r["inat18"])
+    r = _row(table, "run", "xtra", "linear")
+    assert r["in1k"] == 70.0 and r["mean_present"] == 70.0 and r["n_present"] == 1
+    r = _row(table, "run", "random", "attentive")
+    assert r["mean_present"] == pytest.approx(15.0) and math.isnan(r["cifar10"])
+    r = _row(table, "run", "random", "linear")
+    assert math.isnan(r["in1k"]) and math.isnan(r["mean_present"]) and r["n_present"] == 0
+    pub = _row(table, "published", "AIM-0.6B (DFN-2B+)", "attentive")
+    assert [pub[b] for b in BENCHMARKS] == [AIM_TOP1[b] for b in BENCHMARKS]
+    assert pub["mean15"] == 75.6 and math.isnan(pub["digits"])  # demo benchmark: no number
+    assert pub["mean_present"] == pytest.approx(75.64) and pub["n_present"] == 15
+    pub = _row(table, "published", "XTRA-H/14 (IN-21k)", "attentive")
+    assert pub["in1k"] == 80.9 and pub["mean15"] == 76.2 and "low" in pub["source"]
+    assert _row(table, "published", "XTRA-B/16 (IN-1k)", "linear")["in1k"] == 70.2
+    assert _row(table, "published", "AIM-0.6B (IN-1k)", "attentive")["mean15"] == 73.5
+    d = _row(table, "difference", "xtra", "attentive", reference="AIM-0.6B (DFN-2B+)")
+    assert d["in1k"] == pytest.approx(1.5) and d["cifar10"] == pytest.approx(-0.2)
+    assert d["mean_present"] == pytest.approx(88.5 - (78.5 + 97.2) / 2) and d["n_present"] == 2
+    assert math.isnan(d["digits"]) and math.isnan(d["mean15"]) and math.isnan(d["inat18"])
+    d = _row(table, "difference", "xtra", "attentive", reference="XTRA-H/14 (IN-21k)")
+    assert d["in1k"] == pytest.approx(-0.9) and math.isnan(d["mean_present"])
+    d = _row(table, "difference", "xtra", "linear", reference="XTRA-B/16 (IN-1k)")
+    assert d["in1k"] == pytest.approx(-0.2) and d["mean_present"] == pytest.approx(-0.2)
+    d = _row(table, "difference", "random", "attentive", reference="XTRA-B/16 (IN-1k)")
+    assert d["in1k"] == pytest.approx(-66.8) and math.isnan(d["mean_present"])
+    # no difference where nothing is comparable: AIM's mean-only series vs a run without mean15
+    diffs = table[table["row"] == "difference"]
+    assert len(diffs) == 7 and "AIM-0.6B (DFN-2B)" not in set(diffs["reference"])
+    assert not ((diffs["model"] == "random") & (diffs["kind"] == "linear")).any()
+    assert set(table["protocol"]) == {"paper"}
+
+
+def test_mean_over_15_and_differences(tmp_path):
+    params = _params(tmp_path, {b: ["attentive"] for b in BENCHMARKS}, models=("h14",))
+    for b in BENCHMARKS:
+        _write_json(tmp_path / "results" / "probe" / "h14" / f"{b}-attentive.json",
+                    _result("h14", b, "attentive", AIM_TOP1[b] + 1.0))
+    collected = collect_results(params)
+    table = results_table(collected.results, load_reference(), collected.benchmarks,
+                          ["XTRA-B/16", "XTRA-H/14", "AIM-0.6B"])
+    run_row = _row(table, "run", "h14", "attentive")
+    assert run_row["mean15"] == pytest.approx(75.64 + 1.0)
+    assert run_row["mean_present"] == pytest.approx(76.64) and run_row["n_present"] == 15
+    d = _row(table, "difference", "h14", "attentive", reference="AIM-0.6B (DFN-2B+)")
+    assert [d[b] for b in BENCHMARKS] == pytest.approx([1.0] * 15)
+    assert d["mean15"] == pytest.approx(76.64 - 75.6)
+    assert d["mean_present"] == pytest.approx(1.0) and d["n_present"] == 15
+    d = _row(table, "difference", "h14", "attentive", reference="XTRA-H/14 (IN-21k)")
+    assert d["in1k"] == pytest.approx(79.5 - 80.9) and d["mean15"] == pytest.approx(76.64 - 76.2)
+    assert math.isnan(d["mean_present"]) and math.isnan(d["inat18"])
+    d = _row(table, "difference", "h14", "attentive", reference="AIM-0.6B (IN-1k)")
+    assert d["mean15"] == pytest.approx(76.64 - 73.5)
+    # one benchmark missing: no mean over the 15, the mean over the 14 present instead
+    (tmp_path / "results" / "probe" / "h14" / "rxrx1-attentive.json").unlink()
+    collected = collect_results(params)
+    run_row = run_rows(collected.results, collected.benchmarks).iloc[0]
+    assert math.isnan(run_row["mean15"]) and run_row["n_present"] == 14
+    assert run_row["mean_present"] == pytest.approx(
+        np.mean([AIM_TOP1[b] + 1 for b in BENCHMARKS if b != "rxrx1"]))
+
+
+def test_markdown_and_latex_show_missing_with_reason(built):
+    md = (built["out"] / "tables" / "top1.md").read_text()
+    assert "| run | random | attentive | paper |  | 10.0 | — | — |" in md
+    assert "- random / cifar10 / attentive / paper: missing (" in md
+    assert "- xtra / digits / attentive / paper: partial (" in md
+    assert "- random / in1k / linear / paper: failed (" in md and "CUDA out of memory" in md
+    assert "| difference | xtra | attentive | paper | AIM-0.6B (DFN-2B+) | +1.5 | — | -0.2 |" in md
+    assert " 0.0 " not in md
+    tex = (built["out"] / "tables" / "top1.tex").read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and tex.count("\\midrule") == 3
+    assert "run & xtra & attentive & paper &  & 80.0 & -- & 97.0 &" in tex
+    assert "$-0.2$" in tex and "mean\\_present" in tex
+
+
+def test_metrics_and_plot_data(built):
+    out = built["out"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["xtra"]["attentive"]["paper"] == {
+        "in1k": 80.0, "cifar10": 97.0, "mean_present": 88.5, "n_present": 2}
+    assert metrics["random"]["linear"]["paper"] == {"n_present": 0}
+    top1 = pd.read_csv(out / "plots" / "top1.csv")
+    assert len(top1) == 5 and "xtra/attentive/paper/in1k" in set(top1["key"])
+    sweep = pd.read_csv(out / "plots" / "sweep.csv")
+    assert len(sweep) == 10 and {"key", "lr", "top1", "selected"} <= set(sweep.columns)
+    loss = pd.read_csv(out / "plots" / "loss.csv")
+    assert loss["loss"].tolist() == [2.0, 1.5, 1.0] and loss["lr"].tolist()[:2] == [1e-4, 5e-4]
+    seen = pd.read_csv(out / "plots" / "images_seen.csv")
+    assert set(seen.loc[seen["origin"] == "published", "series"]) == {
+        "XTRA-B/16 (IN-1k)", "XTRA-H/14 (IN-21k)", "AIM-0.6B (DFN-2B+)"}
+    run_points = seen[seen["origin"] == "run"]
+    assert set(run_points["images_seen"]) == {50_000} and len(run_points) == 4
+
+
+def test_outputs_are_byte_identical_on_rerun(built):
+    again = {p.relative_to(built["out"]): p.read_bytes() for p in _outputs(built["out"])}
+    assert again.keys() == built["first"].keys()
+    assert {p.suffix for p in again} == {".csv", ".md", ".tex", ".png", ".pdf", ".json"}
+    changed = [str(p) for p in again if again[p] != built["first"][p]]
+    assert not changed
+
+
+def _png_is_drawn(path: Path) -> bool:
+    image = np.asarray(Image.open(path).convert("L"))
+    return image.size > 10_000 and len(np.unique(image)) > 2
+
+
+def test_figures_have_expected_panels_and_series(built):
+    figs = built["report"].figures
+    attentive, linear = figs["top1_bars"].axes
+    # this run's 2 models + XTRA-B/16, XTRA-H/14 and AIM-0.6B's 3 series with a number here
+    assert len(attentive.containers) == 7 and len(linear.containers) == 3
+    assert [t.get_text() for t in attentive.get_xticklabels()] == [
+        "in1k", "cifar10", "digits", "mean15"]
+    heights = [b.get_height() for b in attentive.containers[0]]
+    assert heights[:2] == [80.0, 97.0] and np.isnan(heights[2:]).all()
+    assert len(attentive.texts) == 4 and len(linear.texts) == 3  # `n/a` marks, no zero bars
+    sweep = figs["lr_sweep"].axes
+    assert [ax.get_title() for ax in sweep] == ["in1k", "cifar10", "digits"]
+    assert [len(ax.get_lines()) for ax in sweep] == [3, 1, 1]
+    loss_ax, lr_ax = figs["pretrain_loss"].axes
+    assert len(loss_ax.get_lines()) == 1 and list(loss_ax.get_lines()[0].get_ydata()) == [2, 1.5, 1]
+    assert len(lr_ax.get_lines()) == 1
+    mean_ax, in1k_ax = figs["images_seen"].axes
+    assert len(mean_ax.get_lines()) == 4 and len(in1k_ax.get_lines()) == 5
+    rec_xtra, rec_random = figs["reconstruction"].axes
+    assert len(rec_xtra.images) == 1 and rec_xtra.images[0].get_array().shape[:2] == (48, 64)
+    assert not rec_random.images and "missing" in rec_random.texts[0].get_text()
+    for name in figs:
+        assert _png_is_drawn(built["out"] / "figures" / f"{name}.png")
+        assert (built["out"] / "figures" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_bars_figure_counts_series_per_kind():
+    table = pd.DataFrame({"row": ["run", "run", "published"], "model": ["a", "a", "P"],
+                          "kind": ["linear", "attentive", "attentive"],
+                          "protocol": ["paper"] * 3, "x": [1.0, np.nan, 3.0]})
+    fig = bars_figure(table, ["x"])
+    assert [len(ax.containers) for ax in fig.axes] == [1, 2]
+    assert len(fig.axes[1].texts) == 1  # the missing run value is marked
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"top1": "high"}',
+                                     '{"top1": 1.0, "heads": {"lr": 1}}'])
+def test_malformed_result_names_the_file(demo, content):
+    bad = Path(demo["paths"]["results"]) / "probe" / "xtra" / "digits-attentive.json"
+    bad.write_text(content)
+    with pytest.raises(XtraError, match=str(bad)):
+        collect_results(demo)
+
+
+def test_malformed_failures_and_metrics_name_the_file(demo, tmp_path):
+    failures = Path(demo["paths"]["results"]) / "probe" / "random" / "failures.json"
+    failures.write_text('[{"error": "no job named"}]')
+    with pytest.raises(XtraError, match=str(failures)):
+        collect_results(demo)
+    failures.write_text('{"in1k-linear": "killed"}')
+    assert "killed" in collect_results(demo).results.query("status == 'failed'")["reason"].iloc[0]
+    metrics = tmp_path / "models" / "xtra" / "metrics.json"
+    metrics.write_text("{")
+    with pytest.raises(XtraError, match=str(metrics)):
+        build_report(demo, tmp_path / "results")
+
+
+def test_pretrain_log_accepts_both_loss_names(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("step,loss,lr,extra\n0,3.0,0.1,\n1,,0.2,x\n2,1.0,,\n")
+    log = read_pretrain_log(path)
+    assert log["step"].tolist() == [0, 1, 2] and log["loss"].tolist()[0::2] == [3.0, 1.0]
+    assert math.isnan(log["loss"][1]) and log["lr"].tolist()[:2] == [0.1, 0.2]
+    path.write_text("step,val/acc\n0,1\n")
+    with pytest.raises(XtraError, match=str(path)):
+        read_pretrain_log(path)
+
+
+def test_readme_table_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{MARKERS[0]}\nold\n{MARKERS[1]}\n\nrest\n")
+    assert update_readme(readme, "| a |\n|---|\n")
+    assert readme.read_text() == f"# x\n\n{MARKERS[0]}\n| a |\n|---|\n{MARKERS[1]}\n\nrest\n"
+    assert update_readme(readme, "| a |\n|---|\n")  # idempotent
+    assert readme.read_text().count("| a |") == 1
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert not update_readme(plain, "| a |\n") and plain.read_text() == "no markers\n"
+
+
+def _cli_params(tmp_path: Path) -> dict:
+    params = _params(tmp_path, {"digits": ["linear"]}, models=("xtra",))
+    params["report"].update({"figure_formats": ["png"], "dpi": 40})
+    _write_json(tmp_path / "results" / "probe" / "xtra" / "digits-linear.json",
+                _result("xtra", "digits", "linear", 88.0))
+    return params
+
+
+def test_cli_runs_and_fills_the_readme(tmp_path, monkeypatch, capsys):
+    params = _cli_params(tmp_path)
+    fake = types.ModuleType("xtra.config")
+    fake.load_params = lambda path: params if str(path) == "p.yaml" else pytest.fail(path)
+    monkeypatch.setitem(sys.modules, "xtra.config", fake)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{MARKERS[0]}\n{MARKERS[1]}\n")
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert parser.parse_args([]).params == "params.yaml"
+    assert run(parser.parse_args(["--params", "p.yaml", "--readme", str(readme)])) == 0
+    text = readme.read_text()
+    assert "| run | xtra | linear | paper |" in text and "| 88.0 |" in text
+    assert (tmp_path / "results" / "figures" / "top1_bars.png").is_file()
+    assert not (tmp_path / "results" / "figures" / "top1_bars.pdf").exists()
+    bad = tmp_path / "results" / "probe" / "xtra" / "digits-linear.json"
+    bad.write_text("{oops")
+    assert xtra_main(["report", "--params", "p.yaml", "--readme", ""]) == 2
+    assert f"error: {bad}: malformed JSON" in capsys.readouterr().err

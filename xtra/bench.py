@@ -1,0 +1,67 @@
+"""`xtra bench attention|data|sweep`: measured throughput, printed as tables with ratios.
+
+- attention: XTRA training steps per attention path (dense-mask SDPA, FlexAttention on CUDA, and a
+  reference that rebuilds the mask in every call);
+- data: a prepared dataset through the training loader vs the same images decoded from the raw tree;
+- sweep: a K-learning-rate probe sweep in one pass vs K separate runs.
+These measure; nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["configure_parser", "run"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    attn = sub.add_parser("attention", help="training throughput per attention path")
+    attn.add_argument("--preset", default="tiny", help="tiny|small|base|large|huge or xtra_b16|xtra_h14")
+    attn.add_argument("--batch", type=int, default=32)
+    attn.add_argument("--steps", type=int, default=5)
+    attn.add_argument("--block-size", type=int, default=None)
+    attn.add_argument("--img-size", type=int, default=None)
+    attn.add_argument("--patch-size", type=int, default=None)
+    attn.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    attn.add_argument("--device", default=None)
+    data = sub.add_parser("data", help="prepared shards vs raw files, images/s")
+    data.add_argument("dataset", help="a dataset of params.yaml (prepared beforehand)")
+    data.add_argument("--params", default="params.yaml")
+    data.add_argument("--split", default="train")
+    data.add_argument("--num-images", type=int, default=2048)
+    data.add_argument("--batch", type=int, default=64)
+    data.add_argument("--workers", type=int, default=2)
+    sweep = sub.add_parser("sweep", help="one-pass K-lr probe sweep vs K separate runs")
+    sweep.add_argument("--epochs", type=int, default=2)
+    sweep.add_argument("--samples", type=int, default=512)
+    sweep.add_argument("--depth", type=int, default=12)
+    sweep.add_argument("--kind", action="append", choices=["linear", "attentive"], default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench == "attention":
+        from xtra.model.bench import run_attention_bench
+
+        overrides = {k: v for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size)) if v}
+        run_attention_bench(args.preset, args.batch, args.steps, block_size=args.block_size, device=args.device,
+                            bf16=args.bf16, overrides=overrides)
+    elif args.bench == "data":
+        from xtra.config import load_params
+        from xtra.data.bench import run_data_bench
+
+        params = load_params(args.params)
+        if args.dataset not in params["datasets"]:
+            from xtra.errors import ParamsError
+
+            raise ParamsError(f"datasets.{args.dataset}: no such dataset in {args.params}")
+        run_data_bench(Path(params["paths"]["prepared"]) / args.dataset, params["datasets"][args.dataset],
+                       split=args.split, num_images=args.num_images, batch_size=args.batch,
+                       num_workers=args.workers)
+    else:
+        from xtra.train.probe_bench import run_sweep_bench
+
+        run_sweep_bench(kinds=tuple(args.kind or ("linear", "attentive")), epochs=args.epochs,
+                        num_samples=args.samples, depth=args.depth)
+    return 0

@@ -1,0 +1,209 @@
+"""`xtra report`: probe results -> tables, figures, DVC metrics and plot data.
+
+Reads `<paths.results>/probe/<model>/*.json` and `<paths.models>/<model>/{log.csv,metrics.json,
+reconstruction.png}`; writes under the results folder (`out`):
+
+    tables/top1.{csv,md,tex}     run, published and difference rows (see xtra.report.tables)
+    tables/results_long.csv      one row per model/benchmark/kind/protocol, with status and reason
+    tables/published.csv         every published cell shipped, with its source and confidence
+    figures/<name>.{png,pdf}     top1_bars, lr_sweep, pretrain_loss, images_seen, reconstruction
+    metrics.json                 {model: {kind: {protocol: {<benchmark>|mean15|mean_present|
+                                 n_present: value}}}}
+    plots/{top1,sweep,loss,images_seen}.csv   long-format plot data for `dvc plots`
+
+and, when `--readme` names a file holding both markers, pastes the Markdown table between them.
+
+Params read: `paths.results`, `paths.models`, `models`, `probe.benchmarks` (kinds), `probe.protocol`
+and, all optional, `report.reference_models` (published models beside this run; default
+DEFAULT_REFERENCES), `report.reference_dir` (default: the package's `reference/`),
+`report.figure_formats` (default png, pdf) and `report.dpi` (default 150).
+Every file is written atomically and only from sorted, formatted data, so an unchanged input
+gives byte-identical outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from xtra.errors import XtraError
+from xtra.report import figures, tables
+from xtra.report.collect import (Collected, collect_results, read_images_seen,
+                                 read_pretrain_log)
+from xtra.report.reference import DEFAULT_REFERENCES, load_reference
+
+__all__ = ["MARKERS", "Report", "build_report", "update_readme", "configure_parser", "run"]
+
+MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+_FORMATS = ("png", "pdf")
+
+
+@dataclass
+class Report:
+    """What `build_report` made: the frames, the Markdown, the metrics, the figures, the files."""
+
+    collected: Collected
+    table: pd.DataFrame
+    markdown: str
+    metrics: dict
+    figures: dict[str, Figure] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+def _write(path: Path, data: str | bytes) -> Path:
+    """Write atomically (a temporary file beside it, then rename), keeping an old file's mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(raw)
+        if path.exists():
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise XtraError(f"{path}: cannot write: {exc}") from exc
+    return path
+
+
+def _model_inputs(params: dict, models: list[str]) -> tuple[dict, dict, dict, dict]:
+    """Each model's pre-training log and images seen, with why either is missing."""
+    models_dir = Path(params["paths"]["models"])
+    logs, no_log, seen, not_seen = {}, {}, {}, {}
+    for model in models:
+        log = models_dir / model / "log.csv"
+        if log.is_file():
+            logs[model] = read_pretrain_log(log)
+        else:
+            no_log[model] = f"{log} not found"
+        value, why = read_images_seen(models_dir, model)
+        seen[model] = value
+        if value is None or value <= 0:
+            not_seen[model] = why or "images_seen is 0 (not pre-trained)"
+    return logs, no_log, seen, not_seen
+
+
+def _bar_rows(table: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
+    """This run's rows and the published rows with a number in `groups`."""
+    published = table[(table["row"] == "published") & table[groups].notna().any(axis=1)]
+    return pd.concat([table[table["row"] == "run"], published], ignore_index=True)
+
+
+def _expected_bars(results: pd.DataFrame) -> set[tuple[str, str, str, str]]:
+    """(model, kind, protocol, benchmark) of every expected result, and each row's mean15."""
+    keys = results[["model", "kind", "protocol", "benchmark"]].itertuples(index=False, name=None)
+    expected = set(keys)
+    return expected | {(m, k, p, "mean15") for m, k, p, _ in expected}
+
+
+def _figures(params: dict, report: Report, reference: pd.DataFrame) -> tuple[dict, dict]:
+    """All figures, and the plot-data frames that go with them."""
+    collected, table = report.collected, report.table
+    run_benchmarks = set(collected.results["benchmark"])
+    groups = [b for b in collected.benchmarks if b in run_benchmarks] + ["mean15"]
+    bar_rows = _bar_rows(table, groups)
+    logs, no_log, seen, not_seen = _model_inputs(params, collected.models)
+    points = tables.images_seen_frame(table[table["row"] == "run"], seen, reference)
+    models_dir = Path(params["paths"]["models"])
+    figs = {
+        "top1_bars": figures.bars_figure(bar_rows, groups, _expected_bars(collected.results)),
+        "lr_sweep": figures.sweep_figure(collected.sweep),
+        "pretrain_loss": figures.loss_figure(logs, no_log),
+        "images_seen": figures.images_seen_figure(points, not_seen),
+        "reconstruction": figures.reconstruction_figure(
+            {m: models_dir / m / "reconstruction.png" for m in collected.models}),
+    }
+    loss = pd.concat([log.assign(model=m) for m, log in logs.items()], ignore_index=True) \
+        if logs else pd.DataFrame(columns=["step", "loss", "lr", "model"])
+    plots = {"loss": loss[["model", "step", "loss", "lr"]], "images_seen": points}
+    return figs, plots
+
+
+def _plot_frames(collected: Collected) -> dict[str, pd.DataFrame]:
+    ok = collected.results[collected.results["status"] == "ok"]
+    top1 = ok[["model", "kind", "protocol", "benchmark", "top1"]].copy()
+    top1.insert(0, "key", top1["model"] + "/" + top1["kind"] + "/" + top1["protocol"] + "/"
+                + top1["benchmark"])
+    sweep = collected.sweep.copy()
+    sweep.insert(0, "key", sweep["model"] + "/" + sweep["benchmark"] + "/" + sweep["kind"])
+    return {"top1": top1, "sweep": sweep}
+
+
+def _write_tables(out: Path, report: Report, reference: pd.DataFrame) -> list[Path]:
+    folder = out / "tables"
+    return [
+        _write(folder / "top1.csv", tables.to_csv(report.table)),
+        _write(folder / "top1.md", report.markdown),
+        _write(folder / "top1.tex", tables.to_latex(report.table)),
+        _write(folder / "results_long.csv", tables.to_csv(report.collected.results)),
+        _write(folder / "published.csv", tables.to_csv(reference)),
+        _write(out / "metrics.json", json.dumps(report.metrics, indent=2) + "\n"),
+    ]
+
+
+def build_report(params: dict, out: Path) -> Report:
+    """Collect the probe results of `params`; write every table, figure and metric under `out`."""
+    out = Path(out)
+    cfg = params.get("report") or {}
+    reference = load_reference(cfg.get("reference_dir"))
+    collected = collect_results(params)
+    table = tables.results_table(collected.results, reference, collected.benchmarks,
+                                 list(cfg.get("reference_models", DEFAULT_REFERENCES)))
+    run_table = table[table["row"] == "run"]
+    report = Report(collected=collected, table=table,
+                    markdown=tables.to_markdown(table, collected.results),
+                    metrics=tables.metrics_dict(run_table, collected.benchmarks))
+    report.files += _write_tables(out, report, reference)
+    report.figures, plots = _figures(params, report, reference)
+    for name, frame in {**_plot_frames(collected), **plots}.items():
+        report.files.append(_write(out / "plots" / f"{name}.csv", tables.to_csv(frame)))
+    dpi = int(cfg.get("dpi", 150))
+    for name, fig in report.figures.items():
+        for fmt in cfg.get("figure_formats", _FORMATS):
+            data = figures.figure_bytes(fig, fmt, dpi)
+            report.files.append(_write(out / "figures" / f"{name}.{fmt}", data))
+    return report
+
+
+def update_readme(readme: Path, markdown: str) -> bool:
+    """Paste `markdown` between the two MARKERS of `readme`; False (file untouched) without them."""
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+    if start < 0 or end < 0:
+        return False
+    if end < start:
+        raise XtraError(f"{readme}: {MARKERS[1]} comes before {MARKERS[0]}")
+    new = text[:start] + MARKERS[0] + "\n" + markdown + text[end:]
+    if new != text:
+        _write(readme, new)
+    return True
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    parser.add_argument("--readme", default="README.md",
+                        help="paste the results table between the results markers of this file "
+                             "when it has them ('' to skip; default README.md)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from xtra.config import load_params  # the lead's module; imported only when the stage runs
+
+    params = load_params(args.params)
+    out = Path(params["paths"]["results"])
+    report = build_report(params, out)
+    bad = report.collected.results[report.collected.results["status"] != "ok"]
+    print(f"wrote {len(report.files)} files under {out}; {len(bad)} result(s) missing or partial")
+    if args.readme and Path(args.readme).is_file():
+        pasted = update_readme(Path(args.readme), report.markdown)
+        state = "results table updated" if pasted else "no results markers, unchanged"
+        print(f"{args.readme}: {state}")
+    return 0

@@ -1,0 +1,302 @@
+"""Probe results on disk -> one tidy frame, with every expected result that is not there as a row
+whose `status` says why.
+
+Inputs (docs/ARCHITECTURE.md): `results/probe/<model>/<benchmark>-<kind>.json`, one per probe
+job, and `results/probe/<model>/failures.json`, written by the probe driver for the jobs that
+failed after their retries. Each result JSON gives one row, under the selection protocol that
+made it (its `protocol`: `paper` or `heldout`, params `probe.protocol`).
+
+`status` is `ok` (a top-1 exists), `missing` (no file), `failed` (named in failures.json) or
+`partial` (the file exists but lacks that number); `reason` says which file and why. A file that
+is not valid JSON, or whose fields have the wrong type, raises `XtraError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from xtra.errors import XtraError
+from xtra.report.reference import BENCHMARKS, KIND_ORDER, PROTOCOLS
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "SWEEP_COLUMNS",
+    "Collected",
+    "read_json",
+    "read_probe_result",
+    "read_failures",
+    "collect_results",
+    "benchmark_order",
+    "read_images_seen",
+    "read_pretrain_log",
+]
+
+RESULT_COLUMNS: tuple[str, ...] = (
+    "model", "benchmark", "kind", "protocol", "top1", "top5", "lr", "weight_decay", "status",
+    "reason", "file",
+)
+SWEEP_COLUMNS: tuple[str, ...] = (
+    "model", "benchmark", "kind", "protocol", "lr", "weight_decay", "top1", "top5",
+    "heldout_top1", "selected",
+)
+_HEAD_NUMBERS = ("lr", "weight_decay", "top1", "top5", "heldout_top1")
+_FAILURES = "failures.json"
+_REASON_KEYS = ("error", "reason", "message")
+
+
+@dataclass
+class Collected:
+    """Everything read from `results/probe/`: results (RESULT_COLUMNS), sweep heads (SWEEP_COLUMNS).
+
+    `models` and `benchmarks` are the display orders (params first, then anything else found).
+    """
+
+    results: pd.DataFrame
+    sweep: pd.DataFrame
+    models: list[str]
+    benchmarks: list[str]
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; an unreadable or invalid one raises `XtraError` naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise XtraError(f"{path}: malformed JSON: {exc}") from exc
+
+
+def _number(value: Any, path: Path, key: str) -> float | None:
+    """A JSON number (None when absent/null/non-finite); a string or bool is malformed."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise XtraError(f"{path}: malformed result: {key} is {value!r}, not a number")
+    return float(value) if math.isfinite(value) else None
+
+
+def _mapping(value: Any, path: Path, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise XtraError(f"{path}: malformed result: {key} is not an object")
+    return value
+
+
+def _selection_row(data: dict, path: Path, protocol: str) -> dict:
+    selected = _mapping(data.get("selected"), path, "selected")
+    top1 = _number(data.get("top1"), path, "top1")
+    return {
+        "protocol": protocol, "top1": top1, "top5": _number(data.get("top5"), path, "top5"),
+        "lr": _number(selected.get("lr"), path, "selected.lr"),
+        "weight_decay": _number(selected.get("weight_decay"), path, "selected.weight_decay"),
+        "status": "ok" if top1 is not None else "partial",
+        "reason": "" if top1 is not None else f"{path}: no top1",
+    }
+
+
+def _is_selected(head: dict, row: dict) -> bool:
+    """The head the protocol selected: same lr, and same weight decay where both name one."""
+    wd, chosen_wd = head["weight_decay"], row["weight_decay"]
+    return head["lr"] is not None and head["lr"] == row["lr"] and (
+        wd is None or chosen_wd is None or wd == chosen_wd)
+
+
+def _heads(data: dict, path: Path, row: dict) -> list[dict]:
+    heads = data.get("heads") or []
+    if not isinstance(heads, list):
+        raise XtraError(f"{path}: malformed result: heads is not a list")
+    out = []
+    for i, head in enumerate(heads):
+        head = _mapping(head, path, f"heads[{i}]")
+        numbers = {k: _number(head.get(k), path, f"heads[{i}].{k}") for k in _HEAD_NUMBERS}
+        out.append({"protocol": row["protocol"], **numbers,
+                    "selected": _is_selected(numbers, row)})
+    return out
+
+
+def _job_ids(path: Path) -> dict[str, str]:
+    """model, benchmark and kind from `<model>/<benchmark>-<kind>.json`."""
+    benchmark, _, kind = path.stem.rpartition("-")
+    if not benchmark or not kind:
+        raise XtraError(f"{path}: a result file must be named <benchmark>-<kind>.json")
+    return {"model": path.parent.name, "benchmark": benchmark, "kind": kind}
+
+
+def read_probe_result(path: Path) -> tuple[dict, list[dict]]:
+    """One result JSON -> (its selection's row, the sweep heads), without the ids."""
+    ids = _job_ids(path)
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise XtraError(f"{path}: malformed result: not a JSON object")
+    for key, expected in ids.items():
+        if key in data and data[key] != expected:
+            raise XtraError(f"{path}: {key} is {data[key]!r} but the file name says {expected!r}")
+    protocol = data.get("protocol", "paper")
+    if not isinstance(protocol, str):
+        raise XtraError(f"{path}: malformed result: protocol is {protocol!r}")
+    row = _selection_row(data, path, protocol)
+    return row, _heads(data, path, row)
+
+
+def _failure_list(data: Any, path: Path) -> list[tuple[str, str, str]]:
+    """(benchmark, kind, reason) from a list of objects, {"failures": [...]}, or {"B-K": reason}."""
+    if isinstance(data, dict) and isinstance(data.get("failures"), list):
+        data = data["failures"]
+    if isinstance(data, dict):
+        data = [{"job": job, **(v if isinstance(v, dict) else {"error": v})}
+                for job, v in data.items()]
+    if not isinstance(data, list):
+        raise XtraError(f"{path}: malformed failures: expected a list or an object")
+    out = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise XtraError(f"{path}: malformed failures: entry {i} is not an object")
+        benchmark, kind = item.get("benchmark"), item.get("kind")
+        if (benchmark is None or kind is None) and isinstance(item.get("job"), str):
+            benchmark, _, kind = item["job"].removesuffix(".json").rpartition("-")
+        if not benchmark or not kind:
+            raise XtraError(f"{path}: malformed failures: entry {i} names no benchmark and kind")
+        reason = next((str(item[k]) for k in _REASON_KEYS if item.get(k) is not None), "unknown")
+        out.append((str(benchmark), str(kind), reason))
+    return out
+
+
+def read_failures(path: Path) -> dict[tuple[str, str], str]:
+    """`failures.json` -> {(benchmark, kind): reason}; an absent file gives {}."""
+    if not path.is_file():
+        return {}
+    return {(b, k): r for b, k, r in _failure_list(read_json(path), path)}
+
+
+def _ordered(preferred: list[str], found: set[str]) -> list[str]:
+    return [x for x in preferred if x in found] + sorted(found - set(preferred))
+
+
+def benchmark_order(params: dict, found: set[str] = frozenset()) -> list[str]:
+    """The 15 benchmarks in table order, then the others of params, then any other found."""
+    configured = list(params["probe"]["benchmarks"])
+    extra = [b for b in configured if b not in BENCHMARKS]
+    return list(BENCHMARKS) + extra + sorted(set(found) - set(BENCHMARKS) - set(extra))
+
+
+def _expected(params: dict) -> list[tuple[str, str, str, str]]:
+    """(model, benchmark, kind, protocol) of every probe job params asks for."""
+    protocol = params["probe"].get("protocol", "paper")
+    return [(model, benchmark, kind, protocol) for model in params["models"]
+            for benchmark, cfg in params["probe"]["benchmarks"].items()
+            for kind in cfg.get("kinds", KIND_ORDER)]
+
+
+def _read_model_dir(folder: Path) -> tuple[list[dict], list[dict], dict]:
+    rows, heads = [], []
+    for path in sorted(folder.glob("*.json")):
+        if path.name == _FAILURES:
+            continue
+        ids = _job_ids(path)
+        found, sweep = read_probe_result(path)
+        rows.append({**ids, **found, "file": str(path)})
+        heads += [{**ids, **h} for h in sweep]
+    failures = {(folder.name, b, k): r for (b, k), r in read_failures(folder / _FAILURES).items()}
+    return rows, heads, failures
+
+
+def _missing_row(job: tuple[str, str, str, str], probe_dir: Path, failures: dict,
+                 files: set[str]) -> dict:
+    model, benchmark, kind, protocol = job
+    path = probe_dir / model / f"{benchmark}-{kind}.json"
+    if str(path) in files:
+        status, reason = "partial", f"{path}: made by another protocol than {protocol}"
+    elif (model, benchmark, kind) in failures:
+        status = "failed"
+        reason = f"{probe_dir / model / _FAILURES}: {failures[(model, benchmark, kind)]}"
+    else:
+        status, reason = "missing", f"{path}: not found"
+    return {"model": model, "benchmark": benchmark, "kind": kind, "protocol": protocol,
+            "status": status, "reason": reason, "file": str(path) if status == "partial" else ""}
+
+
+def collect_results(params: dict) -> Collected:
+    """Read every probe JSON under `paths.results`/probe; add the expected but absent ones."""
+    probe_dir = Path(params["paths"]["results"]) / "probe"
+    rows, heads, failures = [], [], {}
+    folders = sorted(p for p in probe_dir.glob("*") if p.is_dir()) if probe_dir.is_dir() else []
+    for folder in folders:
+        found, sweep, failed = _read_model_dir(folder)
+        rows, heads = rows + found, heads + sweep
+        failures.update(failed)
+    present = {(r["model"], r["benchmark"], r["kind"], r["protocol"]) for r in rows}
+    files = {r["file"] for r in rows}
+    rows += [_missing_row(job, probe_dir, failures, files) for job in _expected(params)
+             if job not in present]
+    results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    models = _ordered(list(params["models"]), set(results["model"]))
+    benchmarks = benchmark_order(params, set(results["benchmark"]))
+    results = _sort(results, models, benchmarks)
+    sweep = pd.DataFrame(heads, columns=list(SWEEP_COLUMNS))
+    sweep[list(_HEAD_NUMBERS)] = sweep[list(_HEAD_NUMBERS)].astype(float)
+    sweep["selected"] = sweep["selected"].astype(bool)
+    sweep = _sort(sweep, models, benchmarks, extra=["weight_decay", "lr"])
+    return Collected(results=results, sweep=sweep, models=models, benchmarks=benchmarks)
+
+
+def _sort(frame: pd.DataFrame, models: list[str], benchmarks: list[str],
+          extra: list[str] | None = None) -> pd.DataFrame:
+    """Stable display order: model, benchmark, kind, protocol (params order, then by name)."""
+    kinds = _ordered(list(KIND_ORDER), set(frame["kind"]))
+    keys = {"model": models, "benchmark": benchmarks, "kind": kinds}
+    keys["protocol"] = _ordered(list(PROTOCOLS), set(frame["protocol"]))
+    rank = {col: frame[col].map({v: i for i, v in enumerate(order)}) for col, order in keys.items()}
+    by = pd.DataFrame(rank).join(frame[extra or []])
+    order = by.sort_values(list(by.columns), kind="mergesort").index
+    return frame.loc[order].reset_index(drop=True)
+
+
+def read_images_seen(models_dir: Path, model: str) -> tuple[float | None, str]:
+    """`models/<model>/metrics.json` key `images_seen` -> (value, "") or (None, why it is not)."""
+    path = Path(models_dir) / model / "metrics.json"
+    if not path.is_file():
+        return None, f"{path}: not found"
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise XtraError(f"{path}: malformed metrics: not a JSON object")
+    value = _number(data.get("images_seen"), path, "images_seen")
+    return (value, "") if value is not None else (None, f"{path}: no images_seen")
+
+
+def _log_column(frame: pd.DataFrame, names: tuple[str, ...], prefix: str | None) -> str | None:
+    for name in names:
+        if name in frame.columns and frame[name].notna().any():
+            return name
+    if prefix is not None:
+        return next((c for c in frame.columns if c.startswith(prefix)), None)
+    return None
+
+
+def read_pretrain_log(path: Path) -> pd.DataFrame:
+    """A pre-training log (Lightning's CSVLogger layout) -> columns step, loss, lr; a row per step.
+
+    The logger writes the loss and the learning rate on separate rows, NaN elsewhere: the loss is
+    `train/loss` or `loss`, the learning rate `lr`, `train/lr` or the first `lr-*` column.
+    """
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise XtraError(f"{path}: cannot read the training log: {exc}") from exc
+    loss = _log_column(frame, ("train/loss", "loss"), None)
+    if "step" not in frame.columns or loss is None:
+        raise XtraError(f"{path}: training log needs a step column and a train/loss or loss column")
+    lr = _log_column(frame, ("lr", "train/lr"), "lr-")
+    out = pd.DataFrame({"step": frame["step"], "loss": frame[loss],
+                        "lr": frame[lr] if lr else float("nan")})
+    try:
+        out = out.astype(float)
+    except ValueError as exc:
+        raise XtraError(f"{path}: non-numeric step/loss/lr: {exc}") from exc
+    out = out.dropna(subset=["step"]).dropna(subset=["loss", "lr"], how="all")
+    return out.groupby("step", sort=True).first().reset_index()

@@ -1,0 +1,228 @@
+"""The report's figures, built as `matplotlib.figure.Figure` objects (no pyplot, no global state;
+PNG through Agg) in a seaborn theme, and rendered to bytes without time stamps.
+
+Each function returns its Figure so tests can count panels, bars and lines:
+
+- `bars_figure`: a panel per probe kind, a bar series per table row (this run and published);
+- `sweep_figure`: a panel per benchmark, a line per (model, kind[, weight decay]) over the lrs;
+- `loss_figure`: two panels (loss, learning rate), a line per model with a pre-training log;
+- `images_seen_figure`: two panels (mean top-1, ImageNet-1k top-1), a line per series;
+- `reconstruction_figure`: a panel per model, its reconstruction grid or "missing".
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+
+from xtra.errors import XtraError
+
+__all__ = [
+    "bars_figure",
+    "sweep_figure",
+    "loss_figure",
+    "images_seen_figure",
+    "reconstruction_figure",
+    "figure_bytes",
+]
+
+_STYLE = "whitegrid"
+_CONTEXT = "paper"
+_PALETTE = "colorblind"
+# Without these keys a PNG or PDF carries the matplotlib version and a creation time.
+_METADATA = {
+    "png": {"Software": None},
+    "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+}
+
+
+def _figure(n_panels: int, width: float, height: float,
+            ncols: int | None = None) -> tuple[Figure, list[Axes]]:
+    """`n_panels` panels of `width` x `height` inches, `ncols` a row (default: all in one row)."""
+    ncols = min(ncols or n_panels, n_panels)
+    nrows = -(-n_panels // ncols)
+    with sns.axes_style(_STYLE), sns.plotting_context(_CONTEXT):
+        fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+        axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[n_panels:]:
+        fig.delaxes(ax)
+    return fig, axes[:n_panels]
+
+
+def _footnote(fig: Figure, prefix: str, reasons: dict[str, str] | None) -> None:
+    if reasons:
+        text = prefix + "; ".join(f"{name} ({why})" for name, why in reasons.items())
+        fig.supxlabel(text, fontsize=6, color="0.3", wrap=True)
+
+
+def _note(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8,
+            wrap=True, color="0.3")
+
+
+def figure_bytes(fig: Figure, fmt: str, dpi: int = 150) -> bytes:
+    """The figure as PNG or PDF bytes, identical from run to run (no software or date stamp)."""
+    engine = fig.get_layout_engine()
+    if engine is not None and engine.adjust_compatible is False:
+        # lay the panels out once, then keep them: each format would otherwise redo it
+        engine.execute(fig)
+        fig.set_layout_engine("none")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=dpi, metadata=_METADATA.get(fmt, {}))
+    return buffer.getvalue()
+
+
+def _bar_label(row: pd.Series) -> str:
+    if row["row"] == "published":
+        return f"{row['model']} (published)"
+    return f"{row['model']} {row['protocol']}"
+
+
+def bars_figure(table: pd.DataFrame, benchmarks: list[str],
+                expected: set[tuple[str, str, str, str]] | None = None) -> Figure:
+    """Top-1 per benchmark: a panel per probe kind, a bar series per row of `table` of that kind.
+
+    `table` holds run and published rows (results_table columns); `benchmarks` are the groups on
+    the x axis (any numeric column, `mean15` included). A run's missing value is a gap marked
+    `n/a`, never a zero bar, where (model, kind, protocol, benchmark) is in `expected` (every
+    missing run value when `expected` is None).
+    """
+    kinds = list(dict.fromkeys(table["kind"])) or ["attentive"]
+    fig, axes = _figure(len(kinds), max(5.0, 0.9 * len(benchmarks) + 3), 3.2, ncols=1)
+    x = np.arange(len(benchmarks))
+    for ax, kind in zip(axes, kinds):
+        rows = table[table["kind"] == kind]
+        colors = sns.color_palette(_PALETTE, max(len(rows), 1))
+        width = 0.8 / max(len(rows), 1)
+        for i, (_, row) in enumerate(rows.iterrows()):
+            heights = row[benchmarks].to_numpy(dtype=float)
+            offset = (i - (len(rows) - 1) / 2) * width
+            ax.bar(x + offset, heights, width, label=_bar_label(row), color=colors[i])
+            for j in np.flatnonzero(np.isnan(heights)) if row["row"] == "run" else []:
+                key = (row["model"], kind, row["protocol"], benchmarks[j])
+                if expected is not None and key not in expected:
+                    continue
+                ax.text(x[j] + offset, 1, "n/a", rotation=90, ha="center", va="bottom",
+                        fontsize=5, color=colors[i])
+        ax.set_xticks(x, benchmarks, rotation=30 if len(benchmarks) > 6 else 0,
+                      ha="right" if len(benchmarks) > 6 else "center")
+        ax.set(title=f"{kind} probe", ylabel="top-1 (%)", ylim=(0, 100))
+        if len(rows):
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            _note(ax, "no results")
+    return fig
+
+
+def _sweep_lines(group: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """A line per (model, kind), split by weight decay when the sweep has several."""
+    several_wd = group["weight_decay"].nunique(dropna=True) > 1
+    keys = ["model", "kind", "weight_decay"] if several_wd else ["model", "kind"]
+    lines = []
+    for key, part in group.groupby(keys, sort=False, dropna=False):
+        label = f"{key[0]} {key[1]}" + (f" wd={key[2]:g}" if several_wd else "")
+        lines.append((label, part.sort_values("lr")))
+    return lines
+
+
+def sweep_figure(sweep: pd.DataFrame) -> Figure:
+    """Learning-rate sweep: a panel per benchmark, top-1 (on the reported split) against lr, a
+    ring on the lr the selection protocol chose."""
+    benchmarks = list(dict.fromkeys(sweep["benchmark"]))
+    fig, axes = _figure(max(len(benchmarks), 1), 3.2, 3.0, ncols=5)
+    if not benchmarks:
+        _note(axes[0], "no learning-rate sweep in the probe results")
+        return fig
+    for ax, benchmark in zip(axes, benchmarks):
+        lines = _sweep_lines(sweep[sweep["benchmark"] == benchmark])
+        colors = sns.color_palette(_PALETTE, len(lines))
+        for color, (label, part) in zip(colors, lines):
+            ax.plot(part["lr"], part["top1"], marker="o", markersize=3, label=label, color=color)
+            chosen = part[part["selected"]]
+            ax.scatter(chosen["lr"], chosen["top1"], s=60, facecolors="none", edgecolors=color)
+        ax.set_xscale("log")
+        ax.set(title=benchmark, xlabel="learning rate", ylabel="top-1 (%)")
+        ax.legend(fontsize=6)
+    protocols = ", ".join(dict.fromkeys(sweep["protocol"]))
+    fig.supxlabel(f"ring: the lr selected by the {protocols} protocol", fontsize=6, color="0.3")
+    return fig
+
+
+def loss_figure(logs: dict[str, pd.DataFrame], missing: dict[str, str]) -> Figure:
+    """Pre-training curves: loss and learning rate against step, a line per model with a log."""
+    fig, (loss_ax, lr_ax) = _figure(2, 4.0, 3.0)
+    colors = sns.color_palette(_PALETTE, max(len(logs), 1))
+    for color, (model, log) in zip(colors, logs.items()):
+        part = log.dropna(subset=["loss"])
+        loss_ax.plot(part["step"], part["loss"], label=model, color=color)
+        part = log.dropna(subset=["lr"])
+        if len(part):
+            lr_ax.plot(part["step"], part["lr"], label=model, color=color)
+    loss_ax.set(title="pre-training loss", xlabel="step", ylabel="loss")
+    lr_ax.set(title="learning rate", xlabel="step", ylabel="lr")
+    for ax in (loss_ax, lr_ax):
+        if ax.get_lines():
+            ax.legend(fontsize=6)
+    _footnote(fig, "no log: ", missing)
+    if not logs:
+        _note(loss_ax, "no pre-training log")
+    return fig
+
+
+def images_seen_figure(points: pd.DataFrame, missing: dict[str, str] | None = None) -> Figure:
+    """Sample efficiency: top-1 against images seen in pre-training (log scale), a line per series.
+
+    `points` is `tables.images_seen_frame`; panel `mean` holds the 15-benchmark means (or, for this
+    run, the mean over the benchmarks present, so labelled), panel `in1k` ImageNet-1k.
+    """
+    fig, axes = _figure(2, 4.2, 3.4)
+    titles = {"mean": "mean top-1 (15 benchmarks)", "in1k": "ImageNet-1k top-1"}
+    series = list(dict.fromkeys(points["series"]))
+    colors = dict(zip(series, sns.color_palette(_PALETTE, max(len(series), 1))))
+    for ax, panel in zip(axes, titles):
+        part = points[points["panel"] == panel]
+        for name, group in part.groupby("series", sort=False):
+            marker = "s" if group["origin"].iloc[0] == "published" else "o"
+            ax.plot(group["images_seen"], group["top1"], marker=marker, linestyle="none",
+                    color=colors[name], label=name)
+            for _, p in group.iterrows():
+                if p["measure"] not in ("mean15", "in1k"):
+                    ax.annotate(p["measure"], (p["images_seen"], p["top1"]), fontsize=6,
+                                xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set(title=titles[panel], xlabel="images seen in pre-training", ylabel="top-1 (%)")
+        if len(part):
+            ax.legend(fontsize=6)
+        else:
+            _note(ax, "no points")
+    _footnote(fig, "not shown: ", missing)
+    return fig
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        return imread(path)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise XtraError(f"{path}: cannot read the image: {exc}") from exc
+
+
+def reconstruction_figure(images: dict[str, Path]) -> Figure:
+    """A panel per model: its `reconstruction.png`, or the path marked missing."""
+    names = list(images) or ["(no model)"]
+    fig, axes = _figure(len(names), 4.0, 4.0)
+    for ax, name in zip(axes, names):
+        path = images.get(name)
+        ax.set_axis_off()
+        ax.set_title(name)
+        if path is not None and Path(path).is_file():
+            ax.imshow(_read_image(Path(path)))
+        else:
+            _note(ax, f"missing:\n{path}\nnot found" if path else "no model")
+    return fig

@@ -1,0 +1,201 @@
+"""`xtra pretrain MODEL`: pre-train (or initialise, or convert) one model of params.yaml.
+
+Outputs in `<paths.models>/<model>/`:
+- `checkpoints/step-NNNNNN.ckpt` every `checkpoint_every_n_steps` and `checkpoints/last.ckpt`, used to
+  resume automatically when the same command is run again after an interruption;
+- `last.ckpt`: the final model, written atomically once training has finished (what probing reads);
+- `log.csv` (step, epoch, loss, lr, images_seen), `metrics.json`, `reconstruction.png`.
+A run whose training params changed since the saved checkpoints starts afresh instead of resuming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+from xtra.config import load_params, params_hash
+from xtra.errors import CheckpointError, ParamsError
+from xtra.model.checkpoint import read_checkpoint, save_model_checkpoint
+from xtra.model.xtra import XTRA, ArchConfig
+from xtra.train.pretrain_module import PretrainModule, RankDigest, StepLog
+
+__all__ = ["configure_parser", "run", "pretrain_model", "training_hash", "find_resume_checkpoint"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a key of `models` in params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    pretrain_model(params, args.model)
+    return 0
+
+
+def training_hash(params: dict[str, Any], name: str) -> str:
+    """What a checkpoint must match to be resumed: the arch, the training recipe, data and seed."""
+    model = params["models"][name]
+    return params_hash({"arch": model["arch"], "train": {k: v for k, v in model["train"].items()
+                                                          if k not in ("num_workers", "log_every_n_steps")},
+                        "dataset": model["dataset"], "data": params["datasets"].get(model["dataset"] or ""),
+                        "seed": params["seed"]})
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def pretrain_model(params: dict[str, Any], name: str) -> Path:
+    """Run the pretrain stage for model `name`; returns its output directory."""
+    if name not in params["models"]:
+        raise ParamsError(f"models.{name}: no such model; known: {sorted(params['models'])}")
+    model_cfg = params["models"][name]
+    out = Path(params["paths"]["models"]) / name
+    out.mkdir(parents=True, exist_ok=True)
+    if model_cfg["init"] == "random":
+        return _write_random(params, name, out)
+    if model_cfg["init"] == "official":
+        return _write_official(params, name, out)
+    return _train(params, name, out)
+
+
+def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
+    """The random-init control: the encoder as initialised with the run's seed, never trained."""
+    arch = params["models"][name]["arch"]
+    L.seed_everything(params["seed"], verbose=False)
+    save_model_checkpoint(XTRA(ArchConfig.from_dict(arch)), out / "last.ckpt", arch)
+    _write_json(out / "metrics.json", {"init": "random", "steps": 0, "images_seen": 0, "seed": params["seed"]})
+    print(f"{name}: wrote the random-init control to {out / 'last.ckpt'}")
+    return out
+
+
+def _write_official(params: dict[str, Any], name: str, out: Path) -> Path:
+    from xtra.model.convert import convert_official
+
+    model_cfg = params["models"][name]
+    report = convert_official(model_cfg["checkpoint"], out / "last.ckpt", model_cfg["arch"])
+    _write_json(out / "metrics.json", {"init": "official", "source": model_cfg["checkpoint"], **report})
+    return out
+
+
+def find_resume_checkpoint(ckpt_dir: Path, expected_hash: str) -> Path | None:
+    """The newest readable checkpoint of this exact training setup, or None.
+
+    A checkpoint written while the process was killed can be truncated: then the previous one is used.
+    Checkpoints of other params are removed, so a changed recipe starts afresh.
+    """
+    if not ckpt_dir.is_dir():
+        return None
+    candidates = [ckpt_dir / "last.ckpt"] + sorted(ckpt_dir.glob("step-*.ckpt"), reverse=True)
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError as exc:
+            print(f"warning: skipping unreadable checkpoint {path}: {exc}")
+            continue
+        if (ckpt.get("hyper_parameters") or {}).get("params_hash") != expected_hash:
+            print(f"params changed since {path} was written: starting afresh")
+            shutil.rmtree(ckpt_dir)
+            return None
+        return path
+    return None
+
+
+def _data_module(params: dict[str, Any], name: str) -> tuple[L.LightningDataModule, int]:
+    from xtra.data.loaders import PreparedDataset, make_loader
+    from xtra.data.transforms import pretrain_transform
+
+    model_cfg = params["models"][name]
+    train, arch = model_cfg["train"], model_cfg["arch"]
+    root = Path(params["paths"]["prepared"]) / model_cfg["dataset"]
+    dataset = PreparedDataset(root, "train", pretrain_transform(arch["img_size"]))
+    world = train["num_nodes"] * (train["devices"] if isinstance(train["devices"], int) else 1)
+    steps_per_epoch = max(1, len(dataset) // (train["batch_size"] * world) // train["accumulate_grad_batches"])
+
+    class _Data(L.LightningDataModule):
+        def train_dataloader(self):
+            trainer = self.trainer
+            return make_loader(dataset, train["batch_size"], train["num_workers"], shuffle=True,
+                               seed=params["seed"], epoch=trainer.current_epoch, rank=trainer.global_rank,
+                               world_size=trainer.world_size, drop_last=True)
+
+    return _Data(), steps_per_epoch
+
+
+def _trainer(train: dict[str, Any], out: Path, global_batch: int, total_steps: int) -> L.Trainer:
+    callbacks = [
+        ModelCheckpoint(dirpath=out / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
+                        every_n_train_steps=train["checkpoint_every_n_steps"], save_top_k=-1, save_last=True),
+        StepLog(out / "log.csv", train["log_every_n_steps"], global_batch),
+        RankDigest(out / "checkpoints"),
+        TQDMProgressBar(refresh_rate=max(1, train["log_every_n_steps"])),
+    ]
+    return L.Trainer(
+        accelerator=train["accelerator"], devices=train["devices"], num_nodes=train["num_nodes"],
+        strategy=train["strategy"], precision=train["precision"], max_epochs=train["epochs"],
+        max_steps=total_steps, gradient_clip_val=train["grad_clip"] or None,
+        accumulate_grad_batches=train["accumulate_grad_batches"], callbacks=callbacks, logger=False,
+        use_distributed_sampler=False, enable_model_summary=False, default_root_dir=str(out),
+        num_sanity_val_steps=0, log_every_n_steps=train["log_every_n_steps"],
+    )
+
+
+def _train(params: dict[str, Any], name: str, out: Path) -> Path:
+    model_cfg = params["models"][name]
+    train = model_cfg["train"]
+    L.seed_everything(params["seed"], workers=True, verbose=False)
+    data, steps_per_epoch = _data_module(params, name)
+    expected = training_hash(params, name)
+    module = PretrainModule(model_cfg["arch"], train, steps_per_epoch, expected)
+    world = train["num_nodes"] * (train["devices"] if isinstance(train["devices"], int) else 1)
+    global_batch = train["batch_size"] * world * train["accumulate_grad_batches"]
+    trainer = _trainer(train, out, global_batch, module.total_steps)
+    resume = find_resume_checkpoint(out / "checkpoints", expected) if trainer.is_global_zero else None
+    resume = trainer.strategy.broadcast(str(resume) if resume else None)
+    if resume:
+        print(f"{name}: resuming from {resume}")
+    elif trainer.is_global_zero and (out / "log.csv").exists():
+        (out / "log.csv").unlink()
+    started = time.time()
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    final = out / "last.ckpt"
+    tmp = out / "last.ckpt.tmp"
+    trainer.save_checkpoint(tmp)
+    if trainer.is_global_zero:
+        tmp.replace(final)
+        _finish(params, name, out, module, trainer, global_batch, time.time() - started)
+    return out
+
+
+def _finish(params: dict[str, Any], name: str, out: Path, module: PretrainModule, trainer: L.Trainer,
+            global_batch: int, wall: float) -> None:
+    digests = {p.name: p.read_text().strip() for p in (out / "checkpoints").glob("rank-*.sha256")}
+    loss = trainer.callback_metrics.get("train/loss")
+    metrics = {"init": "pretrain", "steps": trainer.global_step, "epochs": trainer.current_epoch,
+               "images_seen": trainer.global_step * global_batch, "global_batch": global_batch,
+               "final_loss": float(loss) if loss is not None else None, "wall_time_s": round(wall, 2),
+               "world_size": trainer.world_size, "ranks_in_sync": len(set(digests.values())) <= 1,
+               "params_hash": training_hash(params, name)}
+    _write_json(out / "metrics.json", metrics)
+    if params["models"][name]["train"]["reconstruct_images"] > 0:
+        from xtra.reconstruct import reconstruction_grid_from_dataset
+
+        dataset = params["models"][name]["dataset"]
+        reconstruction_grid_from_dataset(module.model, Path(params["paths"]["prepared"]) / dataset,
+                                         out / "reconstruction.png",
+                                         params["models"][name]["train"]["reconstruct_images"],
+                                         params["models"][name]["eval_resize"])
+    print(f"{name}: {metrics['steps']} steps, final loss {metrics['final_loss']}, wrote {out}")

@@ -1,0 +1,39 @@
+"""Learning-rate schedules and AdamW parameter groups shared by pre-training and probing."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from torch import nn
+
+__all__ = ["warmup_cosine", "decay_groups"]
+
+
+def warmup_cosine(step: int, base_lr: float, total_steps: int, warmup_steps: int, warmup_start_lr: float,
+                  min_lr: float) -> float:
+    """Linear warm-up from `warmup_start_lr` to `base_lr` over `warmup_steps`, then cosine to `min_lr`.
+
+    Stepped per optimiser step; at `total_steps` (and after) the rate is `min_lr`.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def decay_groups(modules: Iterable[nn.Module] | nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices and embeddings, none on biases and norm weights.
+
+    A parameter of one dimension is a bias or a LayerNorm/BatchNorm weight (METHOD.md: "none on
+    biases and norm weights"); every other parameter decays.
+    """
+    if isinstance(modules, nn.Module):
+        modules = [modules]
+    decay, no_decay = [], []
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
