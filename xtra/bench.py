@@ -38,6 +38,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--samples", type=int, default=512)
     sweep.add_argument("--depth", type=int, default=12)
     sweep.add_argument("--kind", action="append", choices=["linear", "attentive"], default=None)
+    sweep.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
         from xtra.train.probe_bench import run_sweep_bench
 
         run_sweep_bench(kinds=tuple(args.kind or ("linear", "attentive")), epochs=args.epochs,
-                        num_samples=args.samples, depth=args.depth)
+                        num_samples=args.samples, depth=args.depth, num_threads=args.threads)
     return 0

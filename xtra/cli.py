@@ -7,7 +7,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from xtra.errors import XtraError
+from xtra.errors import WRITE_ERRNOS, XtraError
 
 __all__ = ["main", "COMMANDS"]
 
@@ -52,6 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except XtraError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        # a full disk, an exceeded quota or file-size limit: name the file, no traceback
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
 
 

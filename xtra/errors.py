@@ -1,6 +1,17 @@
 """Errors a user can cause: the CLI prints their message without a traceback."""
 
-__all__ = ["XtraError", "ParamsError", "CheckpointError", "DataError"]
+from __future__ import annotations
+
+import errno
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["XtraError", "ParamsError", "CheckpointError", "DataError", "OutputError", "WRITE_ERRNOS",
+           "writing_to"]
+
+# a full disk, an exceeded quota or file-size limit, a read-only file system
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 class XtraError(Exception):
@@ -17,3 +28,19 @@ class CheckpointError(XtraError):
 
 class DataError(XtraError):
     """A dataset that cannot be read or prepared; the message names the file or sample."""
+
+
+class OutputError(XtraError):
+    """An output could not be written (disk full, quota, read-only); the message names the place."""
+
+
+@contextmanager
+def writing_to(place: str | Path) -> Iterator[None]:
+    """Turn a write failure inside the block into an OutputError naming `place` (and the file)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        detail = f" ({exc.filename})" if exc.filename else ""
+        raise OutputError(f"cannot write to {place}: {exc.strerror or exc}{detail}") from exc

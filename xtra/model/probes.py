@@ -24,7 +24,8 @@ from torch import nn
 
 from xtra.errors import ParamsError
 
-__all__ = ["PROBE_KINDS", "BN_EPS", "LinearProbe", "AttentiveProbe", "probe_blocks", "pool_blocks", "make_probe", "HeadBank"]
+__all__ = ["PROBE_KINDS", "BN_EPS", "LinearProbe", "AttentiveProbe", "probe_blocks", "pool_blocks", "make_probe",
+           "HeadBank"]
 
 PROBE_KINDS = ("linear", "attentive")
 BN_EPS = 1e-6
@@ -135,7 +136,10 @@ def make_probe(kind: str, dim: int, num_classes: int, attn_heads: int = 16) -> n
 
 
 class HeadBank(nn.Module):
-    """One probe head per (lr, weight_decay) setting, all fed the same pooled features."""
+    """One probe head per (lr, weight_decay) setting, all fed the same pooled features.
+
+    Weight decay applies to weight matrices and the query, not to biases (`schedule.decay_groups`).
+    """
 
     def __init__(
         self, kind: str, dim: int, num_classes: int, settings: Sequence[tuple[float, float]],
@@ -164,17 +168,15 @@ class HeadBank(nn.Module):
         """(H,) cross-entropy of every head on the batch (float32)."""
         return torch.stack([F.cross_entropy(logits.float(), labels) for logits in self(pooled)])
 
-    def param_groups(self, weight_decay_filter: bool = True) -> list[dict]:
-        """AdamW groups, two per head (decayed weights; biases without decay), tagged with the head."""
+    def param_groups(self) -> list[dict]:
+        """AdamW groups, two per head (weights with the head's decay; biases without), tagged with the head."""
+        from xtra.train.schedule import decay_groups
+
         groups: list[dict] = []
         for i, (head, (lr, wd)) in enumerate(zip(self.heads, self.settings)):
-            params = [p for p in head.parameters() if p.requires_grad]
-            decay = [p for p in params if p.ndim > 1 or not weight_decay_filter]
-            no_decay = [p for p in params if p.ndim <= 1 and weight_decay_filter]
-            for members, decay_value in ((decay, wd), (no_decay, 0.0)):
-                if members:
-                    groups.append({"params": members, "weight_decay": decay_value, "lr": lr, "base_lr": lr,
-                                   "head": i})
+            for group in decay_groups(head, wd):
+                if group["params"]:
+                    groups.append({**group, "lr": lr, "base_lr": lr, "head": i})
         return groups
 
     def clip_(self, max_norm: float) -> list[torch.Tensor]:

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from xtra.config import load_params, params_hash
-from xtra.errors import CheckpointError, ParamsError
+from xtra.errors import CheckpointError, ParamsError, writing_to
 from xtra.model.checkpoint import read_checkpoint, save_model_checkpoint
 from xtra.model.xtra import XTRA, ArchConfig
 from xtra.train.pretrain_module import PretrainModule, RankDigest, StepLog
@@ -52,8 +52,11 @@ def training_hash(params: dict[str, Any], name: str) -> str:
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def pretrain_model(params: dict[str, Any], name: str) -> Path:
@@ -62,12 +65,16 @@ def pretrain_model(params: dict[str, Any], name: str) -> Path:
         raise ParamsError(f"models.{name}: no such model; known: {sorted(params['models'])}")
     model_cfg = params["models"][name]
     out = Path(params["paths"]["models"]) / name
-    out.mkdir(parents=True, exist_ok=True)
-    if model_cfg["init"] == "random":
-        return _write_random(params, name, out)
-    if model_cfg["init"] == "official":
-        return _write_official(params, name, out)
-    return _train(params, name, out)
+    with writing_to(out):
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            if model_cfg["init"] == "random":
+                return _write_random(params, name, out)
+            if model_cfg["init"] == "official":
+                return _write_official(params, name, out)
+            return _train(params, name, out)
+        finally:  # a failed final write leaves no half-written final checkpoint behind
+            (out / "last.ckpt.tmp").unlink(missing_ok=True)
 
 
 def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:

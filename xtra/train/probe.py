@@ -1,0 +1,62 @@
+"""`xtra probe MODEL`: probe one model's frozen encoder on its benchmarks (METHOD.md, "Probing").
+
+Every (benchmark x kind) job trains all the learning rates (x weight decays) of its sweep in one
+pass over the data, one head per setting (`xtra.train.probe_train`), and writes
+`<paths.results>/probe/MODEL/<benchmark>-<kind>.json` (`xtra.train.probe_job`). The jobs run as Ray
+tasks, on a local Ray by default or on the cluster at `--ray-address` / `probe.ray.address`; with
+`--no-ray` they run one after the other in this process (debugging, and Snakemake's
+one-job-per-rule mode: `xtra probe MODEL --benchmark B --kind K --no-ray`).
+
+Every input is checked before any training starts: the checkpoint's architecture, each benchmark's
+prepared dataset and splits, the sweep grids, the benchmark and kind names. Exit code 0 when every
+job succeeded, 1 when any failed after its retries (see failures.json), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["configure_parser", "run", "probe_model"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a model name under `models:` in params")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--benchmark", action="append", default=None, metavar="B",
+                        help="probe only this benchmark (repeatable; default: all of probe.benchmarks)")
+    parser.add_argument("--kind", action="append", default=None, choices=["linear", "attentive"],
+                        help="probe only this kind (repeatable; default: the benchmark's kinds)")
+    parser.add_argument("--ray-address", default=None, metavar="A",
+                        help="an existing Ray cluster (default: probe.ray.address, else a local Ray)")
+    parser.add_argument("--no-ray", action="store_true", help="run the jobs in this process, one after the other")
+
+
+def probe_model(params: dict, model: str, benchmarks: list[str] | None = None, kinds: list[str] | None = None,
+                use_ray: bool = True, ray_address: str | None = None, source: str = "params.yaml",
+                num_cpus: int | None = None) -> int:
+    """Check, run and report a model's probe jobs; returns the exit code (0 ok, 1 some job failed)."""
+    from xtra.train.probe_job import plan_jobs, preflight
+    from xtra.train.probe_ray import record_failures, run_in_process, run_with_ray
+
+    jobs = plan_jobs(params, model, benchmarks, kinds, source)
+    preflight(params, model, jobs)
+    address = ray_address or params["probe"]["ray"]["address"] or "local"
+    where = f"on Ray ({address})" if use_ray else "in this process"
+    print(f"probe {model}: {len(jobs)} job(s) {where}: {', '.join(j.name for j in jobs)}", flush=True)
+    if use_ray:
+        failures = run_with_ray(params, jobs, ray_address, num_cpus)
+    else:
+        failures = run_in_process(params, jobs, params["probe"]["ray"]["max_retries"])
+    record_failures(params, model, jobs, failures)
+    done = len(jobs) - len(failures)
+    print(f"probe {model}: {done}/{len(jobs)} job(s) succeeded", file=sys.stderr if failures else sys.stdout)
+    return 1 if failures else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from xtra.config import load_params
+
+    params = load_params(args.params)
+    return probe_model(params, args.model, args.benchmark, args.kind, use_ray=not args.no_ray,
+                       ray_address=args.ray_address, source=args.params)

@@ -1,0 +1,128 @@
+"""Benchmark of the one-pass sweep: K learning rates in one pass vs K separate single-head runs.
+
+Both sides see the same random images, batches and epochs and recompute the frozen encoder on every
+batch (the augmented setting); the one-pass side runs the encoder once per batch for all K heads,
+the separate side K times. The speed-up approaches K when the encoder dominates the cost of a head.
+`xtra bench sweep` prints the table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from xtra.model.probes import HeadBank
+from xtra.model.vit import Encoder
+from xtra.train.probe_train import LiveFeatures, SweepConfig, settings_grid, train_bank
+
+__all__ = ["SweepBenchSetup", "SweepBenchRow", "run_sweep_bench", "format_bench", "DEFAULT_LRS"]
+
+DEFAULT_LRS = (1e-4, 3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 4e-3, 8e-3, 1e-2)
+
+
+@dataclass
+class SweepBenchRow:
+    kind: str
+    heads: int
+    one_pass_s: float
+    separate_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.separate_s / self.one_pass_s
+
+
+def _loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True, generator=gen,
+                      drop_last=True)
+
+
+def _timed_run(encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, cfg: SweepConfig,
+               batch_size: int, num_classes: int, device: torch.device) -> float:
+    bank = HeadBank(cfg.kind, encoder.width, num_classes, cfg.settings, cfg.attn_heads, cfg.seed)
+    source = LiveFeatures(encoder, _loader(images, labels, batch_size, cfg.seed), cfg, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    train_bank(bank, source, cfg, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class SweepBenchSetup:
+    """The synthetic workload: random images through a frozen encoder, heads on random labels."""
+
+    lrs: tuple[float, ...] = DEFAULT_LRS
+    kinds: tuple[str, ...] = ("linear", "attentive")
+    epochs: int = 2
+    num_samples: int = 512
+    batch_size: int = 64
+    img_size: int = 32
+    patch_size: int = 4
+    width: int = 192
+    depth: int = 12
+    heads: int = 3
+    num_classes: int = 10
+    num_last_blocks: int = 6
+    attn_heads: int = 4
+    seed: int = 0
+
+
+def run_sweep_bench(setup: SweepBenchSetup | None = None, device: str | None = None, verbose: bool = True,
+                    num_threads: int | None = None, **overrides: Any) -> list[SweepBenchRow]:
+    """Wall time of a K-head sweep in one pass vs K single-head runs (K = len(lrs)), per probe kind.
+
+    `overrides` replace fields of `setup` (e.g. `lrs=[...]`, `epochs=1`). `num_threads` sets torch's
+    intra-op threads for the run, then restores them (on a small, busy CPU one thread is steadiest).
+    """
+    setup = replace(setup or SweepBenchSetup(), **overrides)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    before = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        rows = _bench(setup, dev)
+    finally:
+        torch.set_num_threads(before)
+    if verbose:
+        print(format_bench(rows, f"{setup.num_samples} images of {setup.img_size}px, {setup.epochs} epoch(s), "
+                                 f"encoder width {setup.width} depth {setup.depth}, {dev}, "
+                                 f"{torch.get_num_threads() if not num_threads else num_threads} thread(s)"))
+    return rows
+
+
+def _bench(s: SweepBenchSetup, dev: torch.device) -> list[SweepBenchRow]:
+    torch.manual_seed(s.seed)
+    encoder = Encoder(s.img_size, s.patch_size, s.width, s.depth, s.heads, block_size=1)
+    encoder = encoder.to(dev).eval().requires_grad_(False)
+    images = torch.randn(s.num_samples, 3, s.img_size, s.img_size)  # (n, 3, S, S)
+    labels = torch.randint(0, s.num_classes, (s.num_samples,))
+    rows = []
+    for kind in s.kinds:
+        cfg = SweepConfig(kind=kind, settings=settings_grid(s.lrs, [0.0]), epochs=s.epochs,
+                          num_last_blocks=min(s.num_last_blocks, s.depth), attn_heads=s.attn_heads, seed=s.seed)
+        warm = images[: s.batch_size], labels[: s.batch_size]
+        _timed_run(encoder, *warm, cfg, s.batch_size, s.num_classes, dev)  # warm-up (allocator, kernels)
+        one_pass = _timed_run(encoder, images, labels, cfg, s.batch_size, s.num_classes, dev)
+        separate = 0.0
+        for setting in cfg.settings:
+            single = replace(cfg, settings=(setting,))
+            separate += _timed_run(encoder, images, labels, single, s.batch_size, s.num_classes, dev)
+        rows.append(SweepBenchRow(kind, len(cfg.settings), one_pass, separate))
+    return rows
+
+
+def format_bench(rows: Sequence[SweepBenchRow], title: str = "") -> str:
+    """A plain-text table of the benchmark rows."""
+    lines = [f"probe sweep: one pass vs separate runs{f' ({title})' if title else ''}",
+             f"{'kind':<10} {'heads':>5} {'one pass s':>11} {'separate s':>11} {'speed-up':>9}"]
+    for r in rows:
+        lines.append(f"{r.kind:<10} {r.heads:>5} {r.one_pass_s:>11.2f} {r.separate_s:>11.2f} {r.speedup:>8.2f}x")
+    return "\n".join(lines)
