@@ -93,7 +93,7 @@ def validate_params(params: dict[str, Any], source: str = "params.yaml", check_p
 
 
 def _cross_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
-    from xtra.model.xtra import ArchConfig
+    from xtra.model.arch import ArchConfig
 
     datasets = params["datasets"]
     for name, ds in datasets.items():

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from xtra.data.images import IMAGE_POLICY, Converted, convert_image
 from xtra.data.shards import MANIFEST, ShardWriter, sha256_file
 from xtra.data.source import RawDataset, Reader, Sample
-from xtra.errors import DataError, ParamsError
+from xtra.errors import DataError, ParamsError, writing_to
 
 __all__ = [
     "FORMAT_VERSION",
@@ -304,16 +304,17 @@ def prepare_dataset(
     _check_fraction(name, plan.skipped, plan.total, float(p["max_skipped_fraction"]))
     tmp.mkdir()
     try:
-        splits, bad = _convert_all(plan, tmp, p)
-        skipped = plan.skipped + bad
-        fraction = _check_fraction(name, skipped, plan.total, float(p["max_skipped_fraction"]))
-        manifest = {
-            "format": "webdataset", "version": FORMAT_VERSION, "dataset": name, "kind": p.get("kind"),
-            "source": raw.source, "params": p, "params_hash": digest, "image_policy": IMAGE_POLICY,
-            "classes": list(raw.classes), "num_classes": len(raw.classes), "splits": splits,
-            "skipped": skipped, "skipped_fraction": fraction, "official_sizes": sizes,
-        }  # fmt: skip
-        _publish(tmp, final, old, manifest)
+        with writing_to(final):
+            splits, bad = _convert_all(plan, tmp, p)
+            skipped = plan.skipped + bad
+            fraction = _check_fraction(name, skipped, plan.total, float(p["max_skipped_fraction"]))
+            manifest = {
+                "format": "webdataset", "version": FORMAT_VERSION, "dataset": name, "kind": p.get("kind"),
+                "source": raw.source, "params": p, "params_hash": digest, "image_policy": IMAGE_POLICY,
+                "classes": list(raw.classes), "num_classes": len(raw.classes), "splits": splits,
+                "skipped": skipped, "skipped_fraction": fraction, "official_sizes": sizes,
+            }  # fmt: skip
+            _publish(tmp, final, old, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,8 @@ whose `state_dict` keys are `model.encoder.*`, `model.proj.*`, `model.predictor.
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import pickle
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -18,7 +20,8 @@ from xtra.errors import CheckpointError
 from xtra.model.vit import Encoder
 from xtra.model.xtra import XTRA, ArchConfig, block_orders_of, build_arch_encoder
 
-__all__ = ["read_checkpoint", "load_strict", "load_encoder", "load_xtra", "file_sha256", "save_model_checkpoint"]
+__all__ = ["read_checkpoint", "load_strict", "load_encoder", "load_xtra", "file_sha256", "save_model_checkpoint",
+           "save_torch_atomic"]
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -111,8 +114,23 @@ def save_model_checkpoint(model: XTRA, path: str | Path, arch: dict[str, Any], e
     state = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith(tuple(drop))}
     ckpt = {"state_dict": state, "hyper_parameters": {"arch": arch}, "global_step": 0, "epoch": 0,
             **(extra or {})}
+    save_torch_atomic(ckpt, path)
+
+
+def save_torch_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save `obj` to a temporary file beside `path`, then rename; nothing is left on failure.
+
+    The object is serialised in memory first (as Lightning does): torch's file writer reports a full
+    disk as a RuntimeError, the Python write below as the OSError it is (`xtra.errors.writing_to`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(buffer.getbuffer())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

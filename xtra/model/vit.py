@@ -15,6 +15,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from xtra.errors import ParamsError
+from xtra.model.arch import PRESETS
 from xtra.model.mask import (
     AttnImpl,
     MaskSpec,
@@ -26,15 +27,6 @@ from xtra.model.mask import (
 )
 
 __all__ = ["PRESETS", "Attention", "Mlp", "Block", "Transformer", "Encoder", "build_encoder", "init_weights"]
-
-# width / depth / heads (METHOD.md, "Architecture")
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"width": 192, "depth": 12, "heads": 3},
-    "small": {"width": 384, "depth": 12, "heads": 6},
-    "base": {"width": 768, "depth": 12, "heads": 12},
-    "large": {"width": 1024, "depth": 24, "heads": 16},
-    "huge": {"width": 1280, "depth": 32, "heads": 16},
-}
 
 LN_EPS = 1e-6
 

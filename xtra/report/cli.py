@@ -79,8 +79,11 @@ def _model_inputs(params: dict, models: list[str]) -> tuple[dict, dict, dict, di
     logs, no_log, seen, not_seen = {}, {}, {}, {}
     for model in models:
         log = models_dir / model / "log.csv"
-        if log.is_file():
-            logs[model] = read_pretrain_log(log)
+        frame = read_pretrain_log(log) if log.is_file() else None
+        if frame is not None and not frame.empty:
+            logs[model] = frame
+        elif frame is not None:
+            no_log[model] = f"{log} has no logged step"
         else:
             no_log[model] = f"{log} not found"
         value, why = read_images_seen(models_dir, model)

@@ -288,6 +288,8 @@ def read_pretrain_log(path: Path) -> pd.DataFrame:
         frame = pd.read_csv(path)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise XtraError(f"{path}: cannot read the training log: {exc}") from exc
+    if frame.empty:  # a run shorter than log_every_n_steps logs a header only
+        return pd.DataFrame({"step": [], "loss": [], "lr": []}, dtype=float)
     loss = _log_column(frame, ("train/loss", "loss"), None)
     if "step" not in frame.columns or loss is None:
         raise XtraError(f"{path}: training log needs a step column and a train/loss or loss column")

@@ -15,15 +15,16 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from xtra.config import load_params, params_hash
 from xtra.errors import CheckpointError, ParamsError, writing_to
-from xtra.model.checkpoint import read_checkpoint, save_model_checkpoint
+from xtra.model.checkpoint import read_checkpoint, save_model_checkpoint, save_torch_atomic
 from xtra.model.xtra import XTRA, ArchConfig
 from xtra.train.pretrain_module import PretrainModule, RankDigest, StepLog
 
@@ -73,8 +74,12 @@ def pretrain_model(params: dict[str, Any], name: str) -> Path:
             if model_cfg["init"] == "official":
                 return _write_official(params, name, out)
             return _train(params, name, out)
-        finally:  # a failed final write leaves no half-written final checkpoint behind
-            (out / "last.ckpt.tmp").unlink(missing_ok=True)
+        except BaseException:
+            # a failed run leaves no half-written final checkpoint, log or figure behind (not in a finally:
+            # under DDP the other ranks return while rank 0 still writes last.ckpt.tmp)
+            for leftover in ("last.ckpt.tmp", "log.csv.tmp", "reconstruction.tmp.png"):
+                (out / leftover).unlink(missing_ok=True)
+            raise
 
 
 def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
@@ -142,6 +147,20 @@ def _data_module(params: dict[str, Any], name: str) -> tuple[L.LightningDataModu
     return _Data(), steps_per_epoch
 
 
+class _SameFolderCheckpointIO(TorchCheckpointIO):
+    """Saves a checkpoint through a temporary file beside it, then a rename.
+
+    Lightning's own save copies a temporary file from $TMPDIR over the final name: a full disk then
+    leaves a truncated `step-*.ckpt`, and $TMPDIR needs a whole checkpoint's space free.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            super().save_checkpoint(checkpoint, path, storage_options)  # refuses them, with Lightning's message
+            return
+        save_torch_atomic(checkpoint, path)
+
+
 def _trainer(train: dict[str, Any], out: Path, global_batch: int, total_steps: int) -> L.Trainer:
     callbacks = [
         ModelCheckpoint(dirpath=out / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
@@ -156,7 +175,7 @@ def _trainer(train: dict[str, Any], out: Path, global_batch: int, total_steps: i
         max_steps=total_steps, gradient_clip_val=train["grad_clip"] or None,
         accumulate_grad_batches=train["accumulate_grad_batches"], callbacks=callbacks, logger=False,
         use_distributed_sampler=False, enable_model_summary=False, default_root_dir=str(out),
-        num_sanity_val_steps=0, log_every_n_steps=train["log_every_n_steps"],
+        num_sanity_val_steps=0, log_every_n_steps=train["log_every_n_steps"], plugins=[_SameFolderCheckpointIO()],
     )
 
 
@@ -170,6 +189,9 @@ def _train(params: dict[str, Any], name: str, out: Path) -> Path:
     world = train["num_nodes"] * (train["devices"] if isinstance(train["devices"], int) else 1)
     global_batch = train["batch_size"] * world * train["accumulate_grad_batches"]
     trainer = _trainer(train, out, global_batch, module.total_steps)
+    if trainer.is_global_zero:  # temporary files of a save that was killed
+        for stale in (out / "checkpoints").glob(".*.tmp"):
+            stale.unlink()
     resume = find_resume_checkpoint(out / "checkpoints", expected) if trainer.is_global_zero else None
     resume = trainer.strategy.broadcast(str(resume) if resume else None)
     if resume:
@@ -182,21 +204,19 @@ def _train(params: dict[str, Any], name: str, out: Path) -> Path:
     tmp = out / "last.ckpt.tmp"
     trainer.save_checkpoint(tmp)
     if trainer.is_global_zero:
-        tmp.replace(final)
         _finish(params, name, out, module, trainer, global_batch, time.time() - started)
+        tmp.replace(final)  # last: a run that failed before this point leaves no last.ckpt
     return out
 
 
 def _finish(params: dict[str, Any], name: str, out: Path, module: PretrainModule, trainer: L.Trainer,
             global_batch: int, wall: float) -> None:
     digests = {p.name: p.read_text().strip() for p in (out / "checkpoints").glob("rank-*.sha256")}
-    loss = trainer.callback_metrics.get("train/loss")
     metrics = {"init": "pretrain", "steps": trainer.global_step, "epochs": trainer.current_epoch,
                "images_seen": trainer.global_step * global_batch, "global_batch": global_batch,
-               "final_loss": float(loss) if loss is not None else None, "wall_time_s": round(wall, 2),
+               "final_loss": module.last_loss, "wall_time_s": round(wall, 2),
                "world_size": trainer.world_size, "ranks_in_sync": len(set(digests.values())) <= 1,
                "params_hash": training_hash(params, name)}
-    _write_json(out / "metrics.json", metrics)
     if params["models"][name]["train"]["reconstruct_images"] > 0:
         from xtra.reconstruct import reconstruction_grid_from_dataset
 
@@ -205,4 +225,5 @@ def _finish(params: dict[str, Any], name: str, out: Path, module: PretrainModule
                                          out / "reconstruction.png",
                                          params["models"][name]["train"]["reconstruct_images"],
                                          params["models"][name]["eval_resize"])
+    _write_json(out / "metrics.json", metrics)
     print(f"{name}: {metrics['steps']} steps, final loss {metrics['final_loss']}, wrote {out}")

@@ -33,6 +33,7 @@ class PretrainModule(L.LightningModule):
         self.model = XTRA(ArchConfig.from_dict(arch))
         self.train_cfg = train
         self.steps_per_epoch = steps_per_epoch
+        self.last_loss: float | None = None  # the loss of the last training step (this rank)
 
     @property
     def total_steps(self) -> int:
@@ -63,6 +64,7 @@ class PretrainModule(L.LightningModule):
                 "training stopped, the last good checkpoint is kept"
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
+        self.last_loss = float(loss.detach())
         return loss
 
 

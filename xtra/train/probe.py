@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["configure_parser", "run", "probe_model"]
 
@@ -58,5 +59,11 @@ def run(args: argparse.Namespace) -> int:
     from xtra.config import load_params
 
     params = load_params(args.params)
+    chosen = params["probe"]["models"]
+    if chosen is not None and args.model in params["models"] and args.model not in chosen:
+        # DVC runs a probe stage for every model; probe.models narrows what is actually probed
+        (Path(params["paths"]["results"]) / "probe" / args.model).mkdir(parents=True, exist_ok=True)
+        print(f"{args.model}: not in probe.models {chosen}; nothing to probe")
+        return 0
     return probe_model(params, args.model, args.benchmark, args.kind, use_ray=not args.no_ray,
                        ray_address=args.ray_address, source=args.params)

@@ -170,8 +170,11 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 def write_json_atomic(path: Path, content: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(content, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_result(params: dict, job: ProbeJob, result: dict) -> Path:

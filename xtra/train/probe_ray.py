@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from xtra.errors import XtraError
+from xtra.errors import XtraError, writing_to
 from xtra.train.probe_job import ProbeJob, result_path, run_job, write_json_atomic, write_result
 
 __all__ = ["FAIL_ENV", "ATTEMPT_LOG_ENV", "InjectedFailure", "JobFailure", "Hooks", "attempt_job",
@@ -78,7 +78,8 @@ def attempt_job(params: dict, job: ProbeJob, hooks: Hooks) -> dict:
 
 
 def _finished(params: dict, job: ProbeJob, result: dict) -> None:
-    path = write_result(params, job, result)
+    with writing_to(result_path(params, job).parent):
+        path = write_result(params, job, result)
     print(f"[{job.model}/{job.name}] top-1 {result['top1']:.2f} % ({result['protocol']} protocol, "
           f"lr {result['selected']['lr']:g}, wd {result['selected']['weight_decay']:g}) -> {path}", flush=True)
 
@@ -194,7 +195,7 @@ def record_failures(params: dict, model: str, jobs: Sequence[ProbeJob], failures
     """Update failures.json: entries of this run's jobs replaced by this run's failures; removed if empty."""
     path = failures_path(params, model)
     ran = {job.name for job in jobs}
-    with _locked(path):
+    with writing_to(path.parent), _locked(path):
         kept: list[dict] = []
         if path.is_file():
             try:

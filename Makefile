@@ -1,0 +1,36 @@
+# The two commands of the README:
+#   make repro   set up .venv from nothing and run the whole pipeline on the embedded demo (dvc repro)
+#   make test    set up .venv from nothing and run the test suite
+# Every install resolves the exact versions in constraints.txt.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup repro test test-all demo-check snakemake-demo clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	# wilds' pip metadata pulls ogb and more; its image datasets need only what is installed above
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps "wilds==2.0.0"
+	touch $(STAMP)
+
+repro: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the default suite plus the slow and demo-pipeline tests (what CI runs when its budget allows)
+test-all: setup
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+snakemake-demo: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake --profile workflow/profiles/default
+
+clean-outputs:
+	rm -rf data/prepared models results

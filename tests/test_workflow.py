@@ -1,0 +1,350 @@
+"""The two DAG front-ends plan the same pipeline: dvc.yaml (local, cached, experiments) and
+workflow/Snakefile (clusters), for the demo and both paper profiles, with the cluster requests of
+the paper runs; DVC re-runs only what a params change touches; the code deps are complete.
+
+Everything that may write state (.dvc/tmp, .snakemake) runs in copies of the repository made from
+`git ls-files` (tracked and untracked-but-not-ignored files: no data, models, results or venv).
+The Snakemake runs are subprocesses started together at the start of the module: each imports
+torch through the params cross-checks, so one after the other they would take a minute.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import posixpath
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xtra.cli import main as xtra_main
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STAGES = ("prepare", "pretrain", "probe", "report")
+
+
+def repo_copy(dest: Path, profile: str = "demo") -> Path:
+    """A copy of the working tree's source files (a git repo, as DVC wants one), on `profile`."""
+    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, check=True).stdout.decode()
+    for name in filter(None, listing.split("\0")):
+        src, dst = REPO / name, dest / name
+        if not (src.exists() or src.is_symlink()):
+            continue  # deleted in the working tree
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        else:
+            shutil.copy2(src, dst)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    if profile != "demo":
+        assert xtra_main(["profile", profile, "--params", str(dest / "params.yaml")]) == 0
+    return dest
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+# ---------------------------------------------------------------- Snakemake dry-run output
+
+
+@dataclass
+class Job:
+    rule: str
+    fields: dict[str, str] = field(default_factory=dict)
+    shell: str = ""
+
+    @property
+    def outputs(self) -> list[str]:
+        return [o.strip() for o in self.fields.get("output", "").split(",") if o.strip()]
+
+    @property
+    def resources(self) -> dict[str, str]:
+        pairs = (item.split("=", 1) for item in self.fields.get("resources", "").split(", ") if "=" in item)
+        return {k.strip(): v.strip() for k, v in pairs}
+
+
+def parse_dry_run(text: str) -> list[Job]:
+    """The job blocks of `snakemake -n -p` output: `rule NAME:`, indented `key: value`, `Shell command:`."""
+    jobs: list[Job] = []
+    for line in text.splitlines():
+        head = re.match(r"^(?:local)?rule (\w+):$", line)
+        if head:
+            jobs.append(Job(head.group(1)))
+        elif jobs and (item := re.match(r"^    (\w+): (.*)$", line)):
+            jobs[-1].fields[item.group(1)] = item.group(2)
+        elif jobs and line.startswith("Shell command: "):
+            jobs[-1].shell = line.removeprefix("Shell command: ")
+    return jobs
+
+
+def command_of(shell: str) -> str:
+    """The `xtra ...` command of a shell line, without its launcher prefix and log redirection."""
+    command = shell[shell.index("xtra "):]
+    return re.sub(r"\s*>\s*\S+\s+2>&1\s*$", "", command)
+
+
+# ---------------------------------------------------------------- the runs, started together
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory) -> dict[str, Path]:
+    made = {"demo": "demo", "b16": "paper_b16", "h14": "paper_h14", "h14_slurm": "paper_h14",
+            "h14_lsf": "paper_h14", "lint": "demo", "status": "demo"}
+    return {key: repo_copy(tmp_path_factory.mktemp(key), profile) for key, profile in made.items()}
+
+
+@pytest.fixture(scope="module")
+def snakemake_runs(copies) -> dict[str, Future]:
+    snakemake = str(BIN / "snakemake")
+    commands = {
+        "demo": ([snakemake, "-n"], copies["demo"]),
+        "b16": ([snakemake, "-n"], copies["b16"]),
+        "h14_slurm": ([snakemake, "-n", "--profile", "workflow/profiles/slurm"], copies["h14_slurm"]),
+        "h14_lsf": ([snakemake, "-n", "--profile", "workflow/profiles/lsf"], copies["h14_lsf"]),
+        "lint": ([snakemake, "--lint"], copies["lint"]),
+        "configfile": ([snakemake, "-n", "--configfile", "profiles/paper_b16.yaml"], copies["lint"]),
+    }
+    pool = ThreadPoolExecutor(max_workers=len(commands))
+    yield {key: pool.submit(run, args, cwd) for key, (args, cwd) in commands.items()}
+    pool.shutdown(wait=True)
+
+
+def dry_run(snakemake_runs, key: str) -> list[Job]:
+    proc = snakemake_runs[key].result()
+    assert proc.returncode == 0, f"snakemake ({key}) exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    jobs = parse_dry_run(proc.stdout + "\n" + proc.stderr)
+    assert jobs, f"no job in the dry-run output ({key})"
+    return jobs
+
+
+def dvc_stages(path: Path) -> dict[str, dict]:
+    """name -> {kind, cmd, outs, deps} of every stage of dvc.yaml, as DVC itself resolves them."""
+    from dvc.repo import Repo
+
+    with Repo(str(path)) as repo:
+        return {s.name: {"kind": s.name.split("@")[0], "cmd": s.cmd,
+                               "outs": sorted(o.def_path for o in s.outs), "deps": [d.def_path for d in s.deps]}
+                for s in repo.index.stages}
+
+
+# ---------------------------------------------------------------- the two front-ends agree
+
+
+def assert_same_pipeline(stages: dict[str, dict], jobs: list[Job], params: dict) -> None:
+    """Same stage kinds, the same output paths and the same commands.
+
+    The one difference is the probe granularity. DVC has one `probe@MODEL` stage per model, which
+    runs all of the model's (benchmark x kind) jobs on Ray and declares the folder
+    results/probe/MODEL; Snakemake has one job per (model, benchmark, kind), each a cluster job
+    writing results/probe/MODEL/BENCHMARK-KIND.json. So the probe files must fill exactly the
+    probe folders, and the per-job commands must be the per-model command restricted to one job.
+    """
+    jobs = [j for j in jobs if j.rule != "all"]
+    assert {s["kind"] for s in stages.values()} == {j.rule for j in jobs} == set(STAGES)
+    for kind in ("prepare", "pretrain", "report"):
+        dvc_outs = sorted(o for s in stages.values() if s["kind"] == kind for o in s["outs"])
+        assert dvc_outs == sorted(o for j in jobs if j.rule == kind for o in j.outputs), kind
+    folders = {o for s in stages.values() if s["kind"] == "probe" for o in s["outs"]}
+    files = [o for j in jobs if j.rule == "probe" for o in j.outputs]
+    assert {posixpath.dirname(f) for f in files} == folders
+    benchmarks = params["probe"]["benchmarks"]
+    assert len(files) == len(folders) * sum(len(b.get("kinds", ["linear", "attentive"])) for b in benchmarks.values())
+    per_job = {re.sub(r" --benchmark \S+ --kind \S+ --no-ray$", "", command_of(j.shell)) for j in jobs}
+    assert per_job == {s["cmd"] for s in stages.values()}
+
+
+@pytest.mark.parametrize("key", ["demo", "b16", "h14_slurm"])
+def test_dvc_and_snakemake_plan_the_same_pipeline(key, copies, snakemake_runs):
+    path = copies[key]
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    stages, jobs = dvc_stages(path), dry_run(snakemake_runs, key)
+    assert_same_pipeline(stages, jobs, params)
+    counts = {kind: sum(s["kind"] == kind for s in stages.values()) for kind in STAGES}
+    assert counts == {"prepare": len(params["datasets"]), "pretrain": len(params["models"]),
+                      "probe": len(params["models"]), "report": 1}
+
+
+def _jobs_by_rule(jobs: list[Job]) -> dict[str, list[Job]]:
+    by_rule: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_rule.setdefault(job.rule, []).append(job)
+    return by_rule
+
+
+def _check_h14_plan(jobs: list[Job]) -> dict[str, list[Job]]:
+    by_rule = _jobs_by_rule(jobs)
+    assert {rule: len(js) for rule, js in by_rule.items()} == {"prepare": 16, "pretrain": 1, "probe": 16,
+                                                              "report": 1, "all": 1}
+    assert by_rule["pretrain"][0].fields["input"] == "data/prepared/imagenet21k"
+    assert all(j.resources["runtime"] == "2880" for j in by_rule["pretrain"])
+    return by_rule
+
+
+def test_slurm_plan_of_the_h14_profile(snakemake_runs):
+    by_rule = _check_h14_plan(dry_run(snakemake_runs, "h14_slurm"))
+    pretrain = by_rule["pretrain"][0]
+    # 8 nodes x 8 GPUs: one task per GPU, started by srun inside the allocation
+    assert {k: pretrain.resources.get(k) for k in ("nodes", "gres", "tasks_per_node", "cpus_per_task", "mpi",
+                                                  "mem_mb")} == {"nodes": "8", "gres": "gpu:8", "tasks_per_node": "8",
+                                                                 "cpus_per_task": "8", "mpi": "srun",
+                                                                 "mem_mb": "400000"}
+    assert pretrain.shell.startswith("srun xtra pretrain xtra_h14 ")
+    for job in by_rule["probe"]:
+        assert (job.resources["gpu"], job.resources["nodes"], job.resources["cpus_per_task"]) == ("1", "1", "16")
+        assert "mpi" not in job.resources and job.shell.startswith("xtra probe xtra_h14 --benchmark ")
+    in1k = [j for j in by_rule["probe"] if "benchmark=in1k" in j.fields["wildcards"]]
+    assert {j.resources["runtime"] for j in in1k} == {"4320"}  # the benchmark's own request wins
+    for job in by_rule["prepare"]:
+        assert "gpu" not in job.resources and "gres" not in job.resources and job.resources["nodes"] == "1"
+    assert "nodes" not in by_rule["report"][0].resources  # a local rule
+
+
+def test_lsf_plan_of_the_h14_profile(snakemake_runs):
+    by_rule = _check_h14_plan(dry_run(snakemake_runs, "h14_lsf"))
+    pretrain = by_rule["pretrain"][0]
+    # bsub -n 512 (64 tasks x 8 cores), span[ptile=64] (8 hosts), -gpu num=8 per host, jsrun
+    assert {k: pretrain.resources.get(k) for k in ("cpus_per_task", "ptile", "lsf_extra", "mem_mb")} == {
+        "cpus_per_task": "512", "ptile": "64", "lsf_extra": "-gpu num=8", "mem_mb": "3200000"}
+    assert pretrain.resources["mpi"].startswith("jsrun --nrs 64 ") and pretrain.shell.startswith("jsrun --nrs 64 ")
+    for job in by_rule["probe"]:
+        assert (job.resources["lsf_extra"], job.resources["cpus_per_task"]) == ("-gpu num=1", "16")
+        assert "mpi" not in job.resources and "ptile" not in job.resources
+    assert all("lsf_extra" not in j.resources for j in by_rule["prepare"])
+
+
+def test_snakemake_lint_is_clean(snakemake_runs):
+    proc = snakemake_runs["lint"].result()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_snakemake_refuses_a_config_that_is_not_params_yaml(snakemake_runs):
+    """--configfile would deep-merge two profiles; the xtra commands would not see it anyway."""
+    proc = snakemake_runs["configfile"].result()
+    assert proc.returncode != 0 and "xtra profile NAME" in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- DVC re-runs only what changed
+
+
+def _fake_outputs(path: Path, stages: dict[str, dict]) -> None:
+    """Stand-ins for every stage output, so that DVC can record a complete lock file."""
+    for stage in stages.values():
+        for out in stage["outs"]:
+            target = path / out
+            if target.suffix in (".ckpt", ".json", ".csv"):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(f"{out}\n")
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                (target / "part.txt").write_text(f"{out}\n")
+
+
+def _changed(path: Path) -> set[str]:
+    from dvc.repo import Repo
+
+    with Repo(str(path)) as repo:
+        return set(repo.status())
+
+
+def _edit(path: Path, key: str, value) -> None:
+    from xtra.profiles import apply_overrides
+
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    (path / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, [f"{key}={json.dumps(value)}"])))
+
+
+def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch):
+    from dvc.repo import Repo
+
+    path = copies["status"]
+    monkeypatch.chdir(path)  # DVC's in-process API resolves some paths against the working directory
+    original = (path / "params.yaml").read_text()
+    _fake_outputs(path, dvc_stages(path))
+    with Repo(str(path)) as repo:
+        repo.commit(None, force=True)
+    assert _changed(path) == set()
+    cache = path / "xtra" / "report" / "__pycache__"  # Python writes these into a dependency folder
+    cache.mkdir(exist_ok=True)
+    (cache / "cli.cpython-311.pyc").write_bytes(b"\0")
+    assert _changed(path) == set(), "byte code changed a stage (see .dvcignore)"
+    cases = [("probe.benchmarks.mnist.lrs", [0.001, 0.01], {"probe@xtra_k2", "probe@xtra_k1", "probe@random_k2", "report"}),
+             ("probe.num_last_blocks", 2, {"probe@xtra_k2", "probe@xtra_k1", "probe@random_k2", "report"}),
+             ("models.xtra_k1.train.epochs", 5, {"pretrain@xtra_k1", "report"}),
+             ("datasets.digits.heldout_fraction", 0.3, {"prepare@digits"})]
+    for key, value, expected in cases:
+        _edit(path, key, value)
+        assert _changed(path) == expected, key
+        (path / "params.yaml").write_text(original)
+    assert _changed(path) == set()
+
+
+# ---------------------------------------------------------------- the code deps are complete
+
+# Plumbing every stage imports that only checks params (a change cannot alter a result without a
+# params change): not a dependency, so editing the CLI does not re-run a 100-epoch pre-training.
+PLUMBING = {"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.profiles"}
+STAGE_MODULES = {"prepare": "xtra.data.prepare", "pretrain": "xtra.train.pretrain", "probe": "xtra.train.probe",
+                 "report": "xtra.report.cli"}
+
+
+def _module_file(name: str) -> Path | None:
+    base = REPO / Path(*name.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_files(module: str) -> set[str]:
+    """Source files of `module` and of every xtra module it imports, also inside functions."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in PLUMBING or path is None or path in seen:
+            continue
+        seen.add(path)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("xtra"):
+                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("xtra")]
+    return {p.relative_to(REPO).as_posix() for p in seen}
+
+
+@pytest.mark.parametrize("kind", STAGES)
+def test_dvc_code_deps_cover_every_imported_module(kind, copies):
+    if _module_file(STAGE_MODULES[kind]) is None:
+        pytest.skip(f"{STAGE_MODULES[kind]} is not written yet")
+    stage = next(s for s in dvc_stages(copies["demo"]).values() if s["kind"] == kind)
+    missing = [f for f in sorted(imported_files(STAGE_MODULES[kind]))
+               if (REPO / f).stat().st_size  # an empty __init__.py changes nothing (and DVC warns on it)
+               and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in stage["deps"])]
+    assert not missing, f"dvc.yaml stage {kind} lacks deps on {missing}"
+
+
+def test_dvc_code_deps_exist():
+    """A dependency that does not exist makes `dvc repro` fail on a fresh clone."""
+    text = (REPO / "dvc.yaml").read_text()
+    deps = {d for d in re.findall(r"^\s+- (xtra/\S+)$", text, re.M)}
+    assert deps and not [d for d in deps if not (REPO / d).exists()]
+
+
+def test_one_schema_for_both_front_ends():
+    link = REPO / "workflow" / "schemas" / "params.schema.yaml"
+    assert link.is_symlink() and link.resolve() == (REPO / "xtra" / "schema" / "params.schema.yaml").resolve()

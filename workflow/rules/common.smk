@@ -1,0 +1,196 @@
+# Shared by the rules: the params checks, the output paths (the same as dvc.yaml's), the job lists,
+# and the translation of a params `resources` request into the resources the Slurm and LSF
+# executor plugins read.
+import yaml
+from snakemake.exceptions import WorkflowError
+
+from xtra.config import params_hash, validate_params
+from xtra.errors import ParamsError
+
+# The xtra commands read this file themselves (their default --params), so it is the only source
+# of the params: `xtra profile NAME` is the switch, for Snakemake as for DVC.
+PARAMS_FILE = "params.yaml"
+
+
+def check_config_is_params_file():
+    """Refuse --configfile / --config: the plan would use them, the xtra commands would not.
+
+    (--configfile would also deep-merge two profiles: the union of their datasets and models.)
+    """
+    with open(PARAMS_FILE) as handle:
+        on_disk = yaml.safe_load(handle)
+    if config != on_disk:
+        changed = sorted(k for k in set(config) | set(on_disk) if config.get(k) != on_disk.get(k))
+        raise WorkflowError(
+            f"the Snakemake config differs from {PARAMS_FILE} at {changed}: --config and --configfile "
+            f"are not used by the xtra commands. Switch profile with `xtra profile NAME` "
+            f"(optionally --set KEY=VALUE), or edit {PARAMS_FILE}."
+        )
+
+
+def cross_check_params():
+    """The checks the schema cannot express (xtra.config), without the raw-data paths: the
+    dry-run plans cluster paths from anywhere; each `xtra` command checks them when it runs."""
+    try:
+        validate_params(config, PARAMS_FILE, check_paths=False)
+    except ParamsError as exc:
+        raise WorkflowError(str(exc)) from exc
+
+
+# ---------------------------------------------------------------- outputs (the same paths as dvc.yaml)
+
+
+def prepared_dir(dataset):
+    return f"{config['paths']['prepared']}/{dataset}"
+
+
+def model_file(model, name):
+    return f"{config['paths']['models']}/{model}/{name}"
+
+
+def probe_result(model, benchmark, kind):
+    return f"{config['paths']['results']}/probe/{model}/{benchmark}-{kind}.json"
+
+
+def results_path(name):
+    return f"{config['paths']['results']}/{name}"
+
+
+# The report's plot data (xtra/report/cli.py); dvc.yaml declares the same four files.
+PLOT_NAMES = ("top1", "sweep", "loss", "images_seen")
+
+
+def probed_models():
+    return config["probe"]["models"] or list(config["models"])
+
+
+def probe_jobs():
+    """(model, benchmark, kind) of every probe job: DVC runs each model's set in one Ray stage."""
+    benchmarks = config["probe"]["benchmarks"]
+    return [(m, b, k) for m in probed_models() for b in benchmarks for k in benchmarks[b]["kinds"]]
+
+
+def pretrain_inputs(model):
+    """Exact inputs: a trained model reads its dataset; a random or converted one reads none."""
+    cfg = config["models"][model]
+    return [prepared_dir(cfg["dataset"])] if cfg["init"] == "pretrain" else []
+
+
+def probe_fingerprint(wildcards):
+    """What a probe job's result depends on in params (Snakemake re-runs the job when it changes)."""
+    probe = config["probe"]
+    common = {k: v for k, v in probe.items() if k not in ("benchmarks", "models", "resources", "ray")}
+    model = config["models"][wildcards.model]
+    return params_hash({"benchmark": probe["benchmarks"][wildcards.benchmark], "probe": common,
+                        "kind": wildcards.kind, "arch": model["arch"], "eval_resize": model["eval_resize"],
+                        "seed": config["seed"]})
+
+
+# ---------------------------------------------------------------- scheduler resources
+#
+# A params request {runtime (minutes), mem_mb (per node), cpus (per task), gpus (per node), nodes}
+# becomes the resources the executor plugin of the cluster profile reads. The cluster profiles
+# name their scheduler (`config: [scheduler=slurm]`), because the two plugins read the same keys
+# differently (LSF takes `cpus_per_task` as the job's total `bsub -n`) and `threads` cannot carry
+# the total (Snakemake caps it at the submitting machine's --cores).
+# A GPU job runs one task per GPU with `cpus` cores each; a CPU job is one task on one node.
+# A job of more than one task sets `mpi` to the launcher that starts its tasks (srun on Slurm,
+# jsrun on LSF, which is what Lightning's cluster environments expect): the plugins then submit
+# the whole task layout and run the shell command once, prefixed with it. Locally a multi-GPU job
+# runs without launcher: Lightning starts the processes of one machine itself.
+
+SCHEDULERS = ("local", "slurm", "lsf")
+DEFAULT_LAUNCHERS = {
+    "slurm": "srun",
+    "lsf": "jsrun --nrs {tasks} --tasks_per_rs 1 --cpu_per_rs {cpus} --gpu_per_rs 1 --rs_per_host {tasks_per_node}",
+}
+# The two keys a profile may add to the config; they are not params, so they leave it here.
+SCHEDULER = str(config.pop("scheduler", "local"))
+LAUNCHER = config.pop("launcher", DEFAULT_LAUNCHERS.get(SCHEDULER))
+if SCHEDULER not in SCHEDULERS:
+    raise WorkflowError(f"config scheduler={SCHEDULER!r}: expected one of {list(SCHEDULERS)}")
+
+
+def job_layout(req):
+    """(tasks per node, tasks, cores per node) of a params request."""
+    if req["gpus"] == 0 and req["nodes"] > 1:
+        raise WorkflowError(f"resources {req}: a CPU job runs on one node (a multi-node job needs gpus)")
+    per_node = max(req["gpus"], 1)
+    return per_node, per_node * req["nodes"], per_node * req["cpus"]
+
+
+def launcher(req):
+    """The launcher command of a multi-task job on this scheduler; None for a single process."""
+    per_node, tasks, _ = job_layout(req)
+    if tasks == 1 or SCHEDULER == "local" or not LAUNCHER:
+        return None
+    return LAUNCHER.format(tasks=tasks, tasks_per_node=per_node, cpus=req["cpus"], nodes=req["nodes"])
+
+
+def slurm_resources(req):
+    per_node, tasks, _ = job_layout(req)
+    gpus, multi = req["gpus"], tasks > 1
+    return {
+        "nodes": req["nodes"],
+        "mem_mb": req["mem_mb"],  # sbatch --mem: per node
+        "cpus_per_task": req["cpus"],
+        "gpu": 1 if gpus == 1 and not multi else None,  # --gpus=1, also given to the job step
+        "gres": f"gpu:{gpus}" if gpus and multi else None,  # per node
+        "tasks_per_node": per_node if multi and per_node > 1 else None,
+        "tasks": tasks if multi and per_node == 1 else None,
+        "tasks_per_gpu": 0 if gpus and multi else None,  # 0: no --ntasks-per-gpu, the layout is per node
+    }
+
+
+def lsf_resources(req):
+    per_node, tasks, cores_per_node = job_layout(req)
+    return {
+        "cpus_per_task": tasks * req["cpus"],  # bsub -n: every core of the job
+        "mem_mb": req["mem_mb"] * req["nodes"],  # the plugin divides it per core
+        "ptile": cores_per_node if tasks > 1 else None,  # span[ptile=...], read for `mpi` jobs
+        "lsf_extra": f"-gpu num={req['gpus']}" if req["gpus"] else None,  # per host
+    }
+
+
+def cluster_resources(req):
+    """The plugin resources of one request (Snakemake leaves out keys whose value is None)."""
+    res = {"runtime": req["runtime"], "mpi": launcher(req)}
+    if SCHEDULER == "slurm":
+        return {**res, **slurm_resources(req)}
+    if SCHEDULER == "lsf":
+        return {**res, **lsf_resources(req)}
+    # Local: `--resources gpu=N mem_mb=M` on the command line makes Snakemake respect them.
+    return {**res, "mem_mb": req["mem_mb"], "gpu": req["gpus"] * req["nodes"] or None}
+
+
+def job_threads(req):
+    """Cores of one task: what a local run gives the command (Snakemake caps it at --cores)."""
+    return req["cpus"]
+
+
+def launch_prefix(resources):
+    """The shell prefix that starts a multi-task job: `srun `, `jsrun ... `, or nothing."""
+    return f"{resources['mpi']} " if resources.get("mpi") else ""
+
+
+def dataset_request(wildcards):
+    return config["datasets"][wildcards.dataset]["resources"]
+
+
+def model_request(wildcards):
+    return config["models"][wildcards.model]["resources"]
+
+
+def probe_request(wildcards):
+    """probe.resources, with the benchmark's own `resources` keys on top."""
+    bench = config["probe"]["benchmarks"][wildcards.benchmark]
+    return {**config["probe"]["resources"], **(bench.get("resources") or {})}
+
+
+RESOURCE_KEYS = ("runtime", "mpi", "nodes", "mem_mb", "cpus_per_task", "gpu", "gres", "tasks_per_node", "tasks",
+                 "tasks_per_gpu", "ptile", "lsf_extra")
+
+
+def resources_of(request):
+    """Rule `resources:` keyword arguments: one callable per plugin key, evaluated per job."""
+    return {key: (lambda wildcards, key=key: cluster_resources(request(wildcards)).get(key)) for key in RESOURCE_KEYS}
