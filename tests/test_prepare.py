@@ -120,6 +120,7 @@ def tree_reader(root: Path):
     return reader
 
 
+@pytest.mark.faults
 def test_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
     save_bad_tree(tmp_path / "raw")
     p = params(image_size=72, max_skipped_fraction=0.5)
@@ -144,6 +145,7 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
     assert images["b_palette"].getpixel((8, 8))[2] > 200 and images["b_bits"].getpixel((1, 1)) == (255, 255, 255)
 
 
+@pytest.mark.faults
 def test_too_many_bad_files_is_a_data_error(tmp_path: Path) -> None:
     save_bad_tree(tmp_path / "raw")
     with pytest.raises(DataError, match=r"tree.*skipped.*max_skipped_fraction.*(truncated|random|empty)"):

@@ -71,6 +71,7 @@ def test_reader_matches_fixture(kind: str, tmp_path: Path) -> None:
         assert set(dataset.official_sizes) == set(dataset.splits)
 
 
+@pytest.mark.faults
 def test_unknown_kind_and_missing_root(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="imagenet2k"):
         read_dataset({"kind": "imagenet2k", "root": str(tmp_path)})
@@ -113,6 +114,7 @@ def test_digits_scaled_to_uint8(tmp_path: Path) -> None:
 # --- array datasets -------------------------------------------------------------------------------
 
 
+@pytest.mark.faults
 def test_cifar_pixel_layout_and_bad_label(tmp_path: Path) -> None:
     info = make_cifar10(tmp_path)
     batch_path = tmp_path / "cifar-10-batches-py" / "test_batch"
@@ -175,6 +177,7 @@ def test_dtd_partitions_and_root_levels(tmp_path: Path) -> None:
         read_dataset(info.params)
 
 
+@pytest.mark.faults
 def test_food101_missing_image_and_split_file(tmp_path: Path) -> None:
     info = make_food101(tmp_path)
     victim = next(iter(info.files.values()))
@@ -197,6 +200,7 @@ def test_infograph_class_order_is_the_official_ids(tmp_path: Path) -> None:
         read_dataset(info.params)
 
 
+@pytest.mark.faults
 def test_inat_labels_from_json_and_bad_entries(tmp_path: Path) -> None:
     info = make_inat2018(tmp_path)
     content = {

@@ -28,6 +28,9 @@ from xtra.model.checkpoint import read_checkpoint, save_model_checkpoint, save_t
 from xtra.model.xtra import XTRA, ArchConfig
 from xtra.train.pretrain_module import PretrainModule, RankDigest, StepLog
 
+# the files that exist only once the stage has finished (last.ckpt is written last)
+FINAL_FILES = ("last.ckpt", "metrics.json")
+
 __all__ = ["configure_parser", "run", "pretrain_model", "training_hash", "find_resume_checkpoint"]
 
 
@@ -68,6 +71,10 @@ def pretrain_model(params: dict[str, Any], name: str) -> Path:
     out = Path(params["paths"]["models"]) / name
     with writing_to(out):
         out.mkdir(parents=True, exist_ok=True)
+        # a previous run's final files must not outlive a re-run that fails or is killed (every rank
+        # gets here before any rank can have written new ones: they meet at the start of fit)
+        for stale in FINAL_FILES:
+            (out / stale).unlink(missing_ok=True)
         try:
             if model_cfg["init"] == "random":
                 return _write_random(params, name, out)
@@ -79,6 +86,9 @@ def pretrain_model(params: dict[str, Any], name: str) -> Path:
             # under DDP the other ranks return while rank 0 still writes last.ckpt.tmp)
             for leftover in ("last.ckpt.tmp", "log.csv.tmp", "reconstruction.tmp.png"):
                 (out / leftover).unlink(missing_ok=True)
+            if model_cfg["init"] != "pretrain":  # nothing to resume: no final file without the other
+                for final in FINAL_FILES:
+                    (out / final).unlink(missing_ok=True)
             raise
 
 
@@ -86,8 +96,9 @@ def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
     """The random-init control: the encoder as initialised with the run's seed, never trained."""
     arch = params["models"][name]["arch"]
     L.seed_everything(params["seed"], verbose=False)
-    save_model_checkpoint(XTRA(ArchConfig.from_dict(arch)), out / "last.ckpt", arch)
+    model = XTRA(ArchConfig.from_dict(arch))
     _write_json(out / "metrics.json", {"init": "random", "steps": 0, "images_seen": 0, "seed": params["seed"]})
+    save_model_checkpoint(model, out / "last.ckpt", arch)  # last: its presence means the stage finished
     print(f"{name}: wrote the random-init control to {out / 'last.ckpt'}")
     return out
 

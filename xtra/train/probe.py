@@ -42,6 +42,7 @@ def probe_model(params: dict, model: str, benchmarks: list[str] | None = None, k
 
     jobs = plan_jobs(params, model, benchmarks, kinds, source)
     preflight(params, model, jobs)
+    _remove_stale_tmp(Path(params["paths"]["results"]) / "probe" / model)
     address = ray_address or params["probe"]["ray"]["address"] or "local"
     where = f"on Ray ({address})" if use_ray else "in this process"
     print(f"probe {model}: {len(jobs)} job(s) {where}: {', '.join(j.name for j in jobs)}", flush=True)
@@ -53,6 +54,12 @@ def probe_model(params: dict, model: str, benchmarks: list[str] | None = None, k
     done = len(jobs) - len(failures)
     print(f"probe {model}: {done}/{len(jobs)} job(s) succeeded", file=sys.stderr if failures else sys.stdout)
     return 1 if failures else 0
+
+
+def _remove_stale_tmp(results: Path) -> None:
+    """Temporary result files of a killed run (`.<job>.json.<pid>.tmp`): never a finished result."""
+    for tmp in results.glob(".*.json.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
