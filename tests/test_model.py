@@ -198,3 +198,16 @@ def test_checkpoint_with_missing_or_unexpected_keys_is_named(tmp_path) -> None:
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_encoder(path)
+
+
+@pytest.mark.parametrize("order", ["raster", "pseudo_random"])
+def test_encoder_flex_path_forward_equals_dense_path(order: str) -> None:
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    torch.manual_seed(0)
+    model = XTRA(tiny_arch(block_order=order)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        dense = model.encoder(x)
+        model.set_attn_impl("flex")  # eager FlexAttention on CPU: forward only (no CPU backward)
+        flex = model.encoder(x)
+    torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-5)

@@ -25,13 +25,7 @@ ARCH = {"preset": "tiny", "width": 32, "depth": 2, "heads": 2, "img_size": 16, "
 CLASSES = ["a", "b", "c", "d", "e"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny tensors gain nothing from more, and OpenMP spins on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reader(train: int, test: int, seed: int):

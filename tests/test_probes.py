@@ -22,13 +22,7 @@ from xtra.train.probe_train import (
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny tensors gain nothing from more, and OpenMP spins on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_encoder(depth: int = 3, seed: int = 0) -> Encoder:

@@ -7,6 +7,7 @@ prefix rename.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -42,6 +43,14 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+@lru_cache(maxsize=2)
+def _flex_attention(device_type: str):
+    """FlexAttention, compiled into a fused kernel on CUDA (eager, unfused, elsewhere: tests only)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
 class Attention(nn.Module):
     """Multi-head self-attention whose mask comes from a MaskSpec; the path is chosen per call."""
 
@@ -59,9 +68,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, N, d/h)
         impl = resolve_attn_impl(self.attn_impl, x.device, self.training and torch.is_grad_enabled())
         if impl == "flex":
-            from torch.nn.attention.flex_attention import flex_attention
-
-            out = flex_attention(q, k, v, block_mask=flex_block_mask(spec.grid, spec.block_size, x.device, spec.order))
+            block_mask = flex_block_mask(spec.grid, spec.block_size, x.device, spec.order)
+            out = _flex_attention(x.device.type)(q, k, v, block_mask=block_mask)  # (B, h, N, d/h)
         else:
             if impl == "reference":
                 mask = build_dense_mask(block_ranks(spec.grid, spec.block_size, spec.order).to(x.device))
