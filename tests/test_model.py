@@ -211,3 +211,13 @@ def test_encoder_flex_path_forward_equals_dense_path(order: str) -> None:
         model.set_attn_impl("flex")  # eager FlexAttention on CPU: forward only (no CPU backward)
         flex = model.encoder(x)
     torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_bench_reports_every_cpu_path(capsys: pytest.CaptureFixture) -> None:
+    from xtra.model.bench import run_attention_bench
+
+    rows = run_attention_bench("tiny", batch=2, steps=1, warmup=0, device="cpu",
+                               overrides={"depth": 1, "predictor_depth": 1})
+    assert [r.impl for r in rows] == ["sdpa", "reference"]
+    assert all(r.images_per_s > 0 and r.step_ms > 0 and r.peak_mem_mb > 0 for r in rows)
+    assert "vs reference" in capsys.readouterr().out

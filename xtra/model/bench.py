@@ -2,13 +2,16 @@
 
 Each path trains the same model for a few steps on random data; the table gives images/s, step
 time, peak memory and each path's speed relative to the reference (which rebuilds the mask inside
-every call). Peak memory is the CUDA allocator's peak on GPU and the process's peak RSS growth on CPU.
+every call). Peak memory is the CUDA allocator's peak on GPU; on CPU each path runs in a fresh
+process and the figure is that process's peak resident set (torch itself included).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +30,10 @@ class AttentionBenchRow:
     peak_mem_mb: float
 
 
-def _peak_mb(device: torch.device, rss_before_kb: int) -> float:
+def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kb) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def _time_path(arch: ArchConfig, impl: str, batch: int, steps: int, warmup: int, device: torch.device,
@@ -42,7 +45,6 @@ def _time_path(arch: ArchConfig, impl: str, batch: int, steps: int, warmup: int,
     images = torch.randn(batch, 3, arch.img_size, arch.img_size, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for step in range(warmup + steps):
         if step == warmup:
             if device.type == "cuda":
@@ -56,7 +58,15 @@ def _time_path(arch: ArchConfig, impl: str, batch: int, steps: int, warmup: int,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = (time.perf_counter() - start) / steps
-    return AttentionBenchRow(impl, batch / elapsed, 1000 * elapsed, _peak_mb(device, rss))
+    return AttentionBenchRow(impl, batch / elapsed, 1000 * elapsed, _peak_mb(device))
+
+
+def _time_path_isolated(*args) -> AttentionBenchRow:
+    """On CPU, run one path in a fresh process so its peak RSS is its own."""
+    if args[-2].type == "cuda":
+        return _time_path(*args)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_time_path, *args).result()
 
 
 def run_attention_bench(preset: str = "tiny", batch: int = 32, steps: int = 5, warmup: int = 2,
@@ -70,11 +80,12 @@ def run_attention_bench(preset: str = "tiny", batch: int = 32, steps: int = 5, w
     arch = ArchConfig(**{**base, **(overrides or {})}).resolved()
     impls = ["sdpa", "reference"] + (["flex"] if dev.type == "cuda" and flex_available() else [])
     dtype = torch.bfloat16 if bf16 else None
-    rows = [_time_path(arch, impl, batch, steps, warmup, dev, dtype) for impl in impls]
+    rows = [_time_path_isolated(arch, impl, batch, steps, warmup, dev, dtype) for impl in impls]
     reference = next(r for r in rows if r.impl == "reference")
     print(f"XTRA training throughput: {preset} {arch.img_size}px patch {arch.patch_size} k={arch.block_size}, "
           f"batch {batch}, {steps} timed steps on {dev}{' bf16' if bf16 else ''}")
-    print(f"{'path':<10} {'images/s':>10} {'step ms':>10} {'peak MB':>10} {'vs reference':>13}")
+    print(f"{'path':<10} {'images/s':>10} {'step ms':>10} {'peak MB':>10} {'vs reference':>13}"
+          + ("" if dev.type == "cuda" else "   (peak MB: process RSS)"))
     for row in rows:
         print(f"{row.impl:<10} {row.images_per_s:>10.1f} {row.step_ms:>10.1f} {row.peak_mem_mb:>10.1f} "
               f"{row.images_per_s / reference.images_per_s:>12.2f}x")
