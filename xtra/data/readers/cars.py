@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xtra.data.readers.common import Skipped, dataset_root, find_layout, listed_sample, require_file
+from xtra.data.readers.common import Skipped, dataset_root, find_layout, listed_samples, require_file
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
 
@@ -48,13 +48,8 @@ def _split_samples(
     names = annotations.dtype.names or ()
     if "class" not in names or "fname" not in names:
         raise DataError(f"{base / annos_name}: annotations lack the 'class'/'fname' fields (has {names})")
-    samples: list[Sample] = []
-    for record in annotations:
-        relpath = f"{image_dir}/{str(record['fname'])}"
-        sample = listed_sample(base, relpath, int(record["class"]) - 1, num_classes, split, skipped)
-        if sample is not None:
-            samples.append(sample)
-    return samples
+    entries = ((f"{image_dir}/{str(record['fname'])}", int(record["class"]) - 1) for record in annotations)
+    return listed_samples(base, entries, num_classes, split, skipped)
 
 
 def read_cars(params: dict) -> RawDataset:

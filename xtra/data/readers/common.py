@@ -23,6 +23,7 @@ __all__ = [
     "array_key",
     "is_image",
     "listed_sample",
+    "listed_samples",
     "list_class_tree",
     "class_folders",
     "check_unique_keys",
@@ -106,6 +107,14 @@ def listed_sample(
         skipped.append((split, str(path), "file listed by the split file is missing"))
         return None
     return Sample(key=make_key(relpath), image=path, label=label)
+
+
+def listed_samples(
+    root: Path, entries: Iterable[tuple[str, int]], num_classes: int, split: str, skipped: list[Skipped]
+) -> list[Sample]:
+    """The Samples of the (relpath, label) entries of a split file; bad entries go to `skipped`."""
+    samples = (listed_sample(root, relpath, label, num_classes, split, skipped) for relpath, label in entries)
+    return [sample for sample in samples if sample is not None]
 
 
 def class_folders(folder: Path) -> list[str]:

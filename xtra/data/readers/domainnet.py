@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xtra.data.readers.common import Skipped, classes_from_ids, dataset_root, listed_sample, read_lines
+from xtra.data.readers.common import Skipped, classes_from_ids, dataset_root, listed_samples, read_lines
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
 
@@ -48,8 +48,7 @@ def read_domain(params: dict, domain: str, sizes: dict[str, int]) -> RawDataset:
     skipped: list[Skipped] = []
     splits: dict[str, list[Sample]] = {}
     for split, split_rows in rows.items():
-        samples = (listed_sample(root, rel, label, len(classes), split, skipped) for rel, label in split_rows)
-        splits[split] = [s for s in samples if s is not None]
+        splits[split] = listed_samples(root, split_rows, len(classes), split, skipped)
     return RawDataset(
         classes=classes, splits=splits, source=str(root), official_sizes=dict(sizes), skipped=skipped
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xtra.data.readers.common import Skipped, dataset_root, find_layout, listed_sample, read_lines
+from xtra.data.readers.common import Skipped, dataset_root, find_layout, listed_samples, read_lines
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
 
@@ -32,12 +32,8 @@ def _split_samples(
     base: Path, entries: list[str], classes: list[str], split: str, skipped: list[Skipped]
 ) -> list[Sample]:
     index = {name: i for i, name in enumerate(classes)}
-    samples: list[Sample] = []
-    for entry in entries:
-        sample = listed_sample(base / "images", entry, index[entry.split("/")[0]], len(classes), split, skipped)
-        if sample is not None:
-            samples.append(sample)
-    return samples
+    labelled = ((entry, index[entry.split("/")[0]]) for entry in entries)
+    return listed_samples(base / "images", labelled, len(classes), split, skipped)
 
 
 def read_dtd(params: dict) -> RawDataset:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from xtra.data.readers.common import Skipped, dataset_root, find_layout, listed_sample, require_file
+from xtra.data.readers.common import Skipped, dataset_root, find_layout, listed_samples, require_file
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
 
@@ -34,13 +34,8 @@ def _split_samples(
     base: Path, lists: dict[str, list[str]], classes: list[str], split: str, skipped: list[Skipped]
 ) -> list[Sample]:
     index = {name: i for i, name in enumerate(classes)}
-    samples: list[Sample] = []
-    for name in sorted(lists):
-        for entry in lists[name]:
-            sample = listed_sample(base, f"images/{entry}.jpg", index[name], len(classes), split, skipped)
-            if sample is not None:
-                samples.append(sample)
-    return samples
+    entries = ((f"images/{entry}.jpg", index[name]) for name in sorted(lists) for entry in lists[name])
+    return listed_samples(base, entries, len(classes), split, skipped)
 
 
 def read_food101(params: dict) -> RawDataset:

@@ -15,7 +15,7 @@ from xtra.data.readers.common import (
     classes_from_ids,
     dataset_root,
     find_layout,
-    listed_sample,
+    listed_samples,
     read_lines,
 )
 from xtra.data.source import RawDataset, Sample
@@ -47,12 +47,8 @@ def _parse(path: Path) -> list[tuple[str, int]]:
 def _split_samples(
     base: Path, rows: list[tuple[str, int]], num_classes: int, split: str, skipped: list[Skipped]
 ) -> list[Sample]:
-    samples: list[Sample] = []
-    for image_id, label in rows:
-        sample = listed_sample(base, f"images/{image_id}.jpg", label, num_classes, split, skipped)
-        if sample is not None:
-            samples.append(sample)
-    return samples
+    entries = ((f"images/{image_id}.jpg", label) for image_id, label in rows)
+    return listed_samples(base, entries, num_classes, split, skipped)
 
 
 def read_pets(params: dict) -> RawDataset:
