@@ -122,10 +122,12 @@ class Transformer(nn.Module):
         for block in self.blocks:
             block.attn.attn_impl = impl
 
-    def run_blocks(self, x: torch.Tensor, spec: MaskSpec, keep: Sequence[int] = ()) -> tuple[torch.Tensor, list]:
-        """Apply every block; also return the outputs of the blocks listed in `keep` (0-based)."""
+    def run_blocks(self, x: torch.Tensor, spec: MaskSpec, keep: Sequence[int] = (),
+                   stop_after: int | None = None) -> tuple[torch.Tensor, list]:
+        """Apply the blocks (up to `stop_after`, 0-based, if given); also return those listed in `keep`."""
         kept: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks):
+        blocks = self.blocks if stop_after is None else self.blocks[: stop_after + 1]
+        for i, block in enumerate(blocks):
             x = block(x, spec)
             if i in keep:
                 kept[i] = x
@@ -175,15 +177,8 @@ class Encoder(Transformer):
         bad = [b for b in wanted if not 0 <= b < depth]
         if bad:
             raise ParamsError(f"blocks {list(blocks or [])} out of range for an encoder of depth {depth}")
-        last = max(wanted)
-        x = self.embed(x)
-        spec = self.mask_spec()
-        kept: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks[: last + 1]):
-            x = block(x, spec)
-            if i in wanted:
-                kept[i] = x
-        return [kept[b] for b in wanted]
+        _, kept = self.run_blocks(self.embed(x), self.mask_spec(), keep=wanted, stop_after=max(wanted))
+        return kept
 
 
 def build_encoder(

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
