@@ -21,14 +21,13 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
+from xtra.atomic import write_atomic
 from xtra.config import validate_params
 from xtra.errors import ParamsError
 
@@ -128,13 +127,9 @@ def _safe_to_replace(target: Path, profiles_dir: Path) -> bool:
 
 def _write_atomic(target: Path, text: str) -> None:
     """Temporary file in the same folder, then rename: a reader never sees half a params file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or Path("."))
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
+        write_atomic(target, text)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise ParamsError(f"{target}: cannot write: {exc.strerror}") from exc
 
 

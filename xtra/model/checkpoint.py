@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -16,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from xtra.atomic import write_atomic
 from xtra.errors import CheckpointError
 from xtra.model.vit import Encoder
 from xtra.model.xtra import XTRA, ArchConfig, block_orders_of, build_arch_encoder
@@ -121,16 +121,9 @@ def save_torch_atomic(obj: Any, path: str | Path) -> None:
     """torch.save `obj` to a temporary file beside `path`, then rename; nothing is left on failure.
 
     The object is serialised in memory first (as Lightning does): torch's file writer reports a full
-    disk as a RuntimeError, the Python write below as the OSError it is (`xtra.errors.writing_to`).
+    disk as a RuntimeError, the Python write of `write_atomic` as the OSError it is
+    (`xtra.errors.writing_to`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(buffer.getbuffer())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, buffer.getbuffer())

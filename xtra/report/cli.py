@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
+from xtra.atomic import write_atomic
 from xtra.errors import XtraError
 from xtra.report import figures, tables
 from xtra.report.collect import (Collected, collect_results, read_images_seen,
@@ -59,16 +58,9 @@ class Report:
 
 def _write(path: Path, data: str | bytes) -> Path:
     """Write atomically (a temporary file beside it, then rename), keeping an old file's mode."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(raw)
-        if path.exists():
-            shutil.copymode(path, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, data.encode("utf-8") if isinstance(data, str) else data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise XtraError(f"{path}: cannot write: {exc}") from exc
     return path
 

@@ -11,7 +11,6 @@ A run whose training params changed since the saved checkpoints starts afresh in
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from xtra.atomic import write_json_atomic
 from xtra.config import load_params, params_hash
 from xtra.errors import CheckpointError, ParamsError, writing_to
 from xtra.model.checkpoint import read_checkpoint, save_model_checkpoint, save_torch_atomic
@@ -54,12 +54,7 @@ def training_hash(params: dict[str, Any], name: str) -> str:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json_atomic(path, payload, indent=2, sort_keys=True)
 
 
 def pretrain_model(params: dict[str, Any], name: str) -> Path:

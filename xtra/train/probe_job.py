@@ -18,12 +18,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from xtra.atomic import write_json_atomic
 from xtra.errors import DataError, ParamsError
 from xtra.model.probes import PROBE_KINDS, HeadBank
 from xtra.train.probe_train import (
@@ -32,7 +33,7 @@ from xtra.train.probe_train import (
 )
 
 __all__ = ["ProbeJob", "plan_jobs", "preflight", "sweep_config", "run_job", "write_result", "result_path",
-           "stratified_split", "checkpoint_path", "write_json_atomic", "CACHE_LIMIT_ENV"]
+           "stratified_split", "checkpoint_path", "CACHE_LIMIT_ENV"]
 
 CACHE_LIMIT_ENV = "XTRA_PROBE_CACHE_GB"  # largest training-feature cache (GiB) before recomputing per batch
 DEFAULT_CACHE_GB = 4.0
@@ -167,20 +168,8 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return kept_idx, held_idx
 
 
-def write_json_atomic(path: Path, content: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(content, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_result(params: dict, job: ProbeJob, result: dict) -> Path:
-    path = result_path(params, job)
-    write_json_atomic(path, result)
-    return path
+    return write_json_atomic(result_path(params, job), result, indent=1)
 
 
 @dataclass

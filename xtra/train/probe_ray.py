@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from xtra.errors import XtraError, writing_to
-from xtra.train.probe_job import ProbeJob, result_path, run_job, write_json_atomic, write_result
+from xtra.atomic import write_json_atomic
+from xtra.train.probe_job import ProbeJob, result_path, run_job, write_result
 
 __all__ = ["FAIL_ENV", "ATTEMPT_LOG_ENV", "InjectedFailure", "JobFailure", "Hooks", "attempt_job",
            "run_in_process", "run_with_ray", "init_ray", "record_failures", "failures_path"]
@@ -206,7 +207,7 @@ def record_failures(params: dict, model: str, jobs: Sequence[ProbeJob], failures
                            "error": f.error, "attempts": f.attempts,
                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")} for f in failures]
         if entries:
-            write_json_atomic(path, {"model": model, "failures": entries})
+            write_json_atomic(path, {"model": model, "failures": entries}, indent=1)
         elif path.exists():
             path.unlink()
     for failure in failures:  # a failed job leaves no stale result behind
