@@ -7,7 +7,7 @@ from typing import Iterable
 
 from torch import nn
 
-__all__ = ["warmup_cosine", "decay_groups"]
+__all__ = ["warmup_cosine", "release_warmup_cosine", "decay_groups"]
 
 
 def warmup_cosine(step: int, base_lr: float, total_steps: int, warmup_steps: int, warmup_start_lr: float,
@@ -21,6 +21,31 @@ def warmup_cosine(step: int, base_lr: float, total_steps: int, warmup_steps: int
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def release_warmup_cosine(step: int, base_lr: float, total_steps: int, warmup_steps: int,
+                          warmup_start_lr: float, min_lr: float) -> float:
+    """The rate the public release actually trains at, as a closed form (stepped per optimiser step).
+
+    The release steps lightning-bolts' `LinearWarmupCosineAnnealingLR` (its recursive, chainable
+    form) once per optimiser step. Run for real, that scheduler does the following:
+    - with a warm-up of w >= 1 steps, step t < w runs at `warmup_start_lr + t * (base - start) / max(1, w - 1)`:
+      the warm-up reaches `base_lr` at step w - 1, and step w runs at `base_lr` again (the peak is held
+      for two steps); from there a cosine to `min_lr` over the remaining `total_steps - w` steps;
+    - with no warm-up (w = 0) step 0 runs at `warmup_start_lr` and every later step multiplies the
+      distance to `min_lr` by the cosine's ratio, so the rate decays by a cosine *from
+      warmup_start_lr*, never reaching `base_lr` (the release's transfer probes set w = 0 and a start of
+      lr/10: they train at an effective lr/10).
+    At `total_steps` (and after) the rate is `min_lr`.
+    """
+    if warmup_steps <= 0:
+        peak, span, t = warmup_start_lr, max(1, total_steps), step
+    else:
+        if step < warmup_steps:
+            return warmup_start_lr + step * (base_lr - warmup_start_lr) / max(1, warmup_steps - 1)
+        peak, span, t = base_lr, max(1, total_steps - warmup_steps), step - warmup_steps
+    progress = min(1.0, t / span)
+    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def decay_groups(modules: Iterable[nn.Module] | nn.Module, weight_decay: float) -> list[dict]:

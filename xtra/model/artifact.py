@@ -1,0 +1,80 @@
+"""The final model of a `pretrain` stage: `models/<model>/model.pt`, a weights-only file.
+
+It holds plain data only (tensors, strings, numbers, lists, dicts), so every reader loads it with
+`torch.load(weights_only=True, mmap=True)`: no unpickling of arbitrary objects, and a probe job of a
+ViT-H/14 maps the 2.5 GB of weights instead of reading a 10 GB training checkpoint with its AdamW
+state. Layout:
+
+    {"format": "xtra-model", "version": 1,
+     "init": "pretrain" | "random" | "official" | "pixels",
+     "arch": {...the model's arch section...},
+     "state_dict": {"encoder.*": tensor, ...},   # XTRA's keys; encoder-only files hold encoder.* alone
+     "provenance": {...}}                          # step, images_seen, params hash, source file, ...
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from xtra.atomic import write_atomic
+from xtra.errors import CheckpointError
+
+__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_NAME", "ModelArtifact", "save_model_artifact", "read_model_artifact"]
+
+ARTIFACT_FORMAT = "xtra-model"
+ARTIFACT_VERSION = 1
+ARTIFACT_NAME = "model.pt"  # models/<model>/model.pt
+
+
+@dataclass
+class ModelArtifact:
+    init: str
+    arch: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def encoder_only(self) -> bool:
+        """True when the file holds the encoder alone (a converted fine-tuned release file)."""
+        return bool(self.state_dict) and all(k.startswith("encoder.") for k in self.state_dict)
+
+
+def save_model_artifact(path: str | Path, *, init: str, arch: Mapping[str, Any],
+                        state_dict: Mapping[str, torch.Tensor], provenance: Mapping[str, Any] | None = None) -> None:
+    """Write the weights-only final model atomically (temporary file beside `path`, then rename)."""
+    payload = {
+        "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "init": str(init), "arch": dict(arch),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+        "provenance": dict(provenance or {}),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(path, buffer.getbuffer())
+
+
+def read_model_artifact(path: str | Path) -> ModelArtifact:
+    """Load a final model file with `weights_only=True, mmap=True`; a wrong file is a CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist (run `xtra pretrain {path.parent.name}`)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"model file {path} cannot be read as a weights-only file: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
+        raise CheckpointError(f"{path} is not an xtra model file (format {ARTIFACT_FORMAT!r}); "
+                              "a training checkpoint is converted with `xtra convert-checkpoint`")
+    if payload.get("version") != ARTIFACT_VERSION:
+        raise CheckpointError(f"{path}: model file version {payload.get('version')!r}, this code reads "
+                              f"{ARTIFACT_VERSION}")
+    for key in ("init", "arch", "state_dict"):
+        if key not in payload:
+            raise CheckpointError(f"{path}: model file lacks {key!r}")
+    return ModelArtifact(init=payload["init"], arch=dict(payload["arch"]), state_dict=dict(payload["state_dict"]),
+                         provenance=dict(payload.get("provenance") or {}))
