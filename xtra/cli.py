@@ -15,6 +15,7 @@ __all__ = ["main", "COMMANDS"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("xtra.config", "validate params.yaml against the schema"),
     "profile": ("xtra.profiles", "write a shipped profile (demo, paper_b16, paper_h14) to params.yaml"),
+    "dag": ("xtra.dag", "write dvc.yaml: the stage table of params.yaml (--check: is it current?)"),
     "prepare": ("xtra.data.prepare", "convert a raw dataset into checksummed WebDataset shards"),
     "pretrain": ("xtra.train.pretrain", "pre-train (or initialise) one model of params.yaml"),
     "probe": ("xtra.train.probe", "probe one model's frozen encoder on its benchmarks"),
