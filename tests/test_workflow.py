@@ -365,3 +365,33 @@ def test_dvc_code_deps_exist():
 def test_one_schema_for_both_front_ends():
     link = REPO / "workflow" / "schemas" / "params.schema.yaml"
     assert link.is_symlink() and link.resolve() == (REPO / "xtra" / "schema" / "params.schema.yaml").resolve()
+
+
+def test_a_stage_of_a_stale_dvc_yaml_refuses_to_run_under_dvc(tmp_path):
+    """`dvc exp run -S 'probe.models=[...]'` changes the stage table: the first stage stops, naming the fix."""
+    from xtra.dag import check_under_dvc
+    from xtra.errors import ParamsError
+
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    env = {"DVC_STAGE": "report", "DVC_ROOT": str(tmp_path)}
+    check_under_dvc("report", str(tmp_path / "params.yaml"), env)
+    check_under_dvc("validate", str(tmp_path / "params.yaml"), env)  # not a stage command
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["probe"]["models"] = ["xtra_k2"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="run `xtra dag`"):
+        check_under_dvc("report", str(tmp_path / "params.yaml"), env)
+    check_under_dvc("report", str(tmp_path / "params.yaml"), {})  # outside DVC: no check
+
+
+def test_the_pipelines_never_write_the_readme():
+    import argparse
+
+    from xtra.report.cli import configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert parser.parse_args([]).readme is None
+    assert "--readme" not in (REPO / "dvc.yaml").read_text()
+    assert not any("--readme" in p.read_text() for p in (REPO / "workflow").rglob("*.smk"))

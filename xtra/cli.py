@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     module = _module_for(args.command)
     try:
+        from xtra.dag import check_under_dvc  # a stage of a stale dvc.yaml stops here, naming the fix
+
+        check_under_dvc(args.command, getattr(args, "params", "params.yaml"))
         return int(module.run(args) or 0)
     except XtraError as exc:
         print(f"error: {exc}", file=sys.stderr)

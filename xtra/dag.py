@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -33,8 +34,8 @@ import yaml
 from xtra.errors import ParamsError
 
 __all__ = ["Stage", "PLUMBING", "NOT_RESULT_KEYS", "REPO", "DVC_YAML", "code_files", "stage_table",
-           "result_keys", "param_value", "identity", "render_dvc_yaml", "dvc_yaml_problem", "configure_parser",
-           "run"]
+           "result_keys", "param_value", "identity", "render_dvc_yaml", "dvc_yaml_problem", "write_dvc_yaml",
+           "check_under_dvc", "configure_parser", "run"]
 
 REPO = Path(__file__).resolve().parents[1]
 DVC_YAML = "dvc.yaml"
@@ -309,6 +310,24 @@ def dvc_yaml_problem(params: dict[str, Any], root: Path) -> str | None:
         return (f"{path} is not the stage table of the current params (a dataset, model, benchmark, kind "
                 f"or path changed, or the code's imports): run `xtra dag` to rewrite it")
     return None
+
+
+STAGE_COMMANDS = frozenset(COMMAND_MODULES)
+
+
+def check_under_dvc(command: str, params_file: str, environ: dict[str, str] | None = None) -> None:
+    """Inside `dvc repro` / `dvc exp run` (DVC sets DVC_STAGE), refuse to run a stage of a dvc.yaml
+    that is not the stage table of the params: a `-S` override can change the table (a benchmark,
+    a model's init), and DVC would then run and record the wrong stages."""
+    environ = dict(os.environ if environ is None else environ)
+    if command not in STAGE_COMMANDS or "DVC_STAGE" not in environ:
+        return
+    from xtra.config import load_params
+
+    root = Path(environ.get("DVC_ROOT") or Path(params_file).resolve().parent)
+    problem = dvc_yaml_problem(load_params(params_file, check_paths=False), root)
+    if problem:
+        raise ParamsError(f"stage {environ['DVC_STAGE']}: {problem} (then `dvc repro` again)")
 
 
 def write_dvc_yaml(params: dict[str, Any], root: Path) -> Path:
