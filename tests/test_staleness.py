@@ -316,3 +316,25 @@ def test_scale_checkpoints_and_shards_cost_dvc_nothing(built):
     shutil.rmtree(ckpts)
     for i in range(10):
         (shards / f"train-{i:06d}.tar").unlink()
+
+
+@pytest.mark.slow
+def test_make_repro_changes_no_tracked_file(tmp_path):
+    """`make repro` (with a stand-in venv: the real dvc, the fake xtra) leaves every tracked file as
+    it was; the only new file git sees is dvc.lock (the record of the run, to commit or not)."""
+    path = copy_with_fake_xtra(tmp_path / "repo")
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    _run([*git, "add", "-A"], path)
+    _run([*git, "commit", "-qm", "copy"], path)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "dvc").symlink_to(BIN / "dvc")
+    (venv / "bin" / "xtra").symlink_to(path / "bin" / "xtra")
+    (venv / ".installed").touch()  # newer than pyproject.toml and constraints.txt: no install
+    _run(["make", "repro", f"VENV={venv}"], path)
+    assert len((path / "RAN").read_text().split()) == 12
+    status = _run(["git", "status", "--porcelain"], path).stdout.splitlines()
+    assert status == ["?? dvc.lock"], status
+    (path / "RAN").unlink()
+    _run(["make", "repro", f"VENV={venv}"], path)
+    assert not (path / "RAN").exists(), "a second make repro ran a stage"
