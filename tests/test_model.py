@@ -221,3 +221,42 @@ def test_attention_bench_reports_every_cpu_path(capsys: pytest.CaptureFixture) -
     assert [r.impl for r in rows] == ["sdpa", "reference"]
     assert all(r.images_per_s > 0 and r.step_ms > 0 and r.peak_mem_mb > 0 for r in rows)
     assert "vs reference" in capsys.readouterr().out
+
+
+def test_pseudo_random_orders_follow_the_release_rule() -> None:
+    """As many permutations as blocks by default, no two sharing a prefix, drawn per step from a seed;
+    validation uses the first, and probing (the encoder alone) stays in raster order."""
+    arch = tiny_arch(block_order="pseudo_random", block_order_seed=3).resolved()
+    model = XTRA(arch)
+    orders = model.block_orders
+    m = arch.num_blocks
+    assert len(orders) == m and all(sorted(o) == list(range(m)) for o in orders)
+    assert len({o[0] for o in orders}) == m  # distinct first blocks: no two share any prefix
+    assert orders == XTRA(arch).block_orders  # seeded
+    drawn = [model.order_for_step(s) for s in range(200)]
+    assert drawn == [XTRA(arch).order_for_step(s) for s in range(200)]  # the same on every rank and resume
+    assert len(set(drawn)) == m  # every permutation is drawn (uniformly, not in a cycle)
+    assert drawn[:m] != orders[: len(drawn[:m])]
+    assert model.order_for_step(None) == orders[0] and model.encoder.block_order is None
+    with pytest.raises(ParamsError, match="num_block_orders"):
+        tiny_arch(block_order="pseudo_random", num_block_orders=m + 1).resolved()
+
+
+def test_patch_embedding_is_kaiming_normal_fan_in_with_zero_bias() -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder("base", 256, 16, 4)
+    weight = encoder.patch_embed.proj.weight  # (768, 3, 16, 16): fan-in 768
+    assert torch.equal(encoder.patch_embed.proj.bias, torch.zeros(768))
+    assert abs(float(weight.detach().std()) - (2.0 / (3 * 16 * 16)) ** 0.5) < 0.002
+
+
+def test_predictor_fp32_runs_the_predictor_alone_in_fp32() -> None:
+    """The release's fp16 recipe: predictor outputs fp32, cast back to the autocast dtype before the heads."""
+    arch = tiny_arch(predictor_fp32=True).resolved()
+    model = XTRA(arch)
+    seen: dict[str, torch.dtype] = {}
+    model.predictor.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("predictor", o.dtype))
+    model.heads[0].mlp[0].register_forward_pre_hook(lambda m, i: seen.__setitem__("heads_in", i[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 32, 32))
+    assert seen == {"predictor": torch.float32, "heads_in": torch.bfloat16} and out[0].dtype == torch.bfloat16

@@ -259,3 +259,48 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     run_dir = Path(json.loads((out / "run.json").read_text())["run_dir"])
     assert torch.load(run_dir / "step-000004.ckpt", weights_only=False)["global_step"] == 4
     assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
+
+
+def _paper_model_run(tmp_path: Path, preset: str, img_size: int) -> None:
+    """The paper architecture through `xtra pretrain` on fixture images in the ImageNet layout: 1 step,
+    then extended to 2 (a resume), the weights-only model.pt, and a probe job's loading of it."""
+    from tests.fixtures.raw import make_imagenet1k
+    from xtra.data.prepare import prepare_dataset
+    from xtra.model.arch import MODEL_PRESETS
+    from xtra.model.artifact import read_model_artifact
+    from xtra.model.checkpoint import load_strict
+    from xtra.model.xtra import ArchConfig, build_arch_encoder
+
+    info = make_imagenet1k(tmp_path / "raw")
+    params = demo_params()
+    params["datasets"] = {"imagenet1k": {**info.params, "image_size": img_size}}
+    train = {"epochs": 1, "batch_size": 2, "accelerator": "cpu", "num_workers": 0, "warmup_epochs": 0,
+             "checkpoint_every_n_steps": 1, "keep_last_checkpoints": 1, "log_every_n_steps": 1,
+             "reconstruct_images": 0, "precision": "32-true", "max_steps": 1}
+    params["models"] = {"m": {"init": "pretrain", "dataset": "imagenet1k", "eval_resize": img_size,
+                              "arch": {**MODEL_PRESETS[preset], "attn_impl": "sdpa"}, "train": train}}
+    params["probe"]["benchmarks"] = {"in1k": {"dataset": "imagenet1k", "eval_split": "val", "kinds": ["linear"]}}
+    prepared = tmp_path / "prepared"
+    prepare_dataset("imagenet1k", validate_params(params, check_paths=False)["datasets"]["imagenet1k"], prepared)
+    first = _ok(run_pretrain(tmp_path, params, prepared, timeout=1800))
+    assert "total 1 steps" in first
+    params["models"]["m"]["train"]["max_steps"] = 2  # extending max_steps continues the same run
+    second = _ok(run_pretrain(tmp_path, params, prepared, timeout=1800))
+    assert "resuming from" in second and "step-000001.ckpt" in second
+    artifact = read_model_artifact(tmp_path / "models" / "m" / "model.pt")
+    assert artifact.provenance["steps"] == 2
+    encoder = build_arch_encoder(ArchConfig.from_dict(artifact.arch))  # what a probe job builds
+    load_strict(encoder, {k[8:]: v for k, v in artifact.state_dict.items() if k.startswith("encoder.")}, "model.pt")
+    with torch.no_grad():
+        tokens = encoder.eval()(torch.zeros(1, 3, img_size, img_size))
+    assert tokens.shape == (1, (img_size // artifact.arch["patch_size"]) ** 2, encoder.width)
+
+
+@pytest.mark.slow
+def test_paper_b16_architecture_trains_resumes_and_its_model_file_loads(tmp_path: Path) -> None:
+    _paper_model_run(tmp_path, "xtra_b16", 256)
+
+
+@pytest.mark.slow
+def test_paper_h14_architecture_trains_resumes_and_its_model_file_loads(tmp_path: Path) -> None:
+    _paper_model_run(tmp_path, "xtra_h14", 224)
