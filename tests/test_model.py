@@ -260,3 +260,20 @@ def test_predictor_fp32_runs_the_predictor_alone_in_fp32() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(2, 3, 32, 32))
     assert seen == {"predictor": torch.float32, "heads_in": torch.bfloat16} and out[0].dtype == torch.bfloat16
+
+
+def test_gpu_bench_plumbing_on_cpu(capsys: pytest.CaptureFixture, one_thread) -> None:
+    """`xtra bench gpu`'s table on CPU with shrunken models (FlexAttention rows need CUDA): plumbing only."""
+    from xtra.model.bench import run_gpu_bench, train_flops_per_image
+
+    shrink = {"preset": "tiny", "width": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8, "block_size": 2,
+              "predictor_depth": 1, "predictor_width": 16, "predictor_heads": 2, "proj_hidden": 32, "head_hidden": 32}
+    rows = run_gpu_bench(("xtra_b16", "xtra_h14"), {"xtra_b16": 2, "xtra_h14": 2}, steps=1, warmup=0, device="cpu",
+                         overrides=shrink)
+    assert [(r.model, r.recipe) for r in rows] == [("xtra_b16", "bf16 sdpa"), ("xtra_b16", "fp16 release"),
+                                                    ("xtra_h14", "bf16 sdpa"), ("xtra_h14", "fp16 release")]
+    assert all(r.images_per_s > 0 and r.mfu is None for r in rows)
+    out = capsys.readouterr().out
+    assert "vs bf16 sdpa" in out and "1.00x" in out
+    # XTRA-B/16 at 256 px: ~3 x 85 GFLOPs of forward (encoder + predictor + heads) per image
+    assert 2.0e11 < train_flops_per_image(ArchConfig(**MODEL_PRESETS["xtra_b16"])) < 3.0e11

@@ -148,11 +148,13 @@ class GpuBenchRow:
     mfu: float | None
 
 
-def _gpu_row(preset: str, recipe: str, batch: int, steps: int, warmup: int, device: torch.device) -> GpuBenchRow:
+def _gpu_row(preset: str, recipe: str, batch: int, steps: int, warmup: int, device: torch.device,
+             overrides: dict | None = None) -> GpuBenchRow:
     """One (model, recipe) training measurement: AdamW steps on random images under the recipe's autocast."""
     impl, dtype, fp32 = {"bf16 sdpa": ("sdpa", torch.bfloat16, False), "bf16 flex": ("flex", torch.bfloat16, False),
                          "fp16 release": ("sdpa", torch.float16, True)}[recipe]
-    arch = ArchConfig(**{**MODEL_PRESETS[preset], "predictor_fp32": fp32, "attn_impl": impl}).resolved()
+    arch = ArchConfig(**{**MODEL_PRESETS[preset], **(overrides or {}), "predictor_fp32": fp32,
+                         "attn_impl": impl}).resolved()
     torch.manual_seed(0)
     model = XTRA(arch).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -186,16 +188,18 @@ def _gpu_row(preset: str, recipe: str, batch: int, steps: int, warmup: int, devi
 
 def run_gpu_bench(presets: tuple[str, ...] = ("xtra_b16", "xtra_h14"), batches: dict[str, int] | None = None,
                   steps: int = 10, warmup: int = 3, device: str | None = None,
-                  recipes: tuple[str, ...] = ("bf16 sdpa", "bf16 flex", "fp16 release")) -> list[GpuBenchRow]:
+                  recipes: tuple[str, ...] = ("bf16 sdpa", "bf16 flex", "fp16 release"),
+                  overrides: dict | None = None) -> list[GpuBenchRow]:
     """XTRA-B/16 and H/14 training throughput per recipe, with ratios to bf16 dense-mask SDPA; prints a table.
 
-    On CPU (the plumbing test) FlexAttention cannot train, so its rows are left out.
+    On CPU (the plumbing test, with `overrides` shrinking the models) FlexAttention cannot train, so
+    its rows are left out. Default batches (B/16 128, H/14 32 per device) fit an 80 GB GPU.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batches = batches or {"xtra_b16": 128, "xtra_h14": 32}
     if dev.type != "cuda" or not flex_available():
         recipes = tuple(r for r in recipes if "flex" not in r)
-    rows = [_gpu_row(p, r, batches.get(p, 8), steps, warmup, dev) for p in presets for r in recipes]
+    rows = [_gpu_row(p, r, batches.get(p, 8), steps, warmup, dev, overrides) for p in presets for r in recipes]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"XTRA training on {name}: {steps} timed steps after {warmup} warm-up, AdamW, per-device batch "
           + ", ".join(f"{p} {batches.get(p, 8)}" for p in presets))
