@@ -108,6 +108,19 @@ def test_eval_transform_normalises_exactly() -> None:
     assert x.shape == (3, 24, 24) and torch.allclose(x[:, 12, 12], expected, atol=1e-5)
 
 
+def test_fused_normalisation_is_bit_identical_to_torchvision() -> None:
+    from torchvision import transforms as T
+
+    from xtra.data.transforms import ToNormalisedTensor
+
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (17, 23, 3), dtype=np.uint8))
+    reference = T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(T.ToTensor()(img))
+    fused = ToNormalisedTensor()(img)
+    assert fused.shape == (3, 17, 23) and fused.is_contiguous() and torch.equal(fused, reference)
+    with pytest.raises(ValueError, match="mode 'L'"):
+        ToNormalisedTensor()(img.convert("L"))
+
+
 def test_two_ranks_see_disjoint_samples_covering_the_dataset(prepared: Path) -> None:
     ds = PreparedDataset(prepared, "train", eval_transform(S, S))
     loaders = [make_loader(ds, 8, num_workers=0, seed=3, rank=r, world_size=2) for r in (0, 1)]
