@@ -235,7 +235,7 @@ def test_killed_prepare_leaves_no_finished_folder_and_a_rerun_matches(workspace:
 
 
 def test_killed_probe_leaves_only_whole_results_and_a_rerun_completes(workspace: Workspace, tmp_path: Path) -> None:
-    from xtra.train.probe_ray import ATTEMPT_LOG_ENV
+    from xtra.probe.driver import ATTEMPT_LOG_ENV
 
     params = workspace.params_for(tmp_path)
     # the second job trains long enough to be killed inside it
@@ -275,8 +275,8 @@ def test_crashing_ray_job_is_retried_reported_and_marked_in_the_report(
     import pandas as pd
 
     from xtra.report.cli import build_report
-    from xtra.train.probe import probe_model
-    from xtra.train.probe_ray import ATTEMPT_LOG_ENV, FAIL_ENV
+    from xtra.probe.cli import probe_model
+    from xtra.probe.driver import ATTEMPT_LOG_ENV, FAIL_ENV
 
     params = workspace.params_for(tmp_path)
     attempts = tmp_path / "attempts.log"
@@ -435,7 +435,7 @@ def test_bad_checkpoint_is_refused_before_any_job(
     kind: str, workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     from xtra.cli import main
-    from xtra.train.probe_ray import ATTEMPT_LOG_ENV
+    from xtra.probe.driver import ATTEMPT_LOG_ENV
 
     models = tmp_path / "models"
     shutil.copytree(workspace.root / "models" / "rand", models / "rand")
@@ -599,7 +599,7 @@ def test_full_disk_during_probe(workspace: Workspace, tmp_path: Path) -> None:
 
 
 def test_full_disk_during_report(workspace: Workspace, tmp_path: Path) -> None:
-    from xtra.train.probe import probe_model
+    from xtra.probe.cli import probe_model
 
     staged = tmp_path / "staged"
     assert probe_model(workspace.params_for(tmp_path, results=staged), "rand", use_ray=False) == 0

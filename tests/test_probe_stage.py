@@ -16,9 +16,9 @@ from xtra.data.source import RawDataset, Sample
 from xtra.errors import CheckpointError, DataError, ParamsError
 from xtra.model.checkpoint import file_sha256, save_model_checkpoint
 from xtra.model.xtra import XTRA, ArchConfig
-from xtra.train.probe import configure_parser, probe_model, run
-from xtra.train.probe_job import ProbeJob, plan_jobs, preflight, stratified_split
-from xtra.train.probe_ray import ATTEMPT_LOG_ENV, FAIL_ENV, init_ray
+from xtra.probe.cli import configure_parser, probe_model, run
+from xtra.probe.job import ProbeJob, plan_jobs, preflight, stratified_split
+from xtra.probe.driver import ATTEMPT_LOG_ENV, FAIL_ENV, init_ray
 
 ARCH = {"preset": "tiny", "width": 32, "depth": 2, "heads": 2, "img_size": 16, "patch_size": 4, "block_size": 2,
         "predictor_depth": 1, "predictor_width": 16, "predictor_heads": 1}

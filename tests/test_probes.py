@@ -14,8 +14,8 @@ from xtra.data.loaders import make_loader
 from xtra.errors import ParamsError
 from xtra.model.probes import AttentiveProbe, HeadBank, LinearProbe, probe_blocks
 from xtra.model.vit import Encoder
-from xtra.train.probe_bench import run_sweep_bench
-from xtra.train.probe_train import (
+from xtra.probe.bench import run_sweep_bench
+from xtra.probe.loop import (
     CachedFeatures, LiveFeatures, SweepConfig, cache_features, evaluate_bank, settings_grid, train_bank,
 )
 

@@ -295,7 +295,7 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
 # Plumbing every stage imports that only checks params (a change cannot alter a result without a
 # params change): not a dependency, so editing the CLI does not re-run a 100-epoch pre-training.
 PLUMBING = {"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.profiles"}
-STAGE_MODULES = {"prepare": "xtra.data.prepare", "pretrain": "xtra.train.pretrain", "probe": "xtra.train.probe",
+STAGE_MODULES = {"prepare": "xtra.data.prepare", "pretrain": "xtra.train.pretrain", "probe": "xtra.probe.cli",
                  "report": "xtra.report.cli"}
 
 

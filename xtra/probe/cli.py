@@ -1,8 +1,8 @@
 """`xtra probe MODEL`: probe one model's frozen encoder on its benchmarks (METHOD.md, "Probing").
 
 Every (benchmark x kind) job trains all the learning rates (x weight decays) of its sweep in one
-pass over the data, one head per setting (`xtra.train.probe_train`), and writes
-`<paths.results>/probe/MODEL/<benchmark>-<kind>.json` (`xtra.train.probe_job`). The jobs run as Ray
+pass over the data, one head per setting (`xtra.probe.loop`), and writes
+`<paths.results>/probe/MODEL/<benchmark>-<kind>.json` (`xtra.probe.job`). The jobs run as Ray
 tasks, on a local Ray by default or on the cluster at `--ray-address` / `probe.ray.address`; with
 `--no-ray` they run one after the other in this process (debugging, and Snakemake's
 one-job-per-rule mode: `xtra probe MODEL --benchmark B --kind K --no-ray`).
@@ -37,8 +37,8 @@ def probe_model(params: dict, model: str, benchmarks: list[str] | None = None, k
                 use_ray: bool = True, ray_address: str | None = None, source: str = "params.yaml",
                 num_cpus: int | None = None) -> int:
     """Check, run and report a model's probe jobs; returns the exit code (0 ok, 1 some job failed)."""
-    from xtra.train.probe_job import plan_jobs, preflight
-    from xtra.train.probe_ray import record_failures, run_in_process, run_with_ray
+    from xtra.probe.job import plan_jobs, preflight
+    from xtra.probe.driver import record_failures, run_in_process, run_with_ray
 
     jobs = plan_jobs(params, model, benchmarks, kinds, source)
     preflight(params, model, jobs)

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from xtra.errors import XtraError, writing_to
 from xtra.atomic import write_json_atomic
-from xtra.train.probe_job import ProbeJob, result_path, run_job, write_result
+from xtra.probe.job import ProbeJob, result_path, run_job, write_result
 
 __all__ = ["FAIL_ENV", "ATTEMPT_LOG_ENV", "InjectedFailure", "JobFailure", "Hooks", "attempt_job",
            "run_in_process", "run_with_ray", "init_ray", "record_failures", "failures_path"]

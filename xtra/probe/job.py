@@ -27,7 +27,7 @@ from torch.utils.data import Subset
 from xtra.atomic import write_json_atomic
 from xtra.errors import DataError, ParamsError
 from xtra.model.probes import PROBE_KINDS, HeadBank
-from xtra.train.probe_train import (
+from xtra.probe.loop import (
     CachedFeatures, FeatureSource, HeadScores, LiveFeatures, SweepConfig, cache_features, encoded_batches,
     evaluate_bank, settings_grid, train_bank,
 )

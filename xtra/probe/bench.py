@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from xtra.model.probes import HeadBank
 from xtra.model.vit import Encoder
-from xtra.train.probe_train import LiveFeatures, SweepConfig, settings_grid, train_bank
+from xtra.probe.loop import LiveFeatures, SweepConfig, settings_grid, train_bank
 
 __all__ = ["SweepBenchSetup", "SweepBenchRow", "run_sweep_bench", "format_bench", "DEFAULT_LRS"]
 
