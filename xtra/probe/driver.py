@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from xtra.errors import XtraError, writing_to
+from xtra.errors import OutputError, XtraError, writing_to
 from xtra.atomic import write_json_atomic
 from xtra.probe.job import InjectedFailure, JobHooks, ProbeJob, result_path, run_job, write_results
 
@@ -137,6 +137,8 @@ def run_in_process(params: dict, jobs: Sequence[ProbeJob], max_retries: int) -> 
         for attempt in range(1, max_retries + 2):
             try:
                 result = attempt_job(params, job, hooks)
+            except OutputError:
+                raise  # a full disk or read-only results folder: retrying cannot help; one clean error
             except Exception as exc:  # noqa: BLE001 - any failure of a job is retried, then reported
                 print(f"[{job.model}/{job.name}] attempt {attempt} failed: {_describe(exc)}", file=sys.stderr)
                 if attempt > max_retries:

@@ -249,11 +249,11 @@ def _run_rank(device: torch.device, params: dict, job: ProbeJob, hooks: JobHooks
     for augmentation, sweeps in cfg.transform_groups().items():
         source, features = _train_source(cfg, encoder, data, augmentation, sweeps, arch.img_size, device)
         groups.append((source, features, [BankTrainer(banks[s.kind], s, len(source), device) for s in sweeps]))
-    first = _resume(spath, fingerprint, groups, log, job)
     epochs = cfg.sweeps[0].epochs
     log(f"[{job.model}/{job.name}] kinds {list(cfg.kinds)}: {sum(len(b) for b in banks.values())} heads, "
-        f"{data.num_train} train images, {len(groups)} encoder pass(es) per batch group "
-        f"({', '.join(f for _, f, _ in groups)}), epochs {first}..{epochs - 1} of {epochs} on {device} x {world()[1]}")
+        f"{data.num_train} train images, {len(groups)} training pass(es) per epoch "
+        f"(features {', '.join(f for _, f, _ in groups)}), {epochs} epochs on {device} x {world()[1]}")
+    first = _resume(spath, fingerprint, groups, log, job)
     for epoch in range(first, epochs):
         for source, _, trainers in groups:
             train_banks(trainers, source, epoch + 1, start_epoch=epoch)

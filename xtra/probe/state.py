@@ -17,8 +17,9 @@ from typing import Any, Optional
 
 import torch
 
+from xtra.atomic import write_atomic
 from xtra.config import params_hash
-from xtra.errors import CheckpointError
+from xtra.errors import CheckpointError, writing_to
 from xtra.model.checkpoint import save_torch_atomic
 from xtra.probe.config import ProbeConfig
 
@@ -39,7 +40,9 @@ def job_fingerprint(cfg: ProbeConfig, checkpoint_sha256: str, manifest_sha256: s
 
 
 def save_state(path: Path, fingerprint: str, epochs_done: int, trainers: dict[str, dict]) -> None:
-    save_torch_atomic({"fingerprint": fingerprint, "epochs_done": epochs_done, "trainers": trainers}, path)
+    """Write the state atomically; a full disk is an OutputError naming the state folder."""
+    with writing_to(path.parent):
+        save_torch_atomic({"fingerprint": fingerprint, "epochs_done": epochs_done, "trainers": trainers}, path)
 
 
 def load_state(path: Path, fingerprint: str) -> Optional[dict[str, Any]]:
@@ -61,6 +64,6 @@ def load_state(path: Path, fingerprint: str) -> Optional[dict[str, Any]]:
 def log_progress(path: Path, line: str) -> None:
     """Append a line to the job's progress log beside its state (`<kinds>.log`)."""
     log = path.with_suffix(".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
+    before = log.read_text(encoding="utf-8") if log.is_file() else ""
+    with writing_to(path.parent):
+        write_atomic(log, before + line + "\n")  # whole or not at all, like every file of the job
