@@ -262,3 +262,31 @@ def test_pixel_floor_is_probed_linear_only(inputs, tmp_path):
     result = json.loads((Path(params["paths"]["results"]) / "probe" / "pix" / "bench_b-linear.json").read_text())
     assert result["kind"] == "linear" and 0 <= result["top1"] <= 100
     assert not (Path(params["paths"]["results"]) / "probe" / "pix" / "bench_b-attentive.json").exists()
+
+
+@pytest.mark.slow  # starts a local Ray
+@pytest.mark.timeout(400)
+def test_a_ray_retry_continues_from_the_saved_epoch(inputs, tmp_path, monkeypatch):
+    import ray
+
+    from xtra.probe.driver import ATTEMPT_LOG_ENV, FAIL_AFTER_ENV, init_ray
+
+    reference = _run(inputs, "ray_reference", augment=True)
+    params = _params(inputs, "ray_retried", augment=True)
+    attempts = tmp_path / "attempts.log"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "2")  # the first attempt raises after saving epoch 2 of 3
+    monkeypatch.setenv(ATTEMPT_LOG_ENV, str(attempts))
+    init_ray(num_cpus=2)
+    try:
+        assert probe_model(params, "rand", ["bench_b"]) == 0
+    finally:
+        ray.shutdown()
+    assert attempts.read_text().splitlines() == ["rand/bench_b"] * 2  # Ray retried the task once
+    cfg = probe_config(params, "rand", "bench_b")
+    log = state_path(params["paths"]["results"], cfg).with_suffix(".log").read_text().splitlines()
+    assert log == ["start epoch 0", "resume epoch 2"]  # the retry continued instead of restarting
+    banks, results = _outcome(params, BOTH)
+    banks_ref, results_ref = _outcome(reference, BOTH)
+    for kind in BOTH:
+        _same(banks[kind], banks_ref[kind], atol=0)
+        assert results[kind]["top1"] == results_ref[kind]["top1"]

@@ -67,7 +67,8 @@ def probed_models():
 def probe_jobs():
     """(model, benchmark, kind) of every probe job: DVC runs each model's set in one Ray stage."""
     benchmarks = config["probe"]["benchmarks"]
-    return [(m, b, k) for m in probed_models() for b in benchmarks for k in benchmarks[b]["kinds"]]
+    return [(m, b, k) for m in probed_models() for b in benchmarks for k in benchmarks[b]["kinds"]
+            if config["models"][m]["init"] != "pixels" or k == "linear"]  # the pixel floor: linear only
 
 
 def pretrain_inputs(model):

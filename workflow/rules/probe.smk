@@ -4,7 +4,7 @@
 
 rule probe:
     input:
-        ckpt=model_file("{model}", "last.ckpt"),
+        ckpt=model_file("{model}", "model.pt"),
         data=lambda wildcards: prepared_dir(config["probe"]["benchmarks"][wildcards.benchmark]["dataset"]),
     output:
         probe_result("{model}", "{benchmark}", "{kind}"),
