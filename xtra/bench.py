@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                        split=args.split, num_images=args.num_images, batch_size=args.batch,
                        num_workers=args.workers)
     else:
-        from xtra.train.probe_bench import run_sweep_bench
+        from xtra.probe.bench import run_sweep_bench
 
         run_sweep_bench(kinds=tuple(args.kind or ("linear", "attentive")), epochs=args.epochs,
                         num_samples=args.samples, depth=args.depth, num_threads=args.threads)

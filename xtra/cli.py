@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dag": ("xtra.dag", "write dvc.yaml: the stage table of params.yaml (--check: is it current?)"),
     "prepare": ("xtra.data.prepare", "convert a raw dataset into checksummed WebDataset shards"),
     "pretrain": ("xtra.train.pretrain", "pre-train (or initialise) one model of params.yaml"),
-    "probe": ("xtra.train.probe", "probe one model's frozen encoder on its benchmarks"),
+    "probe": ("xtra.probe.cli", "probe one model's frozen encoder on its benchmarks"),
     "report": ("xtra.report.cli", "write result tables and figures"),
     "reconstruct": ("xtra.reconstruct", "PNG grid of input, target and predicted next blocks"),
     "convert-checkpoint": ("xtra.model.convert", "import an official XTRA checkpoint"),

@@ -43,17 +43,19 @@ DVC_YAML = "dvc.yaml"
 # CLI does not re-run a 100-epoch pre-training (a params change is what changes a result).
 PLUMBING = frozenset({"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.profiles", "xtra.dag"})
 # Keys of each schema section that change no result (the shards do not depend on num_workers;
-# the pre-training is the same for any number of loader workers, log or checkpoint cadence).
+# the pre-training is the same for any number of loader workers, log or checkpoint cadence, or
+# checkpoints kept).
 NOT_RESULT_KEYS = {
     "dataset": frozenset({"num_workers", "resources"}),
-    "train": frozenset({"num_workers", "log_every_n_steps", "checkpoint_every_n_steps"}),
+    "train": frozenset({"num_workers", "log_every_n_steps", "checkpoint_every_n_steps", "keep_last_checkpoints",
+                        "keep_every_n_steps"}),
     "probe": frozenset({"benchmarks", "models", "num_workers", "resources", "ray"}),
     "benchmark": frozenset({"resources"}),
     "report": frozenset(),
 }
 # The command module of each stage kind, and the data files (not Python) each one reads.
 COMMAND_MODULES = {"prepare": "xtra.data.prepare", "pretrain": "xtra.train.pretrain",
-                   "probe": "xtra.train.probe", "report": "xtra.report.cli"}
+                   "probe": "xtra.probe.cli", "report": "xtra.report.cli"}
 DATA_FILES = {"report": ("xtra/report/reference",)}
 
 
