@@ -93,7 +93,8 @@ class RayCluster:
         found = []
         for proc in psutil.Process(self.procs[node].pid).children(recursive=True):
             try:
-                if proc.cmdline()[:1] == [f"ray::{task_name}"] or proc.name() == f"ray::{task_name}":
+                title = " ".join(proc.cmdline()).strip()  # Ray sets it to `ray::<function>` while a task runs
+                if title == f"ray::{task_name}" or title.startswith(f"ray::{task_name} "):
                     found.append(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue

@@ -23,7 +23,7 @@ import yaml
 from tests.cluster.ray_cluster import RayCluster
 from tests.conftest import REPO, SMALL_ARCH, XTRA, demo_params
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 
 MODEL = "random_k2"
 VOLATILE = ("wall_time_s",)  # the only result fields allowed to differ between two runs

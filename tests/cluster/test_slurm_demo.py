@@ -16,7 +16,7 @@ import pytest
 from tests.cluster.workflow import snakemake_slurm
 from tests.test_demo import _copy_repo, _dvc
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3600)]
 
 
 def test_demo_on_slurm_equals_the_dvc_run_and_a_second_run_submits_nothing(slurm_cluster, tmp_path):

@@ -25,7 +25,7 @@ from tests.cluster.workflow import final_weights, max_weight_difference, snakema
 from tests.conftest import SMALL_ARCH, demo_params, write_params
 from tests.test_workflow import repo_copy
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3600)]
 
 MODEL = "xtra_k2"
 REQUEST = {"runtime": 20, "mem_mb": 4000, "cpus": 1, "gpus": 0, "nodes": 1, "tasks_per_node": 2}
