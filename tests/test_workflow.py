@@ -208,9 +208,10 @@ def test_slurm_plan_of_the_h14_profile(snakemake_runs):
     # 8 nodes x 8 GPUs: one task per GPU, started by srun inside the allocation
     assert {k: pretrain.resources.get(k) for k in ("nodes", "gres", "tasks_per_node", "cpus_per_task", "mpi",
                                                   "mem_mb")} == {"nodes": "8", "gres": "gpu:8", "tasks_per_node": "8",
-                                                                 "cpus_per_task": "8", "mpi": "srun",
+                                                                 "cpus_per_task": "8",
+                                                                 "mpi": "srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8",
                                                                  "mem_mb": "400000"}
-    assert pretrain.shell.startswith("srun xtra pretrain xtra_h14 ")
+    assert pretrain.shell.startswith("srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8 xtra pretrain xtra_h14 ")
     for job in by_rule["probe"]:
         assert (job.resources["gpu"], job.resources["nodes"], job.resources["cpus_per_task"]) == ("1", "1", "16")
         assert "mpi" not in job.resources and job.shell.startswith("xtra probe xtra_h14 --benchmark ")

@@ -88,21 +88,29 @@ def stage_log(stage):
 
 # ---------------------------------------------------------------- scheduler resources
 #
-# A params request {runtime (minutes), mem_mb (per node), cpus (per task), gpus (per node), nodes}
-# becomes the resources the executor plugin of the cluster profile reads. The cluster profiles
-# name their scheduler (`config: [scheduler=slurm]`), because the two plugins read the same keys
-# differently (LSF takes `cpus_per_task` as the job's total `bsub -n`) and `threads` cannot carry
-# the total (Snakemake caps it at the submitting machine's --cores).
-# A GPU job runs one task per GPU with `cpus` cores each; a CPU job is one task on one node.
+# A params request {runtime (minutes), mem_mb (per node), cpus (per task), gpus (per node), nodes,
+# tasks_per_node} becomes the resources the executor plugin of the cluster profile reads. The
+# cluster profiles name their scheduler (`config: [scheduler=slurm]`), because the two plugins read
+# the same keys differently (LSF takes `cpus_per_task` as the job's total `bsub -n`) and `threads`
+# cannot carry the total (Snakemake caps it at the submitting machine's --cores).
+# A job runs `tasks_per_node` processes on each node: by default one per GPU (a GPU job) or one (a
+# CPU job); a CPU pre-training of 2 tasks (gloo) sets tasks_per_node: 2 (what the cluster tests run).
 # A job of more than one task sets `mpi` to the launcher that starts its tasks (srun on Slurm,
-# jsrun on LSF, which is what Lightning's cluster environments expect): the plugins then submit
-# the whole task layout and run the shell command once, prefixed with it. Locally a multi-GPU job
-# runs without launcher: Lightning starts the processes of one machine itself.
+# jsrun on LSF, which is what Lightning's cluster environments read ranks from): the plugins then
+# submit the whole task layout and run the shell command once, prefixed with it. Locally a
+# multi-device job runs without launcher: Lightning starts the processes of one machine itself.
+#
+# The Slurm launcher names the layout again (`srun --nodes --ntasks-per-node --cpus-per-task`):
+# the Slurm plugin's job step runs the rule's command with the allocation's SLURM_* task variables
+# removed, so a bare `srun` would start one task per node. Lightning's SLURMEnvironment also
+# refuses a job without --ntasks-per-node, so a job of one task per node on several nodes sets it
+# through `slurm_extra`.
 
 SCHEDULERS = ("local", "slurm", "lsf")
 DEFAULT_LAUNCHERS = {
-    "slurm": "srun",
-    "lsf": "jsrun --nrs {tasks} --tasks_per_rs 1 --cpu_per_rs {cpus} --gpu_per_rs 1 --rs_per_host {tasks_per_node}",
+    "slurm": "srun --nodes={nodes} --ntasks-per-node={tasks_per_node} --cpus-per-task={cpus}",
+    "lsf": "jsrun --nrs {tasks} --tasks_per_rs 1 --cpu_per_rs {cpus} --gpu_per_rs {gpus_per_task}"
+    " --rs_per_host {tasks_per_node}",
 }
 # The two keys a profile may add to the config; they are not params, so they leave it here.
 SCHEDULER = str(config.pop("scheduler", "local"))
@@ -113,9 +121,14 @@ if SCHEDULER not in SCHEDULERS:
 
 def job_layout(req):
     """(tasks per node, tasks, cores per node) of a params request."""
-    if req["gpus"] == 0 and req["nodes"] > 1:
-        raise WorkflowError(f"resources {req}: a CPU job runs on one node (a multi-node job needs gpus)")
-    per_node = max(req["gpus"], 1)
+    gpus = req["gpus"]
+    per_node = req.get("tasks_per_node") or max(gpus, 1)
+    if gpus and per_node != gpus:
+        raise WorkflowError(f"resources {req}: a GPU job runs one task per GPU (tasks_per_node {per_node}, "
+                            f"gpus {gpus}); leave tasks_per_node out or set it to gpus")
+    if not gpus and req["nodes"] > 1 and not req.get("tasks_per_node"):
+        raise WorkflowError(f"resources {req}: a CPU job of several nodes needs tasks_per_node (its processes "
+                            f"on each node); a multi-node GPU job runs one per GPU")
     return per_node, per_node * req["nodes"], per_node * req["cpus"]
 
 
@@ -124,7 +137,8 @@ def launcher(req):
     per_node, tasks, _ = job_layout(req)
     if tasks == 1 or SCHEDULER == "local" or not LAUNCHER:
         return None
-    return LAUNCHER.format(tasks=tasks, tasks_per_node=per_node, cpus=req["cpus"], nodes=req["nodes"])
+    return LAUNCHER.format(tasks=tasks, tasks_per_node=per_node, cpus=req["cpus"], nodes=req["nodes"],
+                           gpus_per_task=1 if req["gpus"] else 0)
 
 
 def slurm_resources(req):
@@ -136,8 +150,11 @@ def slurm_resources(req):
         "cpus_per_task": req["cpus"],
         "gpu": 1 if gpus == 1 and not multi else None,  # --gpus=1, also given to the job step
         "gres": f"gpu:{gpus}" if gpus and multi else None,  # per node
-        "tasks_per_node": per_node if multi and per_node > 1 else None,
+        "tasks_per_node": per_node if multi and per_node > 1 else None,  # --ntasks-per-node
+        # the plugin takes tasks_per_node > 1 only: one task per node is --ntasks=nodes, plus the
+        # --ntasks-per-node=1 that Lightning's SLURMEnvironment insists on
         "tasks": tasks if multi and per_node == 1 else None,
+        "slurm_extra": "--ntasks-per-node=1" if multi and per_node == 1 else None,
         "tasks_per_gpu": 0 if gpus and multi else None,  # 0: no --ntasks-per-gpu, the layout is per node
     }
 
@@ -163,6 +180,21 @@ def cluster_resources(req):
     return {**res, "mem_mb": req["mem_mb"], "gpu": req["gpus"] * req["nodes"] or None}
 
 
+def check_pretrain_layout(model):
+    """A multi-task pre-training's Lightning layout (train.devices, num_nodes) is its request's, or
+    Lightning's cluster environment stops the job on the cluster: say so when planning."""
+    cfg = config["models"][model]
+    if cfg["init"] != "pretrain" or SCHEDULER == "local":
+        return
+    req, train = cfg["resources"], cfg["train"]
+    per_node, tasks, _ = job_layout(req)
+    if tasks > 1 and (train["devices"] != per_node or train["num_nodes"] != req["nodes"]):
+        raise WorkflowError(
+            f"models.{model}: resources ask for {req['nodes']} node(s) x {per_node} task(s), but train has "
+            f"devices {train['devices']!r}, num_nodes {train['num_nodes']}: set train.devices = {per_node} and "
+            f"train.num_nodes = {req['nodes']} (Lightning reads the ranks from the scheduler)")
+
+
 def job_threads(req):
     """Cores of one task: what a local run gives the command (Snakemake caps it at --cores)."""
     return req["cpus"]
@@ -179,13 +211,14 @@ def stage_request(stage):
     if stage.kind == "prepare":
         return config["datasets"][stage.item["dataset"]]["resources"]
     if stage.kind == "pretrain":
+        check_pretrain_layout(stage.item["model"])
         return config["models"][stage.item["model"]]["resources"]
     bench = config["probe"]["benchmarks"][stage.item["benchmark"]]
     return {**config["probe"]["resources"], **(bench.get("resources") or {})}
 
 
 RESOURCE_KEYS = ("runtime", "mpi", "nodes", "mem_mb", "cpus_per_task", "gpu", "gres", "tasks_per_node", "tasks",
-                 "tasks_per_gpu", "ptile", "lsf_extra")
+                 "slurm_extra", "tasks_per_gpu", "ptile", "lsf_extra")
 
 
 def resources_of(stage):

@@ -1,0 +1,127 @@
+"""A two-node Ray cluster on 127.0.0.1 for the tests: `ray start --head` and a second `ray start --address`.
+
+Both run with `--block`, as children of the test process in sessions of their own, so that
+`stop()` ends exactly them (each `ray start --block` takes its raylet, workers and, on the head,
+the GCS down with it; a process of theirs still alive after that is killed by pid). `ray stop` is
+never used: it ends every Ray process of the machine, other people's too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+__all__ = ["RayCluster"]
+
+BIN = Path(sys.executable).parent
+OBJECT_STORE_BYTES = 100 * 1024 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    """`cpus_per_node` CPUs on each of two nodes (the head and one joined to it)."""
+
+    cpus_per_node: int = 1
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="xr-", dir="/tmp")))  # short: sockets
+    port: int = field(default_factory=_free_port)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def environ(self) -> dict[str, str]:
+        return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(self.root)}
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = open(self.root / f"{name}.out", "ab")
+        self.procs[name] = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], stdout=log,
+                                            stderr=subprocess.STDOUT, env={**os.environ, **self.environ()},
+                                            start_new_session=True)
+        log.close()
+
+    def start(self, timeout: float = 120) -> "RayCluster":
+        common = ["--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus_per_node}", "--num-gpus=0",
+                  f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"]
+        self._start("head", ["--head", f"--port={self.port}", "--include-dashboard=false",
+                             f"--temp-dir={self.root}", *common])
+        self._wait_for_nodes(1, timeout)
+        self._start("worker", [f"--address={self.address}", *common])
+        self._wait_for_nodes(2, timeout)
+        return self
+
+    def _alive_nodes(self) -> int:
+        code = ("import ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+                "print(sum(n['Alive'] for n in ray.nodes()))") % self.address
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **self.environ()})
+        lines = proc.stdout.strip().splitlines()
+        return int(lines[-1]) if proc.returncode == 0 and lines and lines[-1].isdigit() else 0
+
+    def _wait_for_nodes(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"`ray start` ({dead[0]}) exited {self.procs[dead[0]].returncode}:\n{self.logs()}")
+            if self._alive_nodes() >= count:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the Ray cluster did not reach {count} node(s) in {timeout:.0f} s:\n{self.logs()}")
+
+    def logs(self, tail: int = 3000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in sorted(self.root.glob("*.out")))
+
+    def task_workers(self, node: str, task_name: str) -> list[psutil.Process]:
+        """Worker processes of `node` ('head' or 'worker') now running a task of that function name."""
+        found = []
+        for proc in psutil.Process(self.procs[node].pid).children(recursive=True):
+            try:
+                title = " ".join(proc.cmdline()).strip()  # Ray sets it to `ray::<function>` while a task runs
+                if title == f"ray::{task_name}" or title.startswith(f"ray::{task_name} "):
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
+
+    def stop(self, timeout: float = 30) -> None:
+        """End the worker node, then the head: SIGTERM to each `ray start --block`; any process they
+        started (raylet, workers, GCS) still alive after that is killed by pid."""
+        for name in ("worker", "head"):
+            proc: Optional[subprocess.Popen] = self.procs.get(name)
+            if proc is None:
+                continue
+            try:
+                children = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                children = []
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout)
+            _, alive = psutil.wait_procs(children, timeout=10)
+            for child in alive:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(alive, timeout=10)

@@ -1,0 +1,102 @@
+"""The bsub command lines of the LSF profile carry each rule's request (paper H/14 run).
+
+No open LSF exists, so `bsub`, `bjobs` and the configuration commands are stand-ins
+(tests/cluster/fake_lsf.py): Snakemake with `--profile workflow/profiles/lsf` submits one job of
+each cluster rule (their inputs are placeholders), the stand-in records the submissions, and the
+test reads back cores (-n), memory per core (rusage[mem=]), hosts (span[]), GPUs per host (-gpu),
+and wall time (-W) against params.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cluster.fake_lsf import install_fake_lsf, submissions
+from tests.test_workflow import Job, parse_dry_run, repo_copy
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
+
+BIN = Path(sys.executable).parent
+
+
+def _snakemake(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env, "PATH": os.pathsep.join([env.get("PATH", ""), str(BIN), os.environ["PATH"]])}
+    return subprocess.run([str(BIN / "snakemake"), "--profile", "workflow/profiles/lsf", *args], cwd=repo, env=full,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _one_job_per_rule(jobs: list[Job]) -> dict[str, Job]:
+    """The pre-training, an in1k probe job, and the preparation of a dataset neither of them reads."""
+    pretrain = next(j for j in jobs if j.rule == "pretrain")
+    probe = next(j for j in jobs if j.rule == "probe" and "benchmark=in1k" in j.fields.get("wildcards", ""))
+    read = {i.strip() for j in (pretrain, probe) for i in j.fields.get("input", "").split(",")}
+    prepare = next(j for j in jobs if j.rule == "prepare" and j.outputs[0] not in read)
+    return {"prepare": prepare, "pretrain": pretrain, "probe": probe}
+
+
+def _make_inputs(repo: Path, job: Job) -> None:
+    """Placeholders for a job's inputs: folders for prepared datasets, empty files for the rest."""
+    for name in (i.strip() for i in job.fields.get("input", "").split(",") if i.strip()):
+        path = repo / name
+        if "prepared" in Path(name).parts:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+
+
+def _option(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
+def test_bsub_lines_of_the_lsf_profile_carry_each_rules_request(tmp_path):
+    repo = repo_copy(tmp_path / "repo", "paper_h14")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    env = install_fake_lsf(tmp_path / "lsf")
+    plan = _snakemake(repo, env, "-n")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    chosen = _one_job_per_rule(parse_dry_run(plan.stdout + "\n" + plan.stderr))
+    # the probe job reads the pre-training's output: forcing both at once would hold the probe back
+    logs = []
+    for rules in (("prepare", "pretrain"), ("probe",)):
+        for rule in rules:
+            _make_inputs(repo, chosen[rule])
+        targets = [chosen[rule].outputs[0] for rule in rules]
+        run = _snakemake(repo, env, "--force", *targets, "--retries", "0", "--keep-going", "--rerun-triggers", "mtime")
+        assert run.returncode != 0  # every job "EXIT"s: nothing ran, only the submissions count
+        logs.append(run.stdout[-2000:] + run.stderr[-3000:])
+    by_rule = {}
+    for argv in submissions(tmp_path / "lsf"):
+        rule = re.search(r"Snakemake_rule_(\w+?)[:_]", _option(argv, "-J")[0]).group(1)
+        by_rule[rule] = argv
+    assert sorted(by_rule) == ["prepare", "pretrain", "probe"], "\n".join(logs)
+
+    model = params["models"]["xtra_h14"]["resources"]
+    dataset = params["datasets"][re.search(r"dataset=(\w+)", chosen["prepare"].fields["wildcards"]).group(1)]["resources"]
+    in1k = {**params["probe"]["resources"], **(params["probe"]["benchmarks"]["in1k"].get("resources") or {})}
+    expected = {
+        # rule: (cores in all, GPUs per host or None, span, runtime in minutes, memory of the job in MB)
+        "pretrain": (model["nodes"] * model["gpus"] * model["cpus"], model["gpus"],
+                     f"span[ptile={model['gpus'] * model['cpus']}]", model["runtime"], model["mem_mb"] * model["nodes"]),
+        "prepare": (dataset["cpus"], None, "span[hosts=1]", dataset["runtime"], dataset["mem_mb"]),
+        "probe": (in1k["cpus"] * max(1, in1k["gpus"]), in1k["gpus"] or None, "span[hosts=1]", in1k["runtime"],
+                  in1k["mem_mb"]),
+    }
+    for rule, (cores, gpus, span, runtime, mem_mb) in expected.items():
+        argv = by_rule[rule]
+        requests = _option(argv, "-R")
+        assert _option(argv, "-n") == [str(cores)], (rule, argv)
+        assert span in requests, (rule, requests)
+        assert _option(argv, "-W") == [str(runtime)], (rule, argv)
+        per_core = [float(m.group(1)) for r in requests if (m := re.fullmatch(r"rusage\[mem=([\d.]+)\]", r))]
+        assert per_core and abs(per_core[0] * cores - mem_mb) < 1, (rule, requests)
+        assert (_option(argv, "-gpu") == [f"num={gpus}"]) if gpus else ("-gpu" not in argv), (rule, argv)
+    hosts = model["nodes"]
+    assert expected["pretrain"][0] // int(re.search(r"ptile=(\d+)", expected["pretrain"][2]).group(1)) == hosts

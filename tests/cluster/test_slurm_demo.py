@@ -1,0 +1,50 @@
+"""The whole demo as Slurm jobs (`snakemake --profile workflow/profiles/slurm`) equals the DVC run.
+
+Two copies of the repository: one runs `dvc repro` here, the other submits every rule but `report`
+to the test cluster with the README's command for a cluster without accounting. The tables
+(results/tables/top1.csv) must be byte-identical, and a second Snakemake invocation must find
+nothing to do and submit no job.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from tests.cluster.workflow import snakemake_slurm
+from tests.test_demo import _copy_repo, _dvc
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3600)]
+
+
+def test_demo_on_slurm_equals_the_dvc_run_and_a_second_run_submits_nothing(slurm_cluster, tmp_path):
+    dvc_repo, slurm_repo = tmp_path / "dvc", tmp_path / "slurm"
+    for repo in (dvc_repo, slurm_repo):
+        repo.mkdir()
+        _copy_repo(repo)
+
+    start = time.time()
+    local = _dvc("repro", cwd=dvc_repo, timeout=3000)
+    print(f"demo dvc repro: {time.time() - start:.0f} s")
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+
+    start = time.time()
+    first = snakemake_slurm(slurm_repo, timeout=3600)
+    took = time.time() - start
+    log = first.stdout + first.stderr
+    submitted = [int(i) for i in re.findall(r"has been submitted with SLURM jobid (\d+)", log)]
+    print(f"demo on Slurm: {took:.0f} s, {len(submitted)} sbatch jobs")
+    assert first.returncode == 0, log[-6000:] + slurm_cluster.logs()
+    rules = {m for m in re.findall(r"^rule (\w+):", log, flags=re.M)}
+    assert {"prepare", "pretrain", "probe"} <= rules and len(submitted) >= 3, log[-3000:]
+
+    ours, theirs = (slurm_repo / "results/tables/top1.csv").read_bytes(), (dvc_repo / "results/tables/top1.csv").read_bytes()
+    assert ours == theirs, f"Slurm table:\n{ours.decode()}\nDVC table:\n{theirs.decode()}"
+
+    again = snakemake_slurm(slurm_repo, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "submitted with SLURM jobid" not in again.stdout + again.stderr
+    assert max(slurm_cluster.all_job_ids(), default=0) <= max(submitted)  # the cluster saw no new job
