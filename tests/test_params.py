@@ -340,3 +340,14 @@ def test_validate_refuses_multi_node_outside_a_scheduler_job(tmp_path, monkeypat
     assert xtra_main(["validate", "--params", str(path), "--no-paths"]) == 0  # checking the file only
     monkeypatch.setenv("SLURM_NTASKS", "32")
     assert xtra_main(["validate", "--params", str(path)]) == 0
+
+
+def test_a_key_given_twice_is_an_error_naming_it(tmp_path):
+    """PyYAML would keep the second silently (a text merge can leave a key twice)."""
+    text = (PROFILES / "demo.yaml").read_text().replace("    heldout_fraction: 0.2\n",
+                                                         "    heldout_fraction: 0.2\n    heldout_fraction: 0.3\n", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=r"key 'heldout_fraction' appears twice .*lines \d+ and \d+"):
+        load_params(path, check_paths=False)
+    assert load_params(PROFILES / "demo.yaml", check_paths=False)["models"]["xtra_k1"]["arch"]["block_size"] == 1

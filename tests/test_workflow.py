@@ -291,7 +291,7 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
     (cache / "cli.cpython-311.pyc").write_bytes(b"\0")
     assert _changed(path) == set(), "byte code changed a stage (see .dvcignore)"
     # `dvc status` names the stages whose own deps changed (tests/test_staleness.py adds the downstream ones)
-    probes = {f"probe-{m}-{b}" for m in ("xtra_k2", "xtra_k1", "random_k2") for b in ("mnist", "digits")}
+    probes = {f"probe-{m}-{b}" for m in ("xtra_k2", "xtra_k1", "random_k2", "pixels") for b in ("mnist", "digits")}
     cases = [("probe.benchmarks.mnist.lrs", [0.001, 0.01], {p for p in probes if p.endswith("-mnist")}),
              ("probe.num_last_blocks", 2, probes),
              ("probe.ray.max_retries", 4, set()),
@@ -299,6 +299,7 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
              ("models.xtra_k1.train.epochs", 5, {"pretrain-xtra_k1"}),
              ("models.xtra_k1.train.num_workers", 0, set()),
              ("models.random_k2.train.epochs", 5, set()),
+             ("models.pixels.arch.img_size", 48, {"pretrain-pixels", "probe-pixels-mnist", "probe-pixels-digits"}),
              ("report.dpi", 100, {"report"}),
              ("datasets.digits.heldout_fraction", 0.3, {"prepare-digits"}),
              ("datasets.digits.num_workers", 1, set())]

@@ -129,6 +129,24 @@ def _cross_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
             yield f"probe.models: {name!r} is not a model of this params file"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word (a text merge of two branches can
+    leave `heldout_fraction` twice); this loader refuses them, naming the key and both lines."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ParamsError(f"{key_node.start_mark.name}: key {key!r} appears twice in one mapping "
+                                  f"(lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = "params.yaml", check_paths: bool = True) -> dict[str, Any]:
     """Read, validate and default-fill a params file. Raises ParamsError naming the file and key."""
     path = Path(path)
@@ -137,7 +155,12 @@ def load_params(path: str | Path = "params.yaml", check_paths: bool = True) -> d
     except OSError as exc:
         raise ParamsError(f"cannot read params file {path}: {exc.strerror}") from exc
     try:
-        params = yaml.safe_load(text)
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            params = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     return validate_params(params, str(path), check_paths)
