@@ -9,6 +9,10 @@ DAG machinery, not the training, is what runs: `dvc repro`, then `snakemake --to
 (Snakemake keeps its own provenance in .snakemake/metadata: this records that the outputs DVC
 built are current for it), then each edit, both answers, and the edit undone (content and times).
 
+After the merge of the real stage commands, `XTRA_STALENESS_REAL=1 pytest -m slow
+tests/test_staleness.py` runs the same tests on the real pipeline (a shrunk demo: 1 epoch, 2 lrs):
+the stand-in then only records each run and makes the ./FAIL stage fail, and runs the real `xtra`.
+
 "Stale" is what a run would execute: for DVC, the stages `dvc status` reports and every stage
 downstream of them in DVC's own graph (`dvc status` lists only the first; a re-run stage writes
 new outputs); for Snakemake, the jobs of `snakemake -n`.
@@ -176,9 +180,16 @@ def test_report_is_keyed_on_its_section_and_the_reference_data():
 # ---------------------------------------------------------------- slow: the two real front-ends
 
 
+REAL = bool(os.environ.get("XTRA_STALENESS_REAL"))
+SHRINK = ["models.xtra_k2.train.epochs=1", "models.xtra_k1.train.epochs=1", "probe.benchmarks.mnist.epochs=2",
+          "probe.benchmarks.digits.epochs=2", "probe.benchmarks.mnist.lrs=[0.001, 0.01]",
+          "probe.benchmarks.digits.lrs=[0.001, 0.01]"]
+
+
 def _env(path: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{path / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": str(path)}
+    env = {**os.environ, "PATH": f"{path / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": str(path)}
+    return {**env, "XTRA_REAL": str(BIN / "xtra")} if REAL else env
 
 
 def _run(args: list[str], path: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -204,6 +215,8 @@ def copy_with_fake_xtra(dest: Path) -> Path:
 def built(tmp_path_factory) -> Path:
     """A demo copy after one `dvc repro`, adopted by Snakemake (its own record of the same outputs)."""
     path = copy_with_fake_xtra(tmp_path_factory.mktemp("staleness"))
+    if REAL:  # a shrunk demo (the params file is then `xtra profile`'s output), dvc.yaml rewritten
+        _run([sys.executable, "-m", "xtra.cli", "profile", "demo", *(f"--set={o}" for o in SHRINK)], path)
     _run([str(BIN / "dvc"), "repro", "-q"], path)
     _run([str(BIN / "snakemake"), "--touch", "--forceall", "-c1", "-q"], path)
     (path / "RAN").unlink()
