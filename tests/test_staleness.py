@@ -263,6 +263,7 @@ def _restore(snapshot: dict[Path, tuple[bytes, os.stat_result]]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 13 edits x (dvc status + snakemake -n), after a dvc repro of 15 stages
 def test_staleness_matrix_is_exact_and_the_same_in_both_front_ends(built):
     assert dvc_stale(built) == set() and snakemake_stale(built) == set()
     snapshot, wrong = _snapshot(built), []
@@ -278,6 +279,7 @@ def test_staleness_matrix_is_exact_and_the_same_in_both_front_ends(built):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_one_failed_probe_job_is_the_only_one_rerun(built):
     """DVC commits each stage when it succeeds, so the five finished probes stay done and cached."""
     snapshot = _snapshot(built)
@@ -301,6 +303,7 @@ def _size(folder: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_scale_checkpoints_and_shards_cost_dvc_nothing(built):
     """50 step checkpoints of 20 MB beside a model, and 200 MB of shards beside a manifest:
     `dvc status` takes about as long (printed; no timing assertion), and nothing goes into the cache."""
@@ -332,6 +335,7 @@ def test_scale_checkpoints_and_shards_cost_dvc_nothing(built):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_make_repro_changes_no_tracked_file(tmp_path):
     """`make repro` (with a stand-in venv: the real dvc, the fake xtra) leaves every tracked file as
     it was; the only new file git sees is dvc.lock (the record of the run, to commit or not)."""
