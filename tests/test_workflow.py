@@ -403,6 +403,9 @@ def test_a_stage_of_a_stale_dvc_yaml_refuses_to_run_under_dvc(tmp_path):
     with pytest.raises(ParamsError, match="run `xtra dag`"):
         check_under_dvc("report", str(tmp_path / "params.yaml"), env)
     check_under_dvc("report", str(tmp_path / "params.yaml"), {})  # outside DVC: no check
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("  min_lr: 1.0e-05\n", "", 1))
+    with pytest.raises(ParamsError, match=r"leaves out \['probe.min_lr'\].*xtra profile --fill"):
+        check_under_dvc("report", str(tmp_path / "params.yaml"), env)
 
 
 def test_the_pipelines_never_write_the_readme():
