@@ -46,6 +46,7 @@ def probe_params(prepared: Path, models: Path, results: Path, address: str | Non
     params["paths"] = {"prepared": str(prepared), "models": str(models), "results": str(results)}
     probe = params["probe"]
     probe["models"] = [MODEL]
+    probe["num_last_blocks"] = SMALL_ARCH["depth"]
     for bench in probe["benchmarks"].values():
         bench.update({"epochs": 4, "lrs": [0.001, 0.01]})
     probe["ray"] = {**probe.get("ray", {}), "address": address, "max_retries": 1, "cpus_per_job": 1}
