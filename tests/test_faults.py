@@ -101,7 +101,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     import torch
 
     from xtra.data.prepare import prepare_dataset
-    from xtra.model.checkpoint import save_model_checkpoint
+    from xtra.model.artifact import save_model_artifact
     from xtra.model.xtra import XTRA, ArchConfig
 
     root = tmp_path_factory.mktemp("faults")
@@ -131,7 +131,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
         prepare_dataset(name, params["datasets"][name], root / "prepared", reader=_array_reader(40, 20, seed))
     torch.manual_seed(0)
     model_dir = root / "models" / "rand"
-    save_model_checkpoint(XTRA(ArchConfig.from_dict(ARCH)), model_dir / "last.ckpt", ARCH)
+    save_model_artifact(model_dir / "model.pt", init="random", arch=ARCH,
+                        state_dict=XTRA(ArchConfig.from_dict(ARCH)).state_dict())
     (model_dir / "metrics.json").write_text(json.dumps({"init": "random", "steps": 0, "images_seen": 0}))
     return Workspace(root, params)
 
@@ -235,7 +236,7 @@ def test_killed_prepare_leaves_no_finished_folder_and_a_rerun_matches(workspace:
 
 
 def test_killed_probe_leaves_only_whole_results_and_a_rerun_completes(workspace: Workspace, tmp_path: Path) -> None:
-    from xtra.train.probe_ray import ATTEMPT_LOG_ENV
+    from xtra.probe.driver import ATTEMPT_LOG_ENV
 
     params = workspace.params_for(tmp_path)
     # the second job trains long enough to be killed inside it
@@ -254,12 +255,12 @@ def test_killed_probe_leaves_only_whole_results_and_a_rerun_completes(workspace:
         finally:
             _kill(proc)
     assert proc.returncode == -signal.SIGKILL
-    assert attempts.read_text().splitlines() == ["rand/bench_a-linear", "rand/bench_b-attentive"]
+    assert attempts.read_text().splitlines() == ["rand/bench_a", "rand/bench_b"]
     assert sorted(_files(out)) == ["bench_a-linear.json"], (tmp_path / "killed.log").read_text()
     _check_probe_result(out / "bench_a-linear.json", "rand", "bench_a", "linear")
 
     rerun = run_xtra("probe", "rand", "--params", str(path), "--no-ray", cwd=tmp_path)
-    assert "2/2 job(s) succeeded" in rerun.stdout
+    assert "1 finished job(s) skipped: bench_a" in rerun.stdout and "1/1 job(s) succeeded" in rerun.stdout
     assert sorted(_files(out)) == ["bench_a-linear.json", "bench_b-attentive.json"]
     _check_probe_result(out / "bench_a-linear.json", "rand", "bench_a", "linear")
     assert _check_probe_result(out / "bench_b-attentive.json", "rand", "bench_b", "attentive")["epochs"] == 600
@@ -275,16 +276,16 @@ def test_crashing_ray_job_is_retried_reported_and_marked_in_the_report(
     import pandas as pd
 
     from xtra.report.cli import build_report
-    from xtra.train.probe import probe_model
-    from xtra.train.probe_ray import ATTEMPT_LOG_ENV, FAIL_ENV
+    from xtra.probe.cli import probe_model
+    from xtra.probe.driver import ATTEMPT_LOG_ENV, FAIL_ENV
 
     params = workspace.params_for(tmp_path)
     attempts = tmp_path / "attempts.log"
-    monkeypatch.setenv(FAIL_ENV, "bench_b-linear")
+    monkeypatch.setenv(FAIL_ENV, "bench_b")
     monkeypatch.setenv(ATTEMPT_LOG_ENV, str(attempts))
     assert probe_model(params, "rand", use_ray=True, num_cpus=2) == 1
     lines = attempts.read_text().splitlines()
-    assert sorted(lines) == ["rand/bench_a-linear", "rand/bench_b-linear", "rand/bench_b-linear"]  # one retry
+    assert sorted(lines) == ["rand/bench_a", "rand/bench_b", "rand/bench_b"]  # one retry
     out = tmp_path / "results" / "probe" / "rand"
     assert sorted(_files(out)) == ["bench_a-linear.json", "failures.json"]
     _check_probe_result(out / "bench_a-linear.json", "rand", "bench_a", "linear")
@@ -418,12 +419,12 @@ def _corrupt(kind: str, ckpt: Path, params: dict[str, Any]) -> str:
     if kind == "truncated":
         data = ckpt.read_bytes()
         ckpt.write_bytes(data[: len(data) // 2])
-        return f"checkpoint {ckpt} cannot be read (truncated or not a torch file?)"
+        return f"model file {ckpt} cannot be read as a weights-only file"
     if kind == "architecture":
         params["models"]["rand"]["arch"]["depth"] = 3
         return f"{ckpt} has a different architecture than params: depth: checkpoint 2 vs params 3"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    key = "model.encoder.blocks.1.mlp.fc1.weight"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    key = "encoder.blocks.1.mlp.fc1.weight"
     assert key in state["state_dict"]
     del state["state_dict"][key]
     torch.save(state, ckpt)
@@ -435,12 +436,12 @@ def test_bad_checkpoint_is_refused_before_any_job(
     kind: str, workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     from xtra.cli import main
-    from xtra.train.probe_ray import ATTEMPT_LOG_ENV
+    from xtra.probe.driver import ATTEMPT_LOG_ENV
 
     models = tmp_path / "models"
     shutil.copytree(workspace.root / "models" / "rand", models / "rand")
     params = workspace.params_for(tmp_path, models=models)
-    expected = _corrupt(kind, models / "rand" / "last.ckpt", params)
+    expected = _corrupt(kind, models / "rand" / "model.pt", params)
     attempts = tmp_path / "attempts.log"
     monkeypatch.setenv(ATTEMPT_LOG_ENV, str(attempts))
     code = main(["probe", "rand", "--params", str(_write_params(tmp_path, params)), "--no-ray"])
@@ -593,13 +594,13 @@ def test_full_disk_during_probe(workspace: Workspace, tmp_path: Path) -> None:
     params = workspace.params_for(tmp_path)
     args = ["probe", "rand", "--params", str(_write_params(tmp_path, params)), "--no-ray"]
     run = run_on_small_disk(args, tmp_path, results, size_kb=64, free_kb=0)
-    _assert_clean_failure(run, results / "probe" / "rand")
-    assert "[rand/bench_a-linear] 1 heads" in run.stdout  # the job ran; only its result could not be written
+    _assert_clean_failure(run, results / "probe-state" / "rand" / "bench_a")  # the job's first file: its state
+    assert "[rand/bench_a] kinds ['linear']: 1 heads" in run.stdout  # the job ran; only its files could not be written
     assert run.files == {}, f"a failed probe left {sorted(run.files)}"
 
 
 def test_full_disk_during_report(workspace: Workspace, tmp_path: Path) -> None:
-    from xtra.train.probe import probe_model
+    from xtra.probe.cli import probe_model
 
     staged = tmp_path / "staged"
     assert probe_model(workspace.params_for(tmp_path, results=staged), "rand", use_ray=False) == 0

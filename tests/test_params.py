@@ -284,3 +284,70 @@ def test_ablation_is_valid(name, command, overrides):
             assert isinstance(node, dict) and part in node, f"{item}: {part!r} is not in profile {name}"
             node = node[part]
     validate_params(copy.deepcopy(changed), f"{name} + {command}", check_paths=False)
+
+
+@pytest.mark.parametrize("name,command,overrides", ablation_commands(), ids=lambda v: v if isinstance(v, str) and
+                         v.startswith("dvc") else None)
+def test_ablation_is_accepted_by_dvc(name, command, overrides, tmp_path):
+    """DVC's own `-S` parser (`dvc.utils.hydra.apply_overrides`, what `dvc exp run -S` calls) takes
+    every override of docs/ABLATIONS.md: it refuses a key params.yaml does not spell out."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    target = tmp_path / "params.yaml"
+    target.write_text((PROFILES / f"{name}.yaml").read_text())
+    dvc_apply_overrides(str(target), overrides)
+    written = yaml.safe_load(target.read_text())
+    assert written == apply_overrides(profile(name), overrides)  # DVC wrote what our own parser reads
+    validate_params(written, f"{name} + {command}", check_paths=False)
+
+
+@pytest.mark.parametrize("name", ["demo", "paper_b16", "paper_h14"])
+def test_shipped_profiles_spell_out_every_schema_key(name):
+    """DVC sees only what the file says; `xtra profile --fill` writes the schema's defaults in."""
+    from xtra.fill import missing_keys
+
+    assert missing_keys((PROFILES / f"{name}.yaml").read_text()) == []
+
+
+def test_readme_ablations_are_accepted_by_dvc(tmp_path):
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    text = (REPO / "README.md").read_text()
+    commands = [line.split("#")[0].strip() for line in text.splitlines() if line.startswith("dvc exp run")]
+    assert commands
+    for command in commands:
+        target = tmp_path / "params.yaml"
+        target.write_text((REPO / "params.yaml").read_text())
+        overrides = _OVERRIDE.findall(command)
+        assert overrides, command
+        dvc_apply_overrides(str(target), overrides)
+        validate_params(yaml.safe_load(target.read_text()), command, check_paths=False)
+
+
+def test_validate_refuses_multi_node_outside_a_scheduler_job(tmp_path, monkeypatch, capsys):
+    """The B/16 recipe has 4 nodes: on one machine Lightning would wait for 32 processes."""
+    from xtra.config import SCHEDULER_ENV
+
+    for name in SCHEDULER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    params = apply_overrides(profile("demo"), ["models.xtra_k2.train.num_nodes=4", "models.xtra_k2.train.devices=8"])
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert xtra_main(["validate", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "models.xtra_k2.train.num_nodes is 4" in err and "32 processes" in err
+    assert "snakemake --profile workflow/profiles/slurm" in err and "--set models.xtra_k2.train.num_nodes=1" in err
+    assert xtra_main(["validate", "--params", str(path), "--no-paths"]) == 0  # checking the file only
+    monkeypatch.setenv("SLURM_NTASKS", "32")
+    assert xtra_main(["validate", "--params", str(path)]) == 0
+
+
+def test_a_key_given_twice_is_an_error_naming_it(tmp_path):
+    """PyYAML would keep the second silently (a text merge can leave a key twice)."""
+    text = (PROFILES / "demo.yaml").read_text().replace("    heldout_fraction: 0.2\n",
+                                                         "    heldout_fraction: 0.2\n    heldout_fraction: 0.3\n", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=r"key 'heldout_fraction' appears twice .*lines \d+ and \d+"):
+        load_params(path, check_paths=False)
+    assert load_params(PROFILES / "demo.yaml", check_paths=False)["models"]["xtra_k1"]["arch"]["block_size"] == 1

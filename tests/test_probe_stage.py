@@ -14,11 +14,12 @@ from xtra.config import validate_params
 from xtra.data.prepare import prepare_dataset
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import CheckpointError, DataError, ParamsError
-from xtra.model.checkpoint import file_sha256, save_model_checkpoint
+from xtra.model.artifact import save_model_artifact
+from xtra.model.checkpoint import file_sha256
 from xtra.model.xtra import XTRA, ArchConfig
-from xtra.train.probe import configure_parser, probe_model, run
-from xtra.train.probe_job import ProbeJob, plan_jobs, preflight, stratified_split
-from xtra.train.probe_ray import ATTEMPT_LOG_ENV, FAIL_ENV, init_ray
+from xtra.probe.cli import configure_parser, probe_model, run
+from xtra.probe.driver import ATTEMPT_LOG_ENV, FAIL_ENV, init_ray
+from xtra.probe.job import ProbeJob, plan_jobs, preflight, stratified_split
 
 ARCH = {"preset": "tiny", "width": 32, "depth": 2, "heads": 2, "img_size": 16, "patch_size": 4, "block_size": 2,
         "predictor_depth": 1, "predictor_width": 16, "predictor_heads": 1}
@@ -76,7 +77,7 @@ def build_inputs(params: dict, datasets=("set_a", "set_b")) -> None:
         prepare_dataset(name, params["datasets"][name], Path(params["paths"]["prepared"]), reader=_reader(40, 20, i))
     torch.manual_seed(0)
     out = Path(params["paths"]["models"]) / "rand"
-    save_model_checkpoint(XTRA(ArchConfig.from_dict(ARCH)), out / "last.ckpt", ARCH)
+    save_model_artifact(out / "model.pt", init="random", arch=ARCH, state_dict=XTRA(ArchConfig.from_dict(ARCH)).state_dict())
     (out / "metrics.json").write_text(json.dumps({"images_seen": 1234}))
 
 
@@ -100,7 +101,7 @@ def _check_result(params: dict, bench: str, kind: str) -> dict:
     best = max(data["heads"], key=lambda h: h["top1"]) if data["protocol"] == "paper" else None
     if best is not None:
         assert data["top1"] == best["top1"] and data["selected"]["lr"] == best["lr"]
-    ckpt = Path(params["paths"]["models"]) / "rand" / "last.ckpt"
+    ckpt = Path(params["paths"]["models"]) / "rand" / "model.pt"
     assert data["checkpoint_sha256"] == file_sha256(ckpt)
     manifest = Path(params["paths"]["prepared"]) / params["probe"]["benchmarks"][bench]["dataset"] / "manifest.json"
     assert data["manifest_sha256"] == file_sha256(manifest)
@@ -169,17 +170,17 @@ def test_ray_runs_four_jobs_and_reports_a_failing_one(workspace, ray_session, tm
     assert not failures.exists()
 
     attempts = tmp_path / "attempts.log"
-    monkeypatch.setenv(FAIL_ENV, "bench_b-linear")
+    monkeypatch.setenv(FAIL_ENV, "bench_b")
     monkeypatch.setenv(ATTEMPT_LOG_ENV, str(attempts))
     stale = Path(workspace["paths"]["results"]) / "probe" / "rand" / "bench_a-linear.json"
     stale.unlink()
     assert probe_model(workspace, "rand") == 1
     lines = attempts.read_text().splitlines()
-    assert lines.count("rand/bench_b-linear") == 2  # max_retries 1: the first attempt and one retry
-    assert lines.count("rand/bench_a-linear") == 1
+    assert lines.count("rand/bench_b") == 2  # max_retries 1: the first attempt and one retry
+    assert lines.count("rand/bench_a") == 1  # one result was missing: the job ran again (from its state)
     _check_result(workspace, "bench_a", "linear")  # the other jobs completed
     report = json.loads(failures.read_text())["failures"]
-    assert [(f["job"], f["attempts"]) for f in report] == [("bench_b-linear", 2)]
+    assert [(f["job"], f["attempts"]) for f in report] == [("bench_b-linear", 2), ("bench_b-attentive", 2)]
     assert "InjectedFailure" in report[0]["error"]
     assert not (stale.parent / "bench_b-linear.json").exists()
 
@@ -195,7 +196,7 @@ def test_in_process_failure_is_retried_and_reported(workspace, tmp_path, monkeyp
     monkeypatch.setenv(FAIL_ENV, "*")
     monkeypatch.setenv(ATTEMPT_LOG_ENV, str(tmp_path / "attempts.log"))
     assert probe_model(params, "rand", ["bench_a"], ["linear"], use_ray=False) == 1
-    assert (tmp_path / "attempts.log").read_text().splitlines() == ["rand/bench_a-linear"] * 3
+    assert (tmp_path / "attempts.log").read_text().splitlines() == ["rand/bench_a"] * 3
     report = json.loads((tmp_path / "results" / "probe" / "rand" / "failures.json").read_text())
     assert report["failures"][0]["job"] == "bench_a-linear" and report["failures"][0]["attempts"] == 3
     assert "failed after 3 attempt(s)" in capsys.readouterr().err
@@ -211,7 +212,7 @@ def test_cli_runs_one_job_in_process(workspace, tmp_path, monkeypatch, capsys):
     configure_parser(parser)
     args = parser.parse_args(["rand", "--params", str(path), "--benchmark", "bench_b", "--kind", "linear", "--no-ray"])
     assert run(args) == 0
-    assert "bench_b-linear" in capsys.readouterr().out
+    assert "bench_b-linear.json" in capsys.readouterr().out
 
 
 # ---- bad input: refused before any training starts -------------------------------------------------
@@ -237,12 +238,13 @@ def test_unknown_benchmark_or_kind_is_refused(workspace):
         plan_jobs(workspace, "rand", None, ["knn"])
     with pytest.raises(ParamsError, match="models.ghost"):
         plan_jobs(workspace, "ghost")
-    assert [j.name for j in plan_jobs(workspace, "rand", ["bench_b"], ["attentive"])] == ["bench_b-attentive"]
+    assert plan_jobs(workspace, "rand", ["bench_b"], ["attentive"]) == [ProbeJob("rand", "bench_b", ("attentive",))]
+    assert [j.kinds for j in plan_jobs(workspace, "rand")] == [("linear", "attentive")] * 2  # one job per benchmark
     params = json.loads(json.dumps(workspace))
     params["probe"]["benchmarks"]["bench_a"]["kinds"] = ["linear"]
     with pytest.raises(ParamsError, match=r"bench_a.kinds.*attentive"):
         plan_jobs(params, "rand", ["bench_a"], ["attentive"])
-    assert [j.name for j in plan_jobs(params, "rand", None, ["attentive"])] == ["bench_b-attentive"]
+    assert [j.result_names() for j in plan_jobs(params, "rand", None, ["attentive"])] == [["bench_b-attentive"]]
 
 
 def test_wrong_architecture_is_refused(workspace):
@@ -263,18 +265,18 @@ def test_missing_split_and_empty_grid_are_refused(workspace):
     params = json.loads(json.dumps(workspace))
     params["probe"]["benchmarks"]["bench_a"]["eval_split"] = "val"
     with pytest.raises(DataError, match="bench_a.eval_split.*no split 'val'"):
-        preflight(params, "rand", [ProbeJob("rand", "bench_a", "linear")])
+        preflight(params, "rand", [ProbeJob("rand", "bench_a", ("linear",))])
     params = json.loads(json.dumps(workspace))
     params["probe"]["benchmarks"]["bench_a"]["lrs"] = []
     with pytest.raises(ParamsError, match="bench_a.lrs: empty sweep grid"):
-        preflight(params, "rand", [ProbeJob("rand", "bench_a", "linear")])
+        preflight(params, "rand", [ProbeJob("rand", "bench_a", ("linear",))])
 
 
 def test_attentive_shape_errors_are_refused(workspace):
     params = json.loads(json.dumps(workspace))
     params["probe"]["num_last_blocks"] = 3
     with pytest.raises(ParamsError, match="num_last_blocks"):
-        preflight(params, "rand", [ProbeJob("rand", "bench_a", "attentive")])
+        preflight(params, "rand", [ProbeJob("rand", "bench_a", ("attentive",))])
     params["probe"]["num_last_blocks"], params["probe"]["attn_heads"] = 2, 5
     with pytest.raises(ParamsError, match="attn_heads"):
-        preflight(params, "rand", [ProbeJob("rand", "bench_a", "attentive")])
+        preflight(params, "rand", [ProbeJob("rand", "bench_a", ("attentive",))])

@@ -14,8 +14,8 @@ from xtra.data.loaders import make_loader
 from xtra.errors import ParamsError
 from xtra.model.probes import AttentiveProbe, HeadBank, LinearProbe, probe_blocks
 from xtra.model.vit import Encoder
-from xtra.train.probe_bench import run_sweep_bench
-from xtra.train.probe_train import (
+from xtra.probe.bench import run_sweep_bench
+from xtra.probe.loop import (
     CachedFeatures, LiveFeatures, SweepConfig, cache_features, evaluate_bank, settings_grid, train_bank,
 )
 
@@ -164,9 +164,10 @@ def test_evaluate_reports_top1_and_top5():
     assert scores.top1 == [62.5] and scores.top5 == [87.5] and scores.count == 8
 
 
-@pytest.mark.timeout(60)
-def test_sweep_bench_runs_and_reports_a_speedup(capsys):
-    rows = run_sweep_bench(lrs=(1e-3, 1e-2, 1e-1), kinds=("linear",), epochs=1, num_samples=64, batch_size=16,
+@pytest.mark.timeout(120)
+def test_sweep_bench_reports_the_one_pass_ratio_of_both_kinds(capsys):
+    rows = run_sweep_bench(lrs=(1e-3, 1e-2), epochs=1, num_samples=32, batch_size=16,
                            img_size=16, width=32, depth=4, heads=2, num_last_blocks=2, num_threads=1)
-    assert rows[0].heads == 3 and rows[0].one_pass_s > 0 and rows[0].speedup > 1.0
-    assert "speed-up" in capsys.readouterr().out
+    assert [(r.kind, r.heads) for r in rows] == [("linear", 2), ("attentive", 2), ("linear+attentive", 4)]
+    assert rows[2].separate_s == rows[0].separate_s + rows[1].separate_s and rows[2].one_pass_s > 0
+    assert "goal 0.8xheads" in capsys.readouterr().out  # reported, never asserted: a shared machine

@@ -1,6 +1,8 @@
 """The two DAG front-ends plan the same pipeline: dvc.yaml (local, cached, experiments) and
-workflow/Snakefile (clusters), for the demo and both paper profiles, with the cluster requests of
-the paper runs; DVC re-runs only what a params change touches; the code deps are complete.
+workflow/Snakefile (clusters), both made from xtra/dag.py's stage table, for the demo and both
+paper profiles, with the cluster requests of the paper runs; dvc.yaml is current; DVC re-runs
+only what a params change touches; the code deps are complete. (tests/test_staleness.py runs
+the edits through both front-ends.)
 
 Everything that may write state (.dvc/tmp, .snakemake) runs in copies of the repository made from
 `git ls-files` (tracked and untracked-but-not-ignored files: no data, models, results or venv).
@@ -25,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from xtra.cli import COMMANDS
 from xtra.cli import main as xtra_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +82,7 @@ def parse_dry_run(text: str) -> list[Job]:
     """The job blocks of `snakemake -n -p` output: `rule NAME:`, indented `key: value`, `Shell command:`."""
     jobs: list[Job] = []
     for line in text.splitlines():
-        head = re.match(r"^(?:local)?rule (\w+):$", line)
+        head = re.match(r"^(?:local)?rule ([\w-]+):$", line)
         if head:
             jobs.append(Job(head.group(1)))
         elif jobs and (item := re.match(r"^    (\w+): (.*)$", line)):
@@ -134,7 +137,7 @@ def dvc_stages(path: Path) -> dict[str, dict]:
     from dvc.repo import Repo
 
     with Repo(str(path)) as repo:
-        return {s.name: {"kind": s.name.split("@")[0], "cmd": s.cmd,
+        return {s.name: {"kind": s.name.split("-")[0], "cmd": s.cmd,
                                "outs": sorted(o.def_path for o in s.outs), "deps": [d.def_path for d in s.deps]}
                 for s in repo.index.stages}
 
@@ -143,26 +146,15 @@ def dvc_stages(path: Path) -> dict[str, dict]:
 
 
 def assert_same_pipeline(stages: dict[str, dict], jobs: list[Job], params: dict) -> None:
-    """Same stage kinds, the same output paths and the same commands.
-
-    The one difference is the probe granularity. DVC has one `probe@MODEL` stage per model, which
-    runs all of the model's (benchmark x kind) jobs on Ray and declares the folder
-    results/probe/MODEL; Snakemake has one job per (model, benchmark, kind), each a cluster job
-    writing results/probe/MODEL/BENCHMARK-KIND.json. So the probe files must fill exactly the
-    probe folders, and the per-job commands must be the per-model command restricted to one job.
-    """
-    jobs = [j for j in jobs if j.rule != "all"]
-    assert {s["kind"] for s in stages.values()} == {j.rule for j in jobs} == set(STAGES)
-    for kind in ("prepare", "pretrain", "report"):
-        dvc_outs = sorted(o for s in stages.values() if s["kind"] == kind for o in s["outs"])
-        assert dvc_outs == sorted(o for j in jobs if j.rule == kind for o in j.outputs), kind
-    folders = {o for s in stages.values() if s["kind"] == "probe" for o in s["outs"]}
-    files = [o for j in jobs if j.rule == "probe" for o in j.outputs]
-    assert {posixpath.dirname(f) for f in files} == folders
-    benchmarks = params["probe"]["benchmarks"]
-    assert len(files) == len(folders) * sum(len(b.get("kinds", ["linear", "attentive"])) for b in benchmarks.values())
-    per_job = {re.sub(r" --benchmark \S+ --kind \S+ --no-ray$", "", command_of(j.shell)) for j in jobs}
-    assert per_job == {s["cmd"] for s in stages.values()}
+    """The same stages under the same names, with the same outputs and the same commands."""
+    jobs = {j.rule: j for j in jobs if j.rule != "all"}
+    assert set(stages) == set(jobs)
+    for name, stage in stages.items():
+        assert stage["outs"] == sorted(jobs[name].outputs), name
+        assert command_of(jobs[name].shell) == stage["cmd"], name
+    models = params["probe"].get("models") or params["models"]
+    assert {s["kind"] for s in stages.values()} == set(STAGES)
+    assert sum(s["kind"] == "probe" for s in stages.values()) == len(models) * len(params["probe"]["benchmarks"])
 
 
 @pytest.mark.parametrize("key", ["demo", "b16", "h14_slurm"])
@@ -173,21 +165,39 @@ def test_dvc_and_snakemake_plan_the_same_pipeline(key, copies, snakemake_runs):
     assert_same_pipeline(stages, jobs, params)
     counts = {kind: sum(s["kind"] == kind for s in stages.values()) for kind in STAGES}
     assert counts == {"prepare": len(params["datasets"]), "pretrain": len(params["models"]),
-                      "probe": len(params["models"]), "report": 1}
+                      "probe": len(params["models"]) * len(params["probe"]["benchmarks"]), "report": 1}
+
+
+def test_shipped_dvc_yaml_is_the_stage_table_of_params_yaml():
+    """dvc.yaml is written by `xtra dag`; a changed import, dataset or benchmark needs a rewrite."""
+    from xtra.config import load_params
+    from xtra.dag import dvc_yaml_problem
+
+    assert dvc_yaml_problem(load_params(REPO / "params.yaml", check_paths=False), REPO) is None
+
+
+def test_profile_switch_rewrites_dvc_yaml(copies):
+    from xtra.config import load_params
+    from xtra.dag import dvc_yaml_problem
+
+    for key in ("b16", "h14"):
+        path = copies[key]
+        assert dvc_yaml_problem(load_params(path / "params.yaml", check_paths=False), path) is None, key
 
 
 def _jobs_by_rule(jobs: list[Job]) -> dict[str, list[Job]]:
     by_rule: dict[str, list[Job]] = {}
     for job in jobs:
-        by_rule.setdefault(job.rule, []).append(job)
+        by_rule.setdefault(job.rule.split("-")[0], []).append(job)
     return by_rule
 
 
 def _check_h14_plan(jobs: list[Job]) -> dict[str, list[Job]]:
     by_rule = _jobs_by_rule(jobs)
-    assert {rule: len(js) for rule, js in by_rule.items()} == {"prepare": 16, "pretrain": 1, "probe": 16,
+    assert {rule: len(js) for rule, js in by_rule.items()} == {"prepare": 16, "pretrain": 1, "probe": 15,
                                                               "report": 1, "all": 1}
-    assert by_rule["pretrain"][0].fields["input"] == "data/prepared/imagenet21k"
+    inputs = by_rule["pretrain"][0].fields["input"].split(", ")
+    assert inputs[0] == "data/prepared/imagenet21k/manifest.json" and "xtra/model/xtra.py" in inputs
     assert all(j.resources["runtime"] == "2880" for j in by_rule["pretrain"])
     return by_rule
 
@@ -205,7 +215,7 @@ def test_slurm_plan_of_the_h14_profile(snakemake_runs):
     for job in by_rule["probe"]:
         assert (job.resources["gpu"], job.resources["nodes"], job.resources["cpus_per_task"]) == ("1", "1", "16")
         assert "mpi" not in job.resources and job.shell.startswith("xtra probe xtra_h14 --benchmark ")
-    in1k = [j for j in by_rule["probe"] if "benchmark=in1k" in j.fields["wildcards"]]
+    in1k = [j for j in by_rule["probe"] if j.rule == "probe-xtra_h14-in1k"]
     assert {j.resources["runtime"] for j in in1k} == {"4320"}  # the benchmark's own request wins
     for job in by_rule["prepare"]:
         assert "gpu" not in job.resources and "gres" not in job.resources and job.resources["nodes"] == "1"
@@ -244,7 +254,7 @@ def _fake_outputs(path: Path, stages: dict[str, dict]) -> None:
     for stage in stages.values():
         for out in stage["outs"]:
             target = path / out
-            if target.suffix in (".ckpt", ".json", ".csv"):
+            if target.suffix in (".pt", ".json", ".csv"):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(f"{out}\n")
             else:
@@ -280,10 +290,19 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
     cache.mkdir(exist_ok=True)
     (cache / "cli.cpython-311.pyc").write_bytes(b"\0")
     assert _changed(path) == set(), "byte code changed a stage (see .dvcignore)"
-    cases = [("probe.benchmarks.mnist.lrs", [0.001, 0.01], {"probe@xtra_k2", "probe@xtra_k1", "probe@random_k2", "report"}),
-             ("probe.num_last_blocks", 2, {"probe@xtra_k2", "probe@xtra_k1", "probe@random_k2", "report"}),
-             ("models.xtra_k1.train.epochs", 5, {"pretrain@xtra_k1", "report"}),
-             ("datasets.digits.heldout_fraction", 0.3, {"prepare@digits"})]
+    # `dvc status` names the stages whose own deps changed (tests/test_staleness.py adds the downstream ones)
+    probes = {f"probe-{m}-{b}" for m in ("xtra_k2", "xtra_k1", "random_k2", "pixels") for b in ("mnist", "digits")}
+    cases = [("probe.benchmarks.mnist.lrs", [0.001, 0.01], {p for p in probes if p.endswith("-mnist")}),
+             ("probe.num_last_blocks", 2, probes),
+             ("probe.ray.max_retries", 4, set()),
+             ("probe.resources.mem_mb", 9000, set()),
+             ("models.xtra_k1.train.epochs", 5, {"pretrain-xtra_k1"}),
+             ("models.xtra_k1.train.num_workers", 0, set()),
+             ("models.random_k2.train.epochs", 5, set()),
+             ("models.pixels.arch.img_size", 48, {"pretrain-pixels", "probe-pixels-mnist", "probe-pixels-digits"}),
+             ("report.dpi", 100, {"report"}),
+             ("datasets.digits.heldout_fraction", 0.3, {"prepare-digits"}),
+             ("datasets.digits.num_workers", 1, set())]
     for key, value, expected in cases:
         _edit(path, key, value)
         assert _changed(path) == expected, key
@@ -295,9 +314,8 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
 
 # Plumbing every stage imports that only checks params (a change cannot alter a result without a
 # params change): not a dependency, so editing the CLI does not re-run a 100-epoch pre-training.
-PLUMBING = {"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.profiles"}
-STAGE_MODULES = {"prepare": "xtra.data.prepare", "pretrain": "xtra.train.pretrain", "probe": "xtra.train.probe",
-                 "report": "xtra.report.cli"}
+PLUMBING = {"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.profiles", "xtra.dag", "xtra.fill"}
+STAGE_MODULES = {kind: COMMANDS[kind][0] for kind in STAGES}  # the module each `xtra <kind>` runs
 
 
 def _module_file(name: str) -> Path | None:
@@ -349,3 +367,33 @@ def test_dvc_code_deps_exist():
 def test_one_schema_for_both_front_ends():
     link = REPO / "workflow" / "schemas" / "params.schema.yaml"
     assert link.is_symlink() and link.resolve() == (REPO / "xtra" / "schema" / "params.schema.yaml").resolve()
+
+
+def test_a_stage_of_a_stale_dvc_yaml_refuses_to_run_under_dvc(tmp_path):
+    """`dvc exp run -S 'probe.models=[...]'` changes the stage table: the first stage stops, naming the fix."""
+    from xtra.dag import check_under_dvc
+    from xtra.errors import ParamsError
+
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    env = {"DVC_STAGE": "report", "DVC_ROOT": str(tmp_path)}
+    check_under_dvc("report", str(tmp_path / "params.yaml"), env)
+    check_under_dvc("validate", str(tmp_path / "params.yaml"), env)  # not a stage command
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["probe"]["models"] = ["xtra_k2"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="run `xtra dag`"):
+        check_under_dvc("report", str(tmp_path / "params.yaml"), env)
+    check_under_dvc("report", str(tmp_path / "params.yaml"), {})  # outside DVC: no check
+
+
+def test_the_pipelines_never_write_the_readme():
+    import argparse
+
+    from xtra.report.cli import configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert parser.parse_args([]).readme is None
+    assert "--readme" not in (REPO / "dvc.yaml").read_text()
+    assert not any("--readme" in p.read_text() for p in (REPO / "workflow").rglob("*.smk"))

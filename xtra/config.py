@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -20,10 +21,13 @@ from jsonschema import Draft202012Validator, validators
 
 from xtra.errors import ParamsError
 
-__all__ = ["SCHEMA_PATH", "load_params", "validate_params", "load_schema", "params_hash", "model_arch",
-           "configure_parser", "run"]
+__all__ = ["SCHEMA_PATH", "SCHEDULER_ENV", "load_params", "validate_params", "load_schema", "params_hash",
+           "model_arch", "launch_problems", "configure_parser", "run"]
 
 SCHEMA_PATH = Path(str(resources.files("xtra") / "schema" / "params.schema.yaml"))
+# Variables a Slurm or LSF job step sets: Lightning starts a multi-node run only inside one of them
+# (SLURMEnvironment / LSFEnvironment); elsewhere it waits for processes that never come.
+SCHEDULER_ENV = ("SLURM_NTASKS", "LSB_JOBID")
 # Dataset kinds whose data ships inside registry packages: they need no `root`.
 EMBEDDED_KINDS = frozenset({"mnist5k", "digits"})
 
@@ -125,6 +129,24 @@ def _cross_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
             yield f"probe.models: {name!r} is not a model of this params file"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word (a text merge of two branches can
+    leave `heldout_fraction` twice); this loader refuses them, naming the key and both lines."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ParamsError(f"{key_node.start_mark.name}: key {key!r} appears twice in one mapping "
+                                  f"(lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = "params.yaml", check_paths: bool = True) -> dict[str, Any]:
     """Read, validate and default-fill a params file. Raises ParamsError naming the file and key."""
     path = Path(path)
@@ -133,7 +155,12 @@ def load_params(path: str | Path = "params.yaml", check_paths: bool = True) -> d
     except OSError as exc:
         raise ParamsError(f"cannot read params file {path}: {exc.strerror}") from exc
     try:
-        params = yaml.safe_load(text)
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            params = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     return validate_params(params, str(path), check_paths)
@@ -150,13 +177,41 @@ def model_arch(params: dict[str, Any], model: str) -> dict[str, Any]:
     return params["models"][model]["arch"]
 
 
+def launch_problems(params: dict[str, Any], source: str = "params.yaml",
+                    environ: dict[str, str] | None = None) -> list[str]:
+    """Why a pre-training of `params` cannot start on this machine (num_nodes > 1 outside a
+    scheduler job), each with the fix; empty when it can."""
+    environ = dict(os.environ if environ is None else environ)
+    if any(environ.get(name) for name in SCHEDULER_ENV):
+        return []
+    problems = []
+    for name, model in params["models"].items():
+        train = model.get("train") or {}
+        nodes, devices = int(train.get("num_nodes", 1)), train.get("devices", 1)
+        waits = f"{nodes * devices} processes ({nodes} nodes x {devices})" if isinstance(devices, int) \
+            else f"the processes of {nodes} nodes"
+        if model.get("init", "pretrain") == "pretrain" and nodes > 1:
+            problems.append(
+                f"{source}: models.{name}.train.num_nodes is {nodes}, but this is no Slurm or LSF job "
+                f"({' / '.join(SCHEDULER_ENV)} unset): Lightning would wait for {waits} "
+                f"forever. Run it on the cluster with `snakemake --profile workflow/profiles/slurm` (or lsf), "
+                f"or on this one node with `xtra profile {params.get('profile', 'NAME')} --set "
+                f"models.{name}.train.num_nodes=1` (raise accumulate_grad_batches to keep the global batch)")
+    return problems
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--no-paths", action="store_true", help="do not check that dataset/checkpoint paths exist")
+    parser.add_argument("--no-paths", action="store_true",
+                        help="check the file only, not this machine: no dataset/checkpoint paths, no scheduler "
+                             "environment for num_nodes > 1")
 
 
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params, check_paths=not args.no_paths)
+    problems = [] if args.no_paths else launch_problems(params, args.params)
+    if problems:
+        raise ParamsError("\n".join(problems))
     print(f"{args.params}: valid (profile {params['profile']!r}, {len(params['datasets'])} datasets, "
           f"{len(params['models'])} models, {len(params['probe']['benchmarks'])} benchmarks)")
     return 0

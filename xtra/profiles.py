@@ -10,6 +10,10 @@ would deep-merge two profiles into one, and DVC cannot see it at all.)
 - `--set KEY=VALUE` (repeatable) applies overrides first, `models.xtra_b16.arch.block_size=2`
   style, as `dvc exp run -S` does; the result is re-validated and written as plain YAML under a
   header naming the profile and the overrides (docs/ABLATIONS.md lists the paper's ablations).
+- `--fill` writes every key the schema defines into params.yaml and every shipped profile
+  (xtra.fill: DVC sees only what the file spells out, and `dvc exp run -S` overrides only that).
+- Writing params.yaml also rewrites dvc.yaml beside it (`xtra dag`): its stages are the table of
+  the new params (xtra.dag).
 - params.yaml is only overwritten when nothing would be lost: when it equals a shipped profile, or
   is a file this command wrote and nobody edited since (its header carries the body's sha256).
   Otherwise `--force` is needed.
@@ -141,11 +145,34 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key, e.g. models.xtra_b16.arch.block_size=2 (repeatable)")
     parser.add_argument("--force", action="store_true", help="overwrite a params file with edits of its own")
+    parser.add_argument("--fill", action="store_true",
+                        help="write every schema key (its default) into the --params file and every shipped profile")
+
+
+def _fill_all(target: Path, profiles_dir: Path) -> int:
+    from xtra.fill import fill_file
+
+    for path in [target, *sorted(Path(profiles_dir).glob("*.yaml"))]:
+        if path.is_file():
+            added = fill_file(path)
+            print(f"{path}: {len(added)} key(s) added" + (f" ({', '.join(added[:4])}...)" if added else ""))
+    return 0
+
+
+def _write_dag(target: Path) -> None:
+    """dvc.yaml beside a params.yaml: the stage table of its params (only where a dvc.yaml lives)."""
+    from xtra.config import load_params
+    from xtra.dag import write_dvc_yaml
+
+    if (target.resolve().parent / "dvc.yaml").exists():
+        write_dvc_yaml(load_params(target, check_paths=False), target.resolve().parent)
 
 
 def run(args: argparse.Namespace) -> int:
     target = Path(args.params)
     profiles_dir = Path(args.profiles_dir) if args.profiles_dir else target.resolve().parent / "profiles"
+    if args.fill:
+        return _fill_all(target, profiles_dir)
     if args.name is None:
         current = target.read_text() if target.is_file() else None
         for name in available_profiles(profiles_dir):
@@ -157,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         raise ParamsError(f"{target} has edits that are in no profile; save them as profiles/<name>.yaml "
                           f"or pass --force to overwrite them")
     _write_atomic(target, text)
+    _write_dag(target)
     params = yaml.safe_load(text)
     print(f"{target}: profile {args.name!r}" + (f" with {len(args.overrides)} override(s)" if args.overrides else "")
           + f" ({len(params['datasets'])} datasets, {len(params['models'])} models, "

@@ -1,10 +1,14 @@
-# Shared by the rules: the params checks, the output paths (the same as dvc.yaml's), the job lists,
-# and the translation of a params `resources` request into the resources the Slurm and LSF
+# Shared by the rules: the params checks, the stage table (xtra/dag.py, the one dvc.yaml is written
+# from: the same jobs, inputs, outputs and params identities), and the translation of a params `resources` request into the resources the Slurm and LSF
 # executor plugins read.
+import os
+from pathlib import Path
+
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from xtra.config import params_hash, validate_params
+from xtra.config import validate_params
+from xtra.dag import identity, param_value, stage_table
 from xtra.errors import ParamsError
 
 # The xtra commands read this file themselves (their default --params), so it is the only source
@@ -37,53 +41,49 @@ def cross_check_params():
         raise WorkflowError(str(exc)) from exc
 
 
-# ---------------------------------------------------------------- outputs (the same paths as dvc.yaml)
+# ---------------------------------------------------------------- the stages (the same table as dvc.yaml)
 
 
-def prepared_dir(dataset):
-    return f"{config['paths']['prepared']}/{dataset}"
+def check_params_complete():
+    """Every params key a stage depends on must be in params.yaml itself, as DVC requires: a value
+    the schema filled in would be seen by the commands but by no identity."""
+    with open(PARAMS_FILE) as handle:
+        on_disk = yaml.safe_load(handle)
+    missing = []
+    for stage in STAGES:
+        for key in stage.params:
+            try:
+                param_value(on_disk, key)
+            except ParamsError:
+                missing.append(key)
+    if missing:
+        raise WorkflowError(f"{PARAMS_FILE} leaves out {sorted(set(missing))[:8]}...: the stages depend on them. "
+                            f"Run `xtra profile --fill` to write every schema key into it.")
 
 
-def model_file(model, name):
-    return f"{config['paths']['models']}/{model}/{name}"
+def stages_of(kind):
+    return [s for s in STAGES if s.kind == kind]
 
 
-def probe_result(model, benchmark, kind):
-    return f"{config['paths']['results']}/probe/{model}/{benchmark}-{kind}.json"
+def stage_inputs(stage):
+    """What the job reads: the files other stages (or the user) write, and the code it runs. Code
+    folders are listed file by file: Snakemake compares file times, and a folder's time changes
+    only when a file is added or removed."""
+    code = []
+    for path in stage.code:
+        if os.path.isdir(path):
+            code += sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        else:
+            code.append(path)
+    return {"data": stage.data, "code": code}
 
 
-def results_path(name):
-    return f"{config['paths']['results']}/{name}"
+def stage_outputs(stage):
+    return [directory(o) if o in stage.dirs else o for o in stage.outs] + list(stage.metrics)
 
 
-# The report's plot data (xtra/report/cli.py); dvc.yaml declares the same four files.
-PLOT_NAMES = ("top1", "sweep", "loss", "images_seen")
-
-
-def probed_models():
-    return config["probe"]["models"] or list(config["models"])
-
-
-def probe_jobs():
-    """(model, benchmark, kind) of every probe job: DVC runs each model's set in one Ray stage."""
-    benchmarks = config["probe"]["benchmarks"]
-    return [(m, b, k) for m in probed_models() for b in benchmarks for k in benchmarks[b]["kinds"]]
-
-
-def pretrain_inputs(model):
-    """Exact inputs: a trained model reads its dataset; a random or converted one reads none."""
-    cfg = config["models"][model]
-    return [prepared_dir(cfg["dataset"])] if cfg["init"] == "pretrain" else []
-
-
-def probe_fingerprint(wildcards):
-    """What a probe job's result depends on in params (Snakemake re-runs the job when it changes)."""
-    probe = config["probe"]
-    common = {k: v for k, v in probe.items() if k not in ("benchmarks", "models", "resources", "ray")}
-    model = config["models"][wildcards.model]
-    return params_hash({"benchmark": probe["benchmarks"][wildcards.benchmark], "probe": common,
-                        "kind": wildcards.kind, "arch": model["arch"], "eval_resize": model["eval_resize"],
-                        "seed": config["seed"]})
+def stage_log(stage):
+    return f"{config['paths']['results']}/logs/{stage.kind}/{stage.name}.log"
 
 
 # ---------------------------------------------------------------- scheduler resources
@@ -205,18 +205,15 @@ def launch_prefix(resources):
     return f"{resources['mpi']} " if resources.get("mpi") else ""
 
 
-def dataset_request(wildcards):
-    return config["datasets"][wildcards.dataset]["resources"]
-
-
-def model_request(wildcards):
-    check_pretrain_layout(wildcards.model)
-    return config["models"][wildcards.model]["resources"]
-
-
-def probe_request(wildcards):
-    """probe.resources, with the benchmark's own `resources` keys on top."""
-    bench = config["probe"]["benchmarks"][wildcards.benchmark]
+def stage_request(stage):
+    """The params `resources` of a stage: its dataset's, its model's, or probe.resources with the
+    benchmark's own keys on top. Resources size the job; they are never part of its identity."""
+    if stage.kind == "prepare":
+        return config["datasets"][stage.item["dataset"]]["resources"]
+    if stage.kind == "pretrain":
+        check_pretrain_layout(stage.item["model"])
+        return config["models"][stage.item["model"]]["resources"]
+    bench = config["probe"]["benchmarks"][stage.item["benchmark"]]
     return {**config["probe"]["resources"], **(bench.get("resources") or {})}
 
 
@@ -224,6 +221,8 @@ RESOURCE_KEYS = ("runtime", "mpi", "nodes", "mem_mb", "cpus_per_task", "gpu", "g
                  "slurm_extra", "tasks_per_gpu", "ptile", "lsf_extra")
 
 
-def resources_of(request):
-    """Rule `resources:` keyword arguments: one callable per plugin key, evaluated per job."""
-    return {key: (lambda wildcards, key=key: cluster_resources(request(wildcards)).get(key)) for key in RESOURCE_KEYS}
+def resources_of(stage):
+    """Rule `resources:` keyword arguments of a stage's job, plus `launch`, the shell prefix of a
+    multi-task job (a resource, not a param: Snakemake keeps params in the job's identity)."""
+    res = cluster_resources(stage_request(stage))
+    return {**{key: res.get(key) for key in RESOURCE_KEYS}, "launch": launch_prefix(res)}

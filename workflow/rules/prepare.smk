@@ -1,18 +1,25 @@
 # One job per dataset of params.yaml: raw files -> checksummed WebDataset shards. CPU only.
-# `cfg` is a digest of the dataset's params, so that Snakemake re-runs the job when they change.
+# The declared output is the manifest (it records every shard's sha256): the shards beside it are
+# no output, so Snakemake never deletes them before the job (xtra prepare decides what to redo).
 
 
-rule prepare:
-    output:
-        directory(prepared_dir("{dataset}")),
-    params:
-        cfg=lambda wildcards: params_hash(config["datasets"][wildcards.dataset]),
-    conda:
-        "../envs/xtra.yaml"
-    log:
-        results_path("logs/prepare/{dataset}.log"),
-    threads: lambda wildcards: job_threads(dataset_request(wildcards))
-    resources:
-        **resources_of(dataset_request),
-    shell:
-        "xtra prepare {wildcards.dataset} > {log} 2>&1"
+for stage in stages_of("prepare"):
+
+    rule:
+        name:
+            stage.name
+        input:
+            **stage_inputs(stage),
+        output:
+            stage_outputs(stage),
+        params:
+            identity=identity(config, stage),
+        conda:
+            "../envs/xtra.yaml"
+        log:
+            stage_log(stage),
+        threads: job_threads(stage_request(stage))
+        resources:
+            **resources_of(stage),
+        shell:
+            f"{stage.cmd} > {{log}} 2>&1"

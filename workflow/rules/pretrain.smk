@@ -1,24 +1,28 @@
-# One job per model of params.yaml. Outputs are the final files only: the resumable state in
-# <model>/checkpoints/ is not an output, so Snakemake never deletes it and a job cut by its time
-# limit (or retried) resumes where it stopped. A multi-GPU run on a cluster is one multi-task job
-# whose command is started by the `mpi` launcher (srun, jsrun; see rules/common.smk).
+# One job per model of params.yaml. Outputs are the final files only (model.pt, metrics.json): the
+# resumable state in <model>/checkpoints/ is not an output, so Snakemake never deletes it and a
+# job cut by its time limit (or retried) resumes where it stopped. A multi-GPU run on a cluster is
+# one multi-task job whose command is started by the launcher (`launch`: srun, jsrun; see
+# rules/common.smk). Inputs: the dataset's manifest (init: pretrain), the source checkpoint
+# (official), nothing (random, pixels); and the code the command imports.
 
 
-rule pretrain:
-    input:
-        lambda wildcards: pretrain_inputs(wildcards.model),
-    output:
-        ckpt=model_file("{model}", "last.ckpt"),
-        metrics=model_file("{model}", "metrics.json"),
-    params:
-        cfg=lambda wildcards: params_hash({"model": config["models"][wildcards.model], "seed": config["seed"]}),
-        launch=lambda wildcards, resources: launch_prefix(resources),
-    conda:
-        "../envs/xtra.yaml"
-    log:
-        results_path("logs/pretrain/{model}.log"),
-    threads: lambda wildcards: job_threads(model_request(wildcards))
-    resources:
-        **resources_of(model_request),
-    shell:
-        "{params.launch}xtra pretrain {wildcards.model} > {log} 2>&1"
+for stage in stages_of("pretrain"):
+
+    rule:
+        name:
+            stage.name
+        input:
+            **stage_inputs(stage),
+        output:
+            stage_outputs(stage),
+        params:
+            identity=identity(config, stage),
+        conda:
+            "../envs/xtra.yaml"
+        log:
+            stage_log(stage),
+        threads: job_threads(stage_request(stage))
+        resources:
+            **resources_of(stage),
+        shell:
+            f"{{resources.launch}}{stage.cmd} > {{log}} 2>&1"

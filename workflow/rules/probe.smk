@@ -1,22 +1,25 @@
-# One job per (model, benchmark, kind): DVC's `probe@MODEL` runs a model's jobs together on Ray;
-# here each is a cluster job of its own (--no-ray) with the same result file.
+# One job per (probed model, benchmark): every kind of the benchmark in one `xtra probe --no-ray`
+# run, as in dvc.yaml. Inputs: the model's model.pt (never a checkpoint), the benchmark's prepared
+# manifest, the code. The resumable state in results/probe-state/ is no output.
 
 
-rule probe:
-    input:
-        ckpt=model_file("{model}", "last.ckpt"),
-        data=lambda wildcards: prepared_dir(config["probe"]["benchmarks"][wildcards.benchmark]["dataset"]),
-    output:
-        probe_result("{model}", "{benchmark}", "{kind}"),
-    params:
-        cfg=probe_fingerprint,
-    conda:
-        "../envs/xtra.yaml"
-    log:
-        results_path("logs/probe/{model}/{benchmark}-{kind}.log"),
-    threads: lambda wildcards: job_threads(probe_request(wildcards))
-    resources:
-        **resources_of(probe_request),
-    shell:
-        "xtra probe {wildcards.model} --benchmark {wildcards.benchmark} --kind {wildcards.kind} --no-ray"
-        " > {log} 2>&1"
+for stage in stages_of("probe"):
+
+    rule:
+        name:
+            stage.name
+        input:
+            **stage_inputs(stage),
+        output:
+            stage_outputs(stage),
+        params:
+            identity=identity(config, stage),
+        conda:
+            "../envs/xtra.yaml"
+        log:
+            stage_log(stage),
+        threads: job_threads(stage_request(stage))
+        resources:
+            **resources_of(stage),
+        shell:
+            f"{{resources.launch}}{stage.cmd} > {{log}} 2>&1"

@@ -1,20 +1,23 @@
-# One job: probe results and pre-training logs -> tables, figures, metrics and plot data.
+# One job: probe results and pre-training metrics -> tables, figures, metrics and plot data. Keyed
+# on the `report` section, probe.protocol, the reference CSVs and the report's code. A few seconds
+# of pandas: it runs where Snakemake runs, not as a cluster job.
 
 
-rule report:
-    input:
-        results=[probe_result(*job) for job in probe_jobs()],
-        metrics=[model_file(m, "metrics.json") for m in config["models"]],
-    output:
-        tables=directory(results_path("tables")),
-        figures=directory(results_path("figures")),
-        metrics=results_path("metrics.json"),
-        plots=[results_path(f"plots/{name}.csv") for name in PLOT_NAMES],
-    params:
-        cfg=lambda wildcards: params_hash({"probe": config["probe"], "models": sorted(config["models"])}),
-    conda:
-        "../envs/xtra.yaml"
-    log:
-        results_path("logs/report.log"),
-    shell:
-        "xtra report > {log} 2>&1"
+for stage in stages_of("report"):
+
+    rule:
+        name:
+            stage.name
+        localrule: True
+        input:
+            **stage_inputs(stage),
+        output:
+            stage_outputs(stage),
+        params:
+            identity=identity(config, stage),
+        conda:
+            "../envs/xtra.yaml"
+        log:
+            stage_log(stage),
+        shell:
+            f"{stage.cmd} > {{log}} 2>&1"

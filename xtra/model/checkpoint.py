@@ -18,10 +18,10 @@ from torch import nn
 from xtra.atomic import write_atomic
 from xtra.errors import CheckpointError
 from xtra.model.vit import Encoder
-from xtra.model.xtra import XTRA, ArchConfig, block_orders_of, build_arch_encoder
+from xtra.model.xtra import XTRA, ArchConfig, build_arch_encoder
 
 __all__ = ["read_checkpoint", "load_strict", "load_encoder", "load_xtra", "file_sha256", "save_model_checkpoint",
-           "save_torch_atomic"]
+           "save_torch_atomic", "load_artifact_encoder"]
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -92,10 +92,31 @@ def load_encoder(path: str | Path, expected_arch: dict[str, Any] | None = None) 
     cfg = _check_arch(_arch_of(ckpt, str(path)), expected_arch, str(path))
     encoder = build_arch_encoder(cfg)
     load_strict(encoder, _sub_state(ckpt, "model.encoder.", str(path)), f"{path} (encoder)")
-    if cfg.block_order == "pseudo_random":
-        encoder.block_order = block_orders_of(cfg)[0]
+    # probing keeps raster order, also for a pseudo-random-order model (as the release does)
     encoder.eval().requires_grad_(False)
     return encoder, cfg
+
+
+def load_artifact_encoder(path: str | Path, expected_arch: dict[str, Any] | None = None
+                          ) -> tuple[nn.Module, ArchConfig, str]:
+    """The frozen encoder of a final model file (`models/<m>/model.pt`), its architecture and init.
+
+    init "pixels" gives a `PixelEncoder` (no weights); every other init the encoder of the arch,
+    loaded strictly from the file's `encoder.*` tensors (a full model or an encoder-only file).
+    """
+    from xtra.model.artifact import read_model_artifact
+    from xtra.model.pixels import PixelEncoder
+
+    artifact = read_model_artifact(path)
+    cfg = _check_arch(ArchConfig.from_dict(artifact.arch), expected_arch, str(path))
+    if artifact.init == "pixels":
+        return PixelEncoder(cfg.img_size).eval().requires_grad_(False), cfg, artifact.init
+    encoder = build_arch_encoder(cfg)
+    state = {k[len("encoder."):]: v for k, v in artifact.state_dict.items() if k.startswith("encoder.")}
+    load_strict(encoder, state, f"{path} (encoder)")
+    if cfg.block_order == "pseudo_random":
+        encoder.block_order = block_orders_of(cfg)[0]
+    return encoder.eval().requires_grad_(False), cfg, artifact.init
 
 
 def _check_arch(found: ArchConfig, expected: dict[str, Any] | None, source: str) -> ArchConfig:

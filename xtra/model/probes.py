@@ -5,13 +5,17 @@
 - `AttentiveProbe`: mean of the last `num_last_blocks` blocks' outputs (B, N, d) -> BatchNorm over
   channels without affine -> attention pooling with one learned query (no query projection, key
   and value projections without bias, scale head_dim^-0.5) -> Linear.
+- Initialisation as the public release's heads: PyTorch's default `nn.Linear` init for every linear
+  layer (kaiming-uniform weights, uniform bias), the attention query normal(0, 0.02).
 
 Each probe splits into a parameter-free `pool(blocks)` (what the frozen backbone feeds it, so the
 features of a batch are computed once for every head, and may be cached) and `forward(pooled)`.
 
 `HeadBank` holds one head per (lr, weight_decay) setting of a sweep. Every head starts from the
-same weights (built under the same seed), as separate runs with that seed would; heads share no
-parameter or statistic, so one head of the bank trains exactly as a standalone probe would.
+same weights (built under the same seed), as separate runs with that seed would. The BatchNorm of
+every head sees the same input and has no parameter, so its statistics are the same in every head:
+the bank runs ONE `FeatureNorm` for all heads (exact; for a ViT-H/14 attentive bank it saves H - 1
+copies of the (B, N, d) normalised activations) and its heads are built without their own.
 """
 
 from __future__ import annotations
@@ -24,18 +28,59 @@ from torch import nn
 
 from xtra.errors import ParamsError
 
-__all__ = ["PROBE_KINDS", "BN_EPS", "LinearProbe", "AttentiveProbe", "probe_blocks", "pool_blocks", "make_probe",
-           "HeadBank"]
+__all__ = ["PROBE_KINDS", "BN_EPS", "QUERY_INIT_STD", "FeatureNorm", "LinearProbe", "AttentiveProbe", "probe_blocks",
+           "pool_blocks", "make_probe", "HeadBank"]
 
 PROBE_KINDS = ("linear", "attentive")
 BN_EPS = 1e-6
-INIT_STD = 0.02
+QUERY_INIT_STD = 0.02  # the release's `nn.init.normal_(query, std=0.02)`; linear layers keep torch's default
 
 
-def _init_linear(layer: nn.Linear) -> None:
-    nn.init.trunc_normal_(layer.weight, std=INIT_STD)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
+class FeatureNorm(nn.Module):
+    """BatchNorm1d(affine=False, eps 1e-6) over the last dimension, optionally synchronised over ranks.
+
+    (B, d) or (B, N, d) -> same shape; (B, N, d) is normalised with statistics over batch and tokens.
+    One process: `F.batch_norm`, bit for bit what `nn.BatchNorm1d` computes. Under torch.distributed
+    (`sync=True` and an initialised process group), the batch statistics are those of the global
+    batch (sums all-reduced), so a multi-device job normalises as one device would, up to summation
+    order. The input is a frozen encoder's output: nothing is back-propagated through it.
+    """
+
+    def __init__(self, dim: int, eps: float = BN_EPS, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum, self.sync = eps, momentum, True
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (B*N, d)
+        distributed = self.sync and self.training and torch.distributed.is_available() and \
+            torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        if distributed:
+            out = self._global_batch_norm(flat)
+        else:
+            out = F.batch_norm(flat, self.running_mean, self.running_var, training=self.training,
+                               momentum=self.momentum, eps=self.eps)
+            if self.training:
+                self.num_batches_tracked += 1
+        return out.reshape(x.shape)
+
+    @torch.no_grad()
+    def _global_batch_norm(self, flat: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        stats = torch.cat([flat.sum(0), torch.tensor([float(len(flat))], device=flat.device)]).double()
+        dist.all_reduce(stats)
+        count = stats[-1]
+        mean = (stats[:-1] / count).to(flat.dtype)  # (d,)
+        sq = ((flat - mean) ** 2).sum(0).double()
+        dist.all_reduce(sq)
+        var = (sq / count).to(flat.dtype)  # biased: what the batch is normalised with
+        self.running_mean.mul_(1 - self.momentum).add_(mean, alpha=self.momentum)
+        self.running_var.mul_(1 - self.momentum).add_((sq / (count - 1)).to(flat.dtype), alpha=self.momentum)
+        self.num_batches_tracked += 1
+        return (flat - mean) / torch.sqrt(var + self.eps)
 
 
 class LinearProbe(nn.Module):
@@ -43,11 +88,10 @@ class LinearProbe(nn.Module):
 
     kind = "linear"
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    def __init__(self, dim: int, num_classes: int, norm: bool = True) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=BN_EPS)
-        self.linear = nn.Linear(dim, num_classes)
-        _init_linear(self.linear)
+        self.bn = FeatureNorm(dim) if norm else nn.Identity()  # a bank normalises once for all heads
+        self.linear = nn.Linear(dim, num_classes)  # torch's default init, as the release
 
     @staticmethod
     def pool(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -64,20 +108,18 @@ class AttentiveProbe(nn.Module):
 
     kind = "attentive"
 
-    def __init__(self, dim: int, num_classes: int, num_heads: int = 16) -> None:
+    def __init__(self, dim: int, num_classes: int, num_heads: int = 16, norm: bool = True) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ParamsError(f"probe.attn_heads: {num_heads} heads do not divide the encoder width {dim}")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=BN_EPS)
+        self.bn = FeatureNorm(dim) if norm else nn.Identity()  # a bank normalises once for all heads
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.k = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)  # torch's default init, as the release
         self.v = nn.Linear(dim, dim, bias=False)
         self.linear = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.query, std=INIT_STD)
-        for layer in (self.k, self.v, self.linear):
-            _init_linear(layer)
+        nn.init.normal_(self.query, std=QUERY_INIT_STD)
 
     @staticmethod
     def pool(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -103,8 +145,7 @@ class AttentiveProbe(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, N, d) -> logits (B, C)."""
-        b, n, d = pooled.shape
-        x = self.bn(pooled.reshape(b * n, d)).reshape(b, n, d)  # per-channel statistics over batch and tokens
+        x = self.bn(pooled)  # per-channel statistics over batch and tokens
         return self.linear(self.attend(x))
 
 
@@ -126,12 +167,12 @@ def pool_blocks(kind: str, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     raise ParamsError(f"unknown probe kind {kind!r}; expected one of {list(PROBE_KINDS)}")
 
 
-def make_probe(kind: str, dim: int, num_classes: int, attn_heads: int = 16) -> nn.Module:
+def make_probe(kind: str, dim: int, num_classes: int, attn_heads: int = 16, norm: bool = True) -> nn.Module:
     """A fresh probe head of the given kind (initialised from the current torch RNG)."""
     if kind == "linear":
-        return LinearProbe(dim, num_classes)
+        return LinearProbe(dim, num_classes, norm)
     if kind == "attentive":
-        return AttentiveProbe(dim, num_classes, attn_heads)
+        return AttentiveProbe(dim, num_classes, attn_heads, norm)
     raise ParamsError(f"unknown probe kind {kind!r}; expected one of {list(PROBE_KINDS)}")
 
 
@@ -154,15 +195,17 @@ class HeadBank(nn.Module):
         for _ in self.settings:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # every head starts where a standalone run with this seed would
-                heads.append(make_probe(kind, dim, num_classes, attn_heads))
+                heads.append(make_probe(kind, dim, num_classes, attn_heads, norm=False))
+        self.norm = FeatureNorm(dim)  # shared by every head: the same input, no parameter
         self.heads = nn.ModuleList(heads)
 
     def __len__(self) -> int:
         return len(self.heads)
 
     def forward(self, pooled: torch.Tensor) -> list[torch.Tensor]:
-        """Pooled features -> one logits tensor (B, C) per head."""
-        return [head(pooled) for head in self.heads]
+        """Pooled features (B, d) or (B, N, d) -> one logits tensor (B, C) per head."""
+        normed = self.norm(pooled)  # computed once for the bank
+        return [head(normed) for head in self.heads]
 
     def losses(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(H,) cross-entropy of every head on the batch (float32)."""

@@ -11,7 +11,8 @@ reconstruction.png}`; writes under the results folder (`out`):
                                  n_present: value}}}}
     plots/{top1,sweep,loss,images_seen}.csv   long-format plot data for `dvc plots`
 
-and, when `--readme` names a file holding both markers, pastes the Markdown table between them.
+and nothing else: only when `--readme FILE` is given (by hand, never by the pipelines) does it paste
+the Markdown table between the two markers of FILE.
 
 Params read: `paths.results`, `paths.models`, `models`, `probe.benchmarks` (kinds), `probe.protocol`
 and, all optional, `report.reference_models` (published models beside this run; default
@@ -184,9 +185,10 @@ def update_readme(readme: Path, markdown: str) -> bool:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
-    parser.add_argument("--readme", default="README.md",
-                        help="paste the results table between the results markers of this file "
-                             "when it has them ('' to skip; default README.md)")
+    parser.add_argument("--readme", default=None, metavar="FILE",
+                        help="also paste the results table between the results markers of FILE (a manual step, "
+                             "e.g. `xtra report --readme README.md`; the pipelines never pass it, so they write "
+                             "only under paths.results)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,13 +1,15 @@
 """`xtra probe MODEL`: probe one model's frozen encoder on its benchmarks (METHOD.md, "Probing").
 
-Every (benchmark x kind) job trains all the learning rates (x weight decays) of its sweep in one
-pass over the data, one head per setting (`xtra.train.probe_train`), and writes
-`<paths.results>/probe/MODEL/<benchmark>-<kind>.json` (`xtra.train.probe_job`). The jobs run as Ray
-tasks, on a local Ray by default or on the cluster at `--ray-address` / `probe.ray.address`; with
-`--no-ray` they run one after the other in this process (debugging, and Snakemake's
-one-job-per-rule mode: `xtra probe MODEL --benchmark B --kind K --no-ray`).
+One job per (model, benchmark) trains every kind of the benchmark, each kind's learning rates (x
+weight decays) as one bank of heads, all fed by one pass over the data (`xtra.probe.loop`), and
+writes `<paths.results>/probe/MODEL/<benchmark>-<kind>.json` per kind (`xtra.probe.job`). Its
+resumable state lies in `<paths.results>/probe-state/MODEL/<benchmark>/`; a finished job is skipped.
+The jobs run as Ray tasks, on a local Ray by default or on the cluster at `--ray-address` /
+`probe.ray.address`; with `--no-ray` they run one after the other in this process (debugging, and
+Snakemake's one-job-per-rule mode: `xtra probe MODEL --benchmark B --no-ray`; `--kind K` narrows a
+job to some kinds).
 
-Every input is checked before any training starts: the checkpoint's architecture, each benchmark's
+Every input is checked before any training starts: the model file's architecture, each benchmark's
 prepared dataset and splits, the sweep grids, the benchmark and kind names. Exit code 0 when every
 job succeeded, 1 when any failed after its retries (see failures.json), 2 on bad input.
 """
@@ -37,12 +39,18 @@ def probe_model(params: dict, model: str, benchmarks: list[str] | None = None, k
                 use_ray: bool = True, ray_address: str | None = None, source: str = "params.yaml",
                 num_cpus: int | None = None) -> int:
     """Check, run and report a model's probe jobs; returns the exit code (0 ok, 1 some job failed)."""
-    from xtra.train.probe_job import plan_jobs, preflight
-    from xtra.train.probe_ray import record_failures, run_in_process, run_with_ray
+    from xtra.probe.job import plan_jobs, preflight
+    from xtra.probe.driver import is_finished, record_failures, run_in_process, run_with_ray
 
     jobs = plan_jobs(params, model, benchmarks, kinds, source)
     preflight(params, model, jobs)
     _remove_stale_tmp(Path(params["paths"]["results"]) / "probe" / model)
+    done = [job for job in jobs if is_finished(params, job)]
+    if done:
+        print(f"probe {model}: {len(done)} finished job(s) skipped: {', '.join(j.name for j in done)}", flush=True)
+        jobs = [job for job in jobs if job not in done]
+        if not jobs:
+            return 0
     address = ray_address or params["probe"]["ray"]["address"] or "local"
     where = f"on Ray ({address})" if use_ray else "in this process"
     print(f"probe {model}: {len(jobs)} job(s) {where}: {', '.join(j.name for j in jobs)}", flush=True)

@@ -1,14 +1,21 @@
 """Run a model's probe jobs: as Ray tasks (locally or on a cluster) or in this process, with retries.
 
-Each job returns its result dict; the driver writes `results/probe/<model>/<benchmark>-<kind>.json`
-as soon as the job ends (so a cluster needs no shared results folder). A job that still fails after
-`max_retries` retries is reported on stderr and in `results/probe/<model>/failures.json`
-({"failures": [{"job", "benchmark", "kind", "error", "attempts"}]}); the other jobs still finish.
+A job is one (model, benchmark) with all its kinds; it returns one result dict per kind, and the
+driver writes `results/probe/<model>/<benchmark>-<kind>.json` as soon as the job ends (so a cluster
+needs no shared results folder). A job that still fails after `max_retries` retries is reported on
+stderr and in `results/probe/<model>/failures.json` ({"failures": [{"job", "benchmark", "kind",
+"error", "attempts"}]}, one entry per kind of the job, `job` being `<benchmark>-<kind>`); the other
+jobs still finish. A job whose result files all exist and whose saved state says it finished with
+the same fingerprint is skipped (`is_finished`). A retried job (Ray's `max_retries`, or a re-run)
+continues from its last saved epoch (`xtra.probe.state`).
 
-Ray: `ray.remote(num_cpus=cpus_per_job, num_gpus=gpus_per_job, max_retries=max_retries,
-retry_exceptions=True)`. With gpus_per_job 0 a job gets one GPU when the cluster has GPUs. A local
-Ray starts with the machine's cores, without dashboard and usage statistics (offline); a Ray that
-is already initialised in this process is reused (and left running).
+Ray: `ray.remote(num_cpus=cpus_per_job, num_gpus=G, max_retries=max_retries, retry_exceptions=True)`
+with G = the benchmark's `devices` when the cluster has GPUs (the job's processes all on the node
+Ray places it on), else `gpus_per_job` (0 on a CPU cluster). A local Ray is sized by the allocation,
+not the machine: the CPUs this process may run on (Lightning's affinity-aware count, which
+reflects Slurm/LSF CPU binding) capped by the container's cgroup quota (Ray's own detection); Ray
+detects the GPUs itself (CUDA_VISIBLE_DEVICES as set by the scheduler). No dashboard and no usage
+statistics (offline); a Ray that is already initialised in this process is reused (and left running).
 
 Offline use: usage statistics are off (RAY_USAGE_STATS_ENABLED=0); Ray's session folder is
 `$RAY_TMPDIR/ray` (default /tmp/ray; keep the path short, Ray's socket paths must stay under 108
@@ -16,9 +23,11 @@ characters). On a cluster, every node needs this package installed and the prepa
 model checkpoints at the same paths (a shared filesystem); results travel back to the driver.
 
 Fault-injection hooks (read by the driver, passed to the jobs as arguments, so they work on any
-cluster): XTRA_PROBE_FAIL_JOBS, a comma-separated list of job names (`<benchmark>-<kind>`, or `*`)
-whose every attempt raises `InjectedFailure`; XTRA_PROBE_ATTEMPT_LOG, a file to which every attempt
-appends a line `<model>/<job>`.
+cluster): XTRA_PROBE_FAIL_JOBS, a comma-separated list of job names (`<benchmark>`, or `*`) whose
+every attempt raises `InjectedFailure`; XTRA_PROBE_ATTEMPT_LOG, a file to which every attempt
+appends a line `<model>/<benchmark>`; XTRA_PROBE_KILL_AFTER_EPOCH=N, SIGKILL the job's process
+after its state for epoch N is saved; XTRA_PROBE_FAIL_AFTER_EPOCH=N, raise once after epoch N is
+saved (an attempt that resumed at or after N does not raise).
 """
 
 from __future__ import annotations
@@ -33,19 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from xtra.errors import XtraError, writing_to
+from xtra.errors import OutputError, XtraError, writing_to
 from xtra.atomic import write_json_atomic
-from xtra.train.probe_job import ProbeJob, result_path, run_job, write_result
+from xtra.probe.job import InjectedFailure, JobHooks, ProbeJob, result_path, run_job, write_results
 
-__all__ = ["FAIL_ENV", "ATTEMPT_LOG_ENV", "InjectedFailure", "JobFailure", "Hooks", "attempt_job",
-           "run_in_process", "run_with_ray", "init_ray", "record_failures", "failures_path"]
+__all__ = ["FAIL_ENV", "ATTEMPT_LOG_ENV", "KILL_AFTER_ENV", "FAIL_AFTER_ENV", "InjectedFailure", "JobFailure", "Hooks",
+           "attempt_job", "run_in_process", "run_with_ray", "init_ray", "allocated_cpus", "record_failures",
+           "failures_path", "is_finished"]
 
 FAIL_ENV = "XTRA_PROBE_FAIL_JOBS"
 ATTEMPT_LOG_ENV = "XTRA_PROBE_ATTEMPT_LOG"
-
-
-class InjectedFailure(RuntimeError):
-    """Raised inside a job named by XTRA_PROBE_FAIL_JOBS (tests of the retry and report paths)."""
+KILL_AFTER_ENV = "XTRA_PROBE_KILL_AFTER_EPOCH"
+FAIL_AFTER_ENV = "XTRA_PROBE_FAIL_AFTER_EPOCH"
 
 
 @dataclass(frozen=True)
@@ -61,28 +69,52 @@ class Hooks:
 
     fail: bool = False
     attempt_log: Optional[str] = None
+    job: JobHooks = JobHooks()
 
     @classmethod
     def from_env(cls, job: ProbeJob) -> "Hooks":
         names = {n.strip() for n in os.environ.get(FAIL_ENV, "").split(",") if n.strip()}
-        return cls(fail=job.name in names or "*" in names, attempt_log=os.environ.get(ATTEMPT_LOG_ENV) or None)
+        after = {key: int(os.environ[env]) for key, env in (("kill_after_epoch", KILL_AFTER_ENV),
+                                                            ("fail_after_epoch", FAIL_AFTER_ENV)) if os.environ.get(env)}
+        return cls(fail=job.name in names or "*" in names, attempt_log=os.environ.get(ATTEMPT_LOG_ENV) or None,
+                   job=JobHooks(**after))
 
 
-def attempt_job(params: dict, job: ProbeJob, hooks: Hooks) -> dict:
-    """One attempt of a job (the body of the Ray task)."""
+def attempt_job(params: dict, job: ProbeJob, hooks: Hooks) -> dict[str, dict]:
+    """One attempt of a job (the body of the Ray task): {kind: result}."""
     if hooks.attempt_log:
         with open(hooks.attempt_log, "a", encoding="utf-8") as handle:
             handle.write(f"{job.model}/{job.name}\n")
     if hooks.fail:
         raise InjectedFailure(f"injected failure of probe job {job.model}/{job.name} ({FAIL_ENV})")
-    return run_job(params, job)
+    return run_job(params, job, hooks.job)
 
 
-def _finished(params: dict, job: ProbeJob, result: dict) -> None:
-    with writing_to(result_path(params, job).parent):
-        path = write_result(params, job, result)
-    print(f"[{job.model}/{job.name}] top-1 {result['top1']:.2f} % ({result['protocol']} protocol, "
-          f"lr {result['selected']['lr']:g}, wd {result['selected']['weight_decay']:g}) -> {path}", flush=True)
+def _finished(params: dict, job: ProbeJob, results: dict[str, dict]) -> None:
+    with writing_to(result_path(params, job.model, job.benchmark, job.kinds[0]).parent):
+        paths = write_results(params, job, results)
+    for path, result in zip(paths, results.values()):
+        print(f"[{job.model}/{job.name}] {result['kind']} top-1 {result['top1']:.2f} % ({result['protocol']} "
+              f"protocol, lr {result['selected']['lr']:g}, wd {result['selected']['weight_decay']:g}) -> {path}",
+              flush=True)
+
+
+def is_finished(params: dict, job: ProbeJob) -> bool:
+    """True when every result file of the job exists and its saved state finished this very job."""
+    from xtra.model.checkpoint import file_sha256
+    from xtra.probe.config import probe_config
+    from xtra.probe.job import model_path
+    from xtra.probe.state import job_fingerprint, load_state, state_path
+
+    if not all(result_path(params, job.model, job.benchmark, k).is_file() for k in job.kinds):
+        return False
+    cfg = probe_config(params, job.model, job.benchmark, job.kinds)
+    manifest = Path(params["paths"]["prepared"]) / cfg.dataset / "manifest.json"
+    if not manifest.is_file():
+        return False
+    fingerprint = job_fingerprint(cfg, file_sha256(model_path(params, job.model)), file_sha256(manifest))
+    state = load_state(state_path(params["paths"]["results"], cfg), fingerprint)
+    return state is not None and state["epochs_done"] >= cfg.sweeps[0].epochs
 
 
 def _failed(failure: JobFailure) -> None:
@@ -105,6 +137,8 @@ def run_in_process(params: dict, jobs: Sequence[ProbeJob], max_retries: int) -> 
         for attempt in range(1, max_retries + 2):
             try:
                 result = attempt_job(params, job, hooks)
+            except OutputError:
+                raise  # a full disk or read-only results folder: retrying cannot help; one clean error
             except Exception as exc:  # noqa: BLE001 - any failure of a job is retried, then reported
                 print(f"[{job.model}/{job.name}] attempt {attempt} failed: {_describe(exc)}", file=sys.stderr)
                 if attempt > max_retries:
@@ -114,6 +148,15 @@ def run_in_process(params: dict, jobs: Sequence[ProbeJob], max_retries: int) -> 
             _finished(params, job, result)
             break
     return failures
+
+
+def allocated_cpus() -> int:
+    """The CPUs this job may use: the affinity mask (Lightning's count; Slurm/LSF bind to it) capped
+    by the container's cgroup quota (Ray's detection)."""
+    from lightning.fabric.utilities.data import _num_cpus_available
+    from ray._private.utils import get_num_cpus
+
+    return max(1, min(_num_cpus_available(), int(get_num_cpus(override_docker_cpu_warning=True))))
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bool:
@@ -128,19 +171,20 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> b
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+            ray.init(num_cpus=num_cpus or allocated_cpus(), **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address!r} (probe.ray.address / --ray-address)" if address else "a local Ray"
         raise XtraError(f"cannot start or reach {where}: {exc}") from exc
     return True
 
 
-def _task_options(ray_cfg: dict) -> dict:
+def _task_options(ray_cfg: dict, devices: int) -> dict:
+    """The Ray resources of a job of `devices` devices: that many GPUs when the cluster has GPUs."""
     import ray
 
     gpus = float(ray_cfg["gpus_per_job"])
-    if gpus == 0 and ray.cluster_resources().get("GPU", 0) > 0:
-        gpus = 1.0
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        gpus = max(gpus, float(devices))
     return {"num_cpus": ray_cfg["cpus_per_job"], "num_gpus": gpus, "max_retries": ray_cfg["max_retries"],
             "retry_exceptions": True}
 
@@ -153,8 +197,10 @@ def run_with_ray(params: dict, jobs: Sequence[ProbeJob], address: Optional[str] 
     ray_cfg = params["probe"]["ray"]
     started = init_ray(address or ray_cfg["address"], num_cpus)
     try:
-        task = ray.remote(attempt_job).options(**_task_options(ray_cfg))
-        pending = {task.remote(params, job, Hooks.from_env(job)): job for job in jobs}
+        task = ray.remote(attempt_job)
+        devices = {job: params["probe"]["benchmarks"][job.benchmark]["devices"] for job in jobs}
+        pending = {task.options(**_task_options(ray_cfg, devices[job])).remote(params, job, Hooks.from_env(job)): job
+                   for job in jobs}
         failures: list[JobFailure] = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -195,7 +241,7 @@ def _locked(path: Path) -> Iterator[None]:
 def record_failures(params: dict, model: str, jobs: Sequence[ProbeJob], failures: Sequence[JobFailure]) -> None:
     """Update failures.json: entries of this run's jobs replaced by this run's failures; removed if empty."""
     path = failures_path(params, model)
-    ran = {job.name for job in jobs}
+    ran = {name for job in jobs for name in job.result_names()}
     with writing_to(path.parent), _locked(path):
         kept: list[dict] = []
         if path.is_file():
@@ -203,14 +249,15 @@ def record_failures(params: dict, model: str, jobs: Sequence[ProbeJob], failures
                 kept = [f for f in json.loads(path.read_text()).get("failures", []) if f.get("job") not in ran]
             except (ValueError, AttributeError):
                 kept = []  # a malformed old file is replaced
-        entries = kept + [{"job": f.job.name, "benchmark": f.job.benchmark, "kind": f.job.kind,
+        entries = kept + [{"job": f"{f.job.benchmark}-{kind}", "benchmark": f.job.benchmark, "kind": kind,
                            "error": f.error, "attempts": f.attempts,
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")} for f in failures]
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")} for f in failures for kind in f.job.kinds]
         if entries:
             write_json_atomic(path, {"model": model, "failures": entries}, indent=1)
         elif path.exists():
             path.unlink()
     for failure in failures:  # a failed job leaves no stale result behind
-        stale = result_path(params, failure.job)
-        if stale.exists():
-            stale.unlink()
+        for kind in failure.job.kinds:
+            stale = result_path(params, failure.job.model, failure.job.benchmark, kind)
+            if stale.exists():
+                stale.unlink()

@@ -1,0 +1,325 @@
+"""One probe job: (model, benchmark) -> one result dict per kind, `results/probe/<model>/<benchmark>-<kind>.json`.
+
+`plan_jobs` turns the command line into jobs (unknown benchmark or kind: ParamsError), `preflight`
+checks every job's inputs before any training starts (model file and architecture, prepared dataset
+and splits, sweep grids, probe shapes), `run_job` trains every kind's bank and evaluates them,
+`write_results` writes the JSONs atomically.
+
+One job runs all the kinds of its benchmark: kinds with the same training transform share one
+encoder forward per batch (`xtra.probe.loop`); a kind with its own transform gets its own pass in
+the same epoch. The job saves its state after every epoch (`xtra.probe.state`) and continues from
+it when re-run; it runs on `probe.benchmarks.<b>.devices` processes (`xtra.probe.dist`).
+
+Selection protocols (METHOD.md): `paper` trains on the whole train split and selects the head with
+the best top-1 on the evaluation split; `heldout` trains on the train split minus a stratified
+held-out part (`probe.heldout_fraction`), selects on that part and reports the selected head's
+accuracy on the evaluation split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from xtra.atomic import write_json_atomic
+from xtra.errors import DataError, ParamsError
+from xtra.model.probes import PROBE_KINDS, HeadBank
+from xtra.probe.config import PIXEL_KINDS, ProbeConfig, model_kinds, probe_config
+from xtra.probe.data import JobData, build_data, eval_loader, stratified_split, train_loader
+from xtra.probe.loop import (
+    BankTrainer, CachedFeatures, FeatureSource, HeadScores, LiveFeatures, cache_features, encoded_batches,
+    evaluate_bank, train_banks, world,
+)
+
+__all__ = ["ProbeJob", "JobHooks", "plan_jobs", "preflight", "run_job", "write_results", "result_path", "model_path",
+           "stratified_split", "CACHE_LIMIT_ENV", "InjectedFailure"]
+
+CACHE_LIMIT_ENV = "XTRA_PROBE_CACHE_GB"  # largest training-feature cache (GiB) before recomputing per batch
+DEFAULT_CACHE_GB = 4.0
+
+
+class InjectedFailure(RuntimeError):
+    """Raised inside a job by a fault-injection hook (tests of the retry, resume and report paths)."""
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    model: str
+    benchmark: str
+    kinds: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.benchmark
+
+    def result_names(self) -> list[str]:
+        return [f"{self.benchmark}-{k}" for k in self.kinds]
+
+
+@dataclass(frozen=True)
+class JobHooks:
+    """Fault injection after a saved epoch (tests): SIGKILL this process, or raise InjectedFailure once."""
+
+    kill_after_epoch: Optional[int] = None
+    fail_after_epoch: Optional[int] = None
+
+
+def model_path(params: dict, model: str) -> Path:
+    from xtra.model.artifact import ARTIFACT_NAME
+
+    return Path(params["paths"]["models"]) / model / ARTIFACT_NAME
+
+
+def result_path(params: dict, model: str, benchmark: str, kind: str) -> Path:
+    return Path(params["paths"]["results"]) / "probe" / model / f"{benchmark}-{kind}.json"
+
+
+def plan_jobs(params: dict, model: str, benchmarks: Optional[Sequence[str]] = None,
+              kinds: Optional[Sequence[str]] = None, source: str = "params.yaml") -> list[ProbeJob]:
+    """The (benchmark) jobs of a model with their kinds; names not in params are a ParamsError naming the key."""
+    if model not in params["models"]:
+        raise ParamsError(f"{source}: models.{model}: no such model; known: {sorted(params['models'])}")
+    configured = params["probe"]["benchmarks"]
+    unknown = [b for b in benchmarks or [] if b not in configured]
+    if unknown:
+        raise ParamsError(f"{source}: probe.benchmarks has no benchmark {unknown}; known: {sorted(configured)}")
+    bad_kinds = [k for k in kinds or [] if k not in PROBE_KINDS]
+    if bad_kinds:
+        raise ParamsError(f"unknown probe kind {bad_kinds}; expected some of {list(PROBE_KINDS)}")
+    pixels = params["models"][model]["init"] == "pixels"
+    jobs = []
+    for bench in benchmarks or list(configured):
+        allowed = model_kinds(params, model, configured[bench]["kinds"])
+        missing = [k for k in kinds or [] if k not in allowed]
+        if missing and benchmarks:  # a benchmark named on the command line must have every kind asked for
+            why = f"model {model} is the pixel floor (kinds {list(PIXEL_KINDS)} only)" if pixels else \
+                f"{source}: probe.benchmarks.{bench}.kinds is {configured[bench]['kinds']}"
+            raise ParamsError(f"{why}; benchmark {bench} has no {missing} for it")
+        chosen = tuple(k for k in allowed if not kinds or k in kinds)
+        if chosen:
+            jobs.append(ProbeJob(model, bench, chosen))
+    if not jobs:
+        raise ParamsError(f"{source}: no benchmark of probe.benchmarks has the probe kind(s) {list(kinds or [])} "
+                          f"for model {model}")
+    return jobs
+
+
+def _check_data(params: dict, cfg: ProbeConfig) -> None:
+    from xtra.data.loaders import load_manifest
+
+    root = Path(params["paths"]["prepared"]) / cfg.dataset
+    try:
+        manifest = load_manifest(root)
+    except DataError as exc:
+        raise DataError(f"benchmark {cfg.benchmark!r}: dataset {cfg.dataset!r} was never prepared ({exc})") from exc
+    for key, split in (("train_split", cfg.train_split), ("eval_split", cfg.eval_split)):
+        if split not in manifest["splits"]:
+            raise DataError(f"probe.benchmarks.{cfg.benchmark}.{key}: dataset {cfg.dataset!r} ({root}) has "
+                            f"no split {split!r}; its splits: {sorted(manifest['splits'])}")
+    if manifest["splits"][cfg.train_split]["count"] < 2:
+        raise DataError(f"benchmark {cfg.benchmark!r}: split {cfg.train_split!r} of {root} has fewer than 2 samples")
+
+
+def _check_shapes(cfg: ProbeConfig, encoder: torch.nn.Module) -> None:
+    for sweep in cfg.sweeps:
+        if sweep.kind != "attentive":
+            continue
+        if sweep.num_last_blocks > len(encoder.blocks):
+            raise ParamsError(f"probe.num_last_blocks: {sweep.num_last_blocks} blocks asked, "
+                              f"model {cfg.model} has {len(encoder.blocks)}")
+        if encoder.width % sweep.attn_heads != 0:
+            raise ParamsError(f"probe.attn_heads: {sweep.attn_heads} heads do not divide the width "
+                              f"{encoder.width} of model {cfg.model}")
+
+
+def preflight(params: dict, model: str, jobs: Sequence[ProbeJob]) -> None:
+    """Every check that needs no training, for all jobs, before any of them starts."""
+    from xtra.model.checkpoint import load_artifact_encoder
+
+    encoder, _, _ = load_artifact_encoder(model_path(params, model), params["models"][model]["arch"])
+    for job in jobs:
+        cfg = probe_config(params, model, job.benchmark, job.kinds)
+        _check_shapes(cfg, encoder)
+        _check_data(params, cfg)
+    del encoder
+
+
+def write_results(params: dict, job: ProbeJob, results: dict[str, dict]) -> list[Path]:
+    return [write_json_atomic(result_path(params, job.model, job.benchmark, kind), result, indent=1)
+            for kind, result in results.items()]
+
+
+def _cache_limit_bytes() -> float:
+    return float(os.environ.get(CACHE_LIMIT_ENV, DEFAULT_CACHE_GB)) * 2**30
+
+
+def _train_source(cfg: ProbeConfig, encoder: torch.nn.Module, data: JobData, augmentation: str, sweeps: tuple,
+                  img_size: int, device: torch.device) -> tuple[FeatureSource, str]:
+    """Cached features when the batches are the same every epoch (no augmentation) and they fit."""
+    train = data.train(augmentation, img_size, cfg.eval_resize, cfg.seed)
+    drop_last = len(train) >= cfg.batch_size
+    tokens = {"linear": 1, "attentive": getattr(encoder, "grid", 1) ** 2}
+    per_sample = sum(encoder.width * tokens[s.kind] * 4 for s in sweeps)  # float32 bytes
+    if augmentation == "none" and len(train) * per_sample <= _cache_limit_bytes():
+        feats, labels = cache_features(encoder, eval_loader(cfg, train), sweeps, device)
+        return CachedFeatures(feats, labels, cfg.batch_size, seed=cfg.seed, drop_last=drop_last, device=device), "cached"
+    rank, size = world()
+    return LiveFeatures(encoder, train_loader(cfg, train, rank, size, drop_last), sweeps, device), "recomputed"
+
+
+def _best(values: Sequence[float]) -> int:
+    """Index of the highest value (the first of ties: the smallest lr of the lowest weight decay)."""
+    return int(max(range(len(values)), key=lambda i: (values[i], -i)))
+
+
+def _images_seen(params: dict, model: str) -> Optional[int]:
+    path = Path(params["paths"]["models"]) / model / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("images_seen")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: cannot read images_seen: {exc}") from exc
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def _selection(settings: Sequence[tuple[float, float]], i: int, scores: HeadScores) -> dict:
+    lr, wd = settings[i]
+    return {"selected": {"lr": lr, "weight_decay": wd}, "top1": scores.top1[i], "top5": scores.top5[i]}
+
+
+def _select(cfg: ProbeConfig, kind: str, bank: HeadBank, encoder: torch.nn.Module, data: JobData,
+            device: torch.device) -> dict:
+    """Every head's accuracy, and the selection of the protocol (and the held-out one when run)."""
+    sweep = cfg.sweep(kind)
+
+    def scores_on(ds: torch.utils.data.Dataset) -> HeadScores:
+        batches = encoded_batches(encoder, eval_loader(cfg, ds), sweep, device)
+        return evaluate_bank(bank, batches, data.num_classes, device, sweep.precision)
+
+    scores = scores_on(data.eval)
+    heads = [{"lr": lr, "weight_decay": wd, "top1": scores.top1[i], "top5": scores.top5[i], "heldout_top1": None}
+             for i, (lr, wd) in enumerate(sweep.settings)]
+    paper, heldout = _selection(sweep.settings, _best(scores.top1), scores), None
+    if data.heldout is not None:
+        held = scores_on(data.heldout)
+        for head, value in zip(heads, held.top1):
+            head["heldout_top1"] = value
+        heldout = {**_selection(sweep.settings, _best(held.top1), scores), "heldout_top1": max(held.top1),
+                   "fraction": cfg.heldout_fraction, "num_heldout": held.count}
+    chosen = heldout if cfg.protocol == "heldout" else paper
+    return {"protocol": cfg.protocol, **chosen, "heads": heads, "heldout": heldout, "num_eval": scores.count}
+
+
+def run_job(params: dict, job: ProbeJob, hooks: JobHooks = JobHooks(), log: Callable[[str], None] = print
+            ) -> dict[str, dict]:
+    """Train and evaluate one job on its devices; returns {kind: probe-result dict} (docs/ARCHITECTURE.md)."""
+    from xtra.probe.dist import run_on_devices
+
+    devices = params["probe"]["benchmarks"][job.benchmark]["devices"]
+    return run_on_devices(_run_rank, devices, params, job, hooks, log)
+
+
+def _run_rank(device: torch.device, params: dict, job: ProbeJob, hooks: JobHooks,
+              log: Callable[[str], None]) -> Optional[dict[str, dict]]:
+    """The job on this rank; rank 0 evaluates and returns the results, the other ranks None."""
+    from xtra.model.checkpoint import file_sha256, load_artifact_encoder
+    from xtra.probe.state import job_fingerprint, state_path
+
+    start = time.perf_counter()
+    cfg = probe_config(params, job.model, job.benchmark, job.kinds)
+    path = model_path(params, job.model)
+    encoder, arch, _ = load_artifact_encoder(path, params["models"][job.model]["arch"])
+    encoder.to(device)
+    _check_shapes(cfg, encoder)
+    data = build_data(cfg, Path(params["paths"]["prepared"]), arch.img_size)
+    sha = file_sha256(path)
+    fingerprint = job_fingerprint(cfg, sha, data.manifest_sha256)
+    spath = state_path(params["paths"]["results"], cfg)
+    banks = {s.kind: HeadBank(s.kind, encoder.width, data.num_classes, s.settings, s.attn_heads, s.seed)
+             for s in cfg.sweeps}
+    groups = []  # (source, features, trainers) per training transform
+    for augmentation, sweeps in cfg.transform_groups().items():
+        source, features = _train_source(cfg, encoder, data, augmentation, sweeps, arch.img_size, device)
+        groups.append((source, features, [BankTrainer(banks[s.kind], s, len(source), device) for s in sweeps]))
+    epochs = cfg.sweeps[0].epochs
+    log(f"[{job.model}/{job.name}] kinds {list(cfg.kinds)}: {sum(len(b) for b in banks.values())} heads, "
+        f"{data.num_train} train images, {len(groups)} training pass(es) per epoch "
+        f"(features {', '.join(f for _, f, _ in groups)}), {epochs} epochs on {device} x {world()[1]}")
+    first = _resume(spath, fingerprint, groups, log, job)
+    for epoch in range(first, epochs):
+        for source, _, trainers in groups:
+            train_banks(trainers, source, epoch + 1, start_epoch=epoch)
+        _end_epoch(spath, fingerprint, epoch, groups, hooks, first)
+    features = {t.cfg.kind: f for _, f, ts in groups for t in ts}
+    del groups
+    results = None
+    if world()[0] == 0:
+        results = {kind: {**_select(cfg, kind, banks[kind], encoder, data, device),
+                          **_facts(params, cfg, kind, features[kind], data, sha, str(device))}
+                   for kind in cfg.kinds}
+        wall = round(time.perf_counter() - start, 3)
+        for result in results.values():
+            result["wall_time_s"] = wall
+    _barrier()
+    return results
+
+
+def _facts(params: dict, cfg: ProbeConfig, kind: str, features: str, data: JobData, sha: str, device: str) -> dict:
+    """The result file's description of the run (unchanged keys: the report reads them)."""
+    sweep = cfg.sweep(kind)
+    return {
+        "model": cfg.model, "benchmark": cfg.benchmark, "kind": kind, "epochs": sweep.epochs, "seed": sweep.seed,
+        "checkpoint_sha256": sha, "manifest_sha256": data.manifest_sha256, "train_split": cfg.train_split,
+        "eval_split": cfg.eval_split, "num_train": data.num_train, "num_classes": data.num_classes,
+        "images_seen_pretrain": _images_seen(params, cfg.model), "dataset": cfg.dataset, "features": features,
+        "augment": params["probe"]["augment"], "batch_size": cfg.batch_size, "accum_steps": sweep.accum_steps,
+        "warmup_epochs": sweep.warmup_epochs, "grad_clip": sweep.grad_clip, "precision": sweep.precision,
+        "device": device,
+    }
+
+
+def _barrier() -> None:
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _resume(spath: Path, fingerprint: str, groups: list, log: Callable[[str], None], job: ProbeJob) -> int:
+    """Load the saved state of this job into its trainers; returns the first epoch to train."""
+    from xtra.probe.state import load_state, log_progress
+
+    state = load_state(spath, fingerprint)
+    if state is None:
+        if world()[0] == 0:
+            log_progress(spath, "start epoch 0")
+        return 0
+    for _, _, trainers in groups:
+        for t in trainers:
+            t.load_state_dict(state["trainers"][t.cfg.kind])
+    first = int(state["epochs_done"])
+    if world()[0] == 0:
+        log_progress(spath, f"resume epoch {first}")
+    log(f"[{job.model}/{job.name}] resuming after epoch {first} from {spath}")
+    return first
+
+
+def _end_epoch(spath: Path, fingerprint: str, epoch: int, groups: list, hooks: JobHooks, first: int) -> None:
+    """Save the state (rank 0, atomically), then the fault-injection hooks of the tests."""
+    from xtra.probe.state import save_state
+
+    if world()[0] == 0:
+        trainers = {t.cfg.kind: t.state_dict() for _, _, ts in groups for t in ts}
+        save_state(spath, fingerprint, epoch + 1, trainers)
+    _barrier()
+    if hooks.kill_after_epoch is not None and epoch + 1 == hooks.kill_after_epoch:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if hooks.fail_after_epoch is not None and epoch + 1 == hooks.fail_after_epoch and first < epoch + 1:
+        raise InjectedFailure(f"injected failure after epoch {epoch + 1} (state saved at {spath})")
+
