@@ -31,7 +31,7 @@ MODEL = "xtra_k2"
 def _params(resources: dict, **train) -> dict:
     params = demo_params()
     model = copy.deepcopy(params["models"][MODEL])
-    model["arch"] = dict(SMALL_ARCH)
+    model["arch"] = {**model["arch"], **SMALL_ARCH}  # every arch key spelled out, as params.yaml must
     model["train"].update(train)
     model["resources"] = resources
     params["models"] = {MODEL: model}
@@ -49,7 +49,7 @@ def _plan(tmp: Path, profile: str, params: dict) -> subprocess.CompletedProcess:
 
 def _pretrain(proc: subprocess.CompletedProcess):
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return next(j for j in parse_dry_run(proc.stdout + "\n" + proc.stderr) if j.rule == "pretrain")
+    return next(j for j in parse_dry_run(proc.stdout + "\n" + proc.stderr) if j.rule.startswith("pretrain-"))
 
 
 TWO_CPU_TASKS = {"runtime": 20, "mem_mb": 4000, "cpus": 1, "gpus": 0, "nodes": 1, "tasks_per_node": 2}
