@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 
 MODEL = "random_k2"
 VOLATILE = ("wall_time_s",)  # the only result fields allowed to differ between two runs
+EPOCHS = {"mnist": 40, "digits": 100}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,10 @@ def probe_params(prepared: Path, models: Path, results: Path, address: str | Non
     probe = params["probe"]
     probe["models"] = [MODEL]
     probe["num_last_blocks"] = SMALL_ARCH["depth"]
-    for bench in probe["benchmarks"].values():
-        bench.update({"epochs": 4, "lrs": [0.001, 0.01]})
+    # many short epochs on cached features: each job saves its state often and runs long enough for
+    # both to be mid-job at once (digits has a third of mnist's images)
+    for name, bench in probe["benchmarks"].items():
+        bench.update({"epochs": EPOCHS.get(name, 40), "lrs": [0.001, 0.01]})
     probe["ray"] = {**probe.get("ray", {}), "address": address, "max_retries": 1, "cpus_per_job": 1}
     return params
 
@@ -75,7 +78,7 @@ def _results(results: Path) -> dict[str, dict]:
 
 
 def _kill_a_job_on_the_second_node(cluster: RayCluster, driver: subprocess.Popen, states: Path, jobs: int,
-                                   timeout: float = 900) -> int:
+                                   driver_log: Path, timeout: float = 900) -> int:
     """SIGKILL the worker process running a probe job on the joined node, once every job saved a state."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and driver.poll() is None:
@@ -85,7 +88,8 @@ def _kill_a_job_on_the_second_node(cluster: RayCluster, driver: subprocess.Popen
             return workers[0].pid
         time.sleep(0.2)
     raise AssertionError(f"no probe job on the second node after every job's first epoch (driver exited "
-                         f"{driver.poll()}; states {sorted(states.rglob('*'))}):\n{cluster.logs()}")
+                         f"{driver.poll()}; states {sorted(p.name for p in states.rglob('*'))}):\n"
+                         f"{driver_log.read_text(errors='replace')[-4000:]}\n{cluster.logs()}")
 
 
 def test_probe_on_a_ray_cluster_survives_a_killed_worker_and_equals_a_local_run(ray_cluster, prepared_demo, tmp_path):
@@ -106,7 +110,7 @@ def test_probe_on_a_ray_cluster_survives_a_killed_worker_and_equals_a_local_run(
                                   stdout=handle, stderr=subprocess.STDOUT)
     try:
         killed = _kill_a_job_on_the_second_node(ray_cluster, driver, tmp_path / "ray" / "results" / "probe-state" / MODEL,
-                                                len(benchmarks))
+                                                len(benchmarks), driver_log)
         driver.wait(timeout=1200)
     finally:
         if driver.poll() is None:

@@ -57,7 +57,8 @@ def _target(repo: Path) -> str:
 
 
 def _newest_step(ckpt_dir: Path) -> int:
-    steps = [int(m.group(1)) for p in ckpt_dir.glob("step-*.ckpt") if (m := re.match(r"step-(\d+)", p.name))]
+    """The newest step checkpoint in checkpoints/<run id>/ (-1: none yet)."""
+    steps = [int(m.group(1)) for p in ckpt_dir.rglob("step-*.ckpt") if (m := re.match(r"step-(\d+)", p.name))]
     return max(steps, default=-1)
 
 
@@ -82,6 +83,8 @@ def _check_two_ranks(repo: Path) -> None:
     log = _job_log(repo)
     members = sorted(re.findall(r"GLOBAL_RANK: (\d), MEMBER: (\d)/(\d)", log))
     assert members == [("0", "1", "2"), ("1", "2", "2")], f"ranks in the job's log: {members}\n{log[-3000:]}"
+    # Lightning says so only when its cluster environment is SLURMEnvironment (once per rank)
+    assert log.count("SLURM auto-requeueing enabled") == 2, log[-3000:]
 
 
 def test_two_task_pretrain_cut_by_scancel_resumes_to_the_uninterrupted_weights(slurm_cluster, prepared_demo,
