@@ -4,11 +4,18 @@ Both run with `--block`, as children of the test process in sessions of their ow
 `stop()` ends exactly them (each `ray start --block` takes its raylet, workers and, on the head,
 the GCS down with it; a process of theirs still alive after that is killed by pid). `ray stop` is
 never used: it ends every Ray process of the machine, other people's too.
+
+Addresses: the drivers reach the head at 127.0.0.1:<port>; Ray itself records a node given as
+127.0.0.1 under the machine's own address (it resolves loopback away) and binds its servers on all
+interfaces of this machine; nothing outside the machine is reached. Token authentication (Ray's
+default for clusters) uses a token file of the cluster's own folder ($RAY_AUTH_TOKEN_PATH), not
+the shared ~/.ray/auth_token that local Rays of other tests rewrite.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -47,7 +54,9 @@ class RayCluster:
         return f"127.0.0.1:{self.port}"
 
     def environ(self) -> dict[str, str]:
-        return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(self.root)}
+        """For the nodes and every driver: the cluster's own token (not the shared ~/.ray/auth_token)."""
+        return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(self.root), "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(self.root / "auth_token")}
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.root / f"{name}.out", "ab")
@@ -56,14 +65,20 @@ class RayCluster:
                                             start_new_session=True)
         log.close()
 
-    def start(self, timeout: float = 120) -> "RayCluster":
+    def start(self, timeout: float = 180) -> "RayCluster":
+        token = self.root / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
         common = ["--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus_per_node}", "--num-gpus=0",
                   f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"]
         self._start("head", ["--head", f"--port={self.port}", "--include-dashboard=false",
                              f"--temp-dir={self.root}", *common])
-        self._wait_for_nodes(1, timeout)
+        self._wait_for_log("head", timeout)
         self._start("worker", [f"--address={self.address}", *common])
-        self._wait_for_nodes(2, timeout)
+        self._wait_for_log("worker", timeout)
+        alive = self._alive_nodes()
+        if alive != 2:
+            raise RuntimeError(f"the Ray cluster at {self.address} has {alive} live node(s), expected 2:\n{self.logs()}")
         return self
 
     def _alive_nodes(self) -> int:
@@ -74,16 +89,17 @@ class RayCluster:
         lines = proc.stdout.strip().splitlines()
         return int(lines[-1]) if proc.returncode == 0 and lines and lines[-1].isdigit() else 0
 
-    def _wait_for_nodes(self, count: int, timeout: float) -> None:
+    def _wait_for_log(self, node: str, timeout: float) -> None:
+        """Until `ray start` of `node` says its runtime started (its raylet joined the cluster)."""
         deadline = time.monotonic() + timeout
+        log = self.root / f"{node}.out"
         while time.monotonic() < deadline:
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"`ray start` ({dead[0]}) exited {self.procs[dead[0]].returncode}:\n{self.logs()}")
-            if self._alive_nodes() >= count:
+            if self.procs[node].poll() is not None:
+                raise RuntimeError(f"`ray start` ({node}) exited {self.procs[node].returncode}:\n{self.logs()}")
+            if "Ray runtime started" in log.read_text(errors="replace"):
                 return
-            time.sleep(1)
-        raise RuntimeError(f"the Ray cluster did not reach {count} node(s) in {timeout:.0f} s:\n{self.logs()}")
+            time.sleep(0.5)
+        raise RuntimeError(f"`ray start` ({node}) did not start in {timeout:.0f} s:\n{self.logs()}")
 
     def logs(self, tail: int = 3000) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in sorted(self.root.glob("*.out")))

@@ -32,22 +32,24 @@ def _snakemake(repo: Path, env: dict[str, str], *args: str) -> subprocess.Comple
                           capture_output=True, text=True, timeout=900)
 
 
-def _one_job_per_rule(jobs: list[Job]) -> dict[str, Job]:
-    """The pre-training, an in1k probe job, and the preparation of a dataset neither of them reads."""
-    pretrain = next(j for j in jobs if j.rule == "pretrain")
-    probe = next(j for j in jobs if j.rule == "probe" and "benchmark=in1k" in j.fields.get("wildcards", ""))
-    read = {i.strip() for j in (pretrain, probe) for i in j.fields.get("input", "").split(",")}
-    prepare = next(j for j in jobs if j.rule == "prepare" and j.outputs[0] not in read)
+def _kind(job: Job) -> str:
+    return job.rule.split("-")[0]  # rules are named per stage: prepare-<dataset>, probe-<model>-<benchmark>
+
+
+def _one_job_per_rule(jobs: list[Job], params: dict) -> dict[str, Job]:
+    """The pre-training, the in1k probe job, and the preparation of a dataset neither of them reads."""
+    pretrain = next(j for j in jobs if _kind(j) == "pretrain")
+    probe = next(j for j in jobs if _kind(j) == "probe" and j.rule.endswith("-in1k"))
+    read = {params["models"]["xtra_h14"]["dataset"], params["probe"]["benchmarks"]["in1k"]["dataset"]}
+    prepare = next(j for j in jobs if _kind(j) == "prepare" and j.rule.removeprefix("prepare-") not in read)
     return {"prepare": prepare, "pretrain": pretrain, "probe": probe}
 
 
 def _make_inputs(repo: Path, job: Job) -> None:
-    """Placeholders for a job's inputs: folders for prepared datasets, empty files for the rest."""
+    """Empty placeholders for the job's missing inputs (manifests, model files; the code exists)."""
     for name in (i.strip() for i in job.fields.get("input", "").split(",") if i.strip()):
         path = repo / name
-        if "prepared" in Path(name).parts:
-            path.mkdir(parents=True, exist_ok=True)
-        else:
+        if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
 
@@ -62,7 +64,7 @@ def test_bsub_lines_of_the_lsf_profile_carry_each_rules_request(tmp_path):
     env = install_fake_lsf(tmp_path / "lsf")
     plan = _snakemake(repo, env, "-n")
     assert plan.returncode == 0, plan.stderr[-3000:]
-    chosen = _one_job_per_rule(parse_dry_run(plan.stdout + "\n" + plan.stderr))
+    chosen = _one_job_per_rule(parse_dry_run(plan.stdout + "\n" + plan.stderr), params)
     # the probe job reads the pre-training's output: forcing both at once would hold the probe back
     logs = []
     for rules in (("prepare", "pretrain"), ("probe",)):
@@ -74,12 +76,12 @@ def test_bsub_lines_of_the_lsf_profile_carry_each_rules_request(tmp_path):
         logs.append(run.stdout[-2000:] + run.stderr[-3000:])
     by_rule = {}
     for argv in submissions(tmp_path / "lsf"):
-        rule = re.search(r"Snakemake_rule_(\w+?)[:_]", _option(argv, "-J")[0]).group(1)
-        by_rule[rule] = argv
+        rule = re.search(r"Snakemake_rule_(.+?)___", _option(argv, "-J")[0]).group(1)
+        by_rule[rule.split("-")[0]] = argv
     assert sorted(by_rule) == ["prepare", "pretrain", "probe"], "\n".join(logs)
 
     model = params["models"]["xtra_h14"]["resources"]
-    dataset = params["datasets"][re.search(r"dataset=(\w+)", chosen["prepare"].fields["wildcards"]).group(1)]["resources"]
+    dataset = params["datasets"][chosen["prepare"].rule.removeprefix("prepare-")]["resources"]
     in1k = {**params["probe"]["resources"], **(params["probe"]["benchmarks"]["in1k"].get("resources") or {})}
     expected = {
         # rule: (cores in all, GPUs per host or None, span, runtime in minutes, memory of the job in MB)

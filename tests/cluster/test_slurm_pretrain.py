@@ -35,7 +35,7 @@ CUT_AT_STEP = 20  # scancel once a checkpoint at or after this step exists (an e
 def two_task_params() -> dict:
     params = demo_params()
     model = copy.deepcopy(params["models"][MODEL])
-    model["arch"] = dict(SMALL_ARCH)
+    model["arch"] = {**model["arch"], **SMALL_ARCH}  # every arch key spelled out, as params.yaml must
     model["train"].update({"epochs": 2, "batch_size": 32, "devices": 2, "num_nodes": 1, "strategy": "ddp",
                            "accelerator": "cpu", "num_workers": 0, "checkpoint_every_n_steps": 10,
                            "log_every_n_steps": 5, "reconstruct_images": 0})
@@ -57,7 +57,8 @@ def _target(repo: Path) -> str:
 
 
 def _newest_step(ckpt_dir: Path) -> int:
-    steps = [int(m.group(1)) for p in ckpt_dir.glob("step-*.ckpt") if (m := re.match(r"step-(\d+)", p.name))]
+    """The newest step checkpoint in checkpoints/<run id>/ (-1: none yet)."""
+    steps = [int(m.group(1)) for p in ckpt_dir.rglob("step-*.ckpt") if (m := re.match(r"step-(\d+)", p.name))]
     return max(steps, default=-1)
 
 
@@ -71,14 +72,19 @@ def _cancel_mid_run(cluster: SlurmCluster, ckpt_dir: Path, proc: subprocess.Pope
             subprocess.run(["scancel", running[0]], check=True)
             return running[0]
         time.sleep(0.2)
-    raise AssertionError(f"no checkpoint at step >= {CUT_AT_STEP} in {ckpt_dir} "
-                         f"(snakemake exited {proc.poll()}):\n{proc.stdout.read() if proc.stdout else ''}")
+    raise AssertionError(f"no checkpoint at step >= {CUT_AT_STEP} in {ckpt_dir} (snakemake exited {proc.poll()})")
+
+
+def _job_log(repo: Path) -> str:
+    return (repo / "results" / "logs" / "pretrain" / f"pretrain-{MODEL}.log").read_text()
 
 
 def _check_two_ranks(repo: Path) -> None:
-    log = (repo / "results" / "logs" / "pretrain" / f"{MODEL}.log").read_text()
+    log = _job_log(repo)
     members = sorted(re.findall(r"GLOBAL_RANK: (\d), MEMBER: (\d)/(\d)", log))
     assert members == [("0", "1", "2"), ("1", "2", "2")], f"ranks in the job's log: {members}\n{log[-3000:]}"
+    # Lightning says so only when its cluster environment is SLURMEnvironment (once per rank)
+    assert log.count("SLURM auto-requeueing enabled") == 2, log[-3000:]
 
 
 def test_two_task_pretrain_cut_by_scancel_resumes_to_the_uninterrupted_weights(slurm_cluster, prepared_demo,
@@ -92,17 +98,19 @@ def test_two_task_pretrain_cut_by_scancel_resumes_to_the_uninterrupted_weights(s
     assert metrics["world_size"] == 2 and metrics["steps"] == 2 * 62, metrics
 
     cut = _repo(tmp_path / "cut", prepared_demo)
-    proc = snakemake_slurm(cut, _target(cut), popen=True)
+    snakemake_log = tmp_path / "snakemake-cut.log"
+    proc = snakemake_slurm(cut, _target(cut), log=snakemake_log)
     try:
         cancelled = _cancel_mid_run(slurm_cluster, cut / "models" / MODEL / "checkpoints", proc)
-        out, _ = proc.communicate(timeout=1800)
+        proc.wait(timeout=1800)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    out = snakemake_log.read_text(errors="replace")
     assert proc.returncode == 0, out[-6000:] + slurm_cluster.logs()
     assert f"SLURM-job '{cancelled}' failed" in out and "CANCELLED" in out, out[-4000:]
-    log = (cut / "results" / "logs" / "pretrain" / f"{MODEL}.log").read_text()
+    log = _job_log(cut)
     assert "resuming from" in log, log[-3000:]  # the retry's log: it went on from the cut run's checkpoint
     _check_two_ranks(cut)
 

@@ -24,13 +24,14 @@ SLURM_COMMAND = ["--profile", "workflow/profiles/slurm", "--slurm-no-account", "
 
 
 def snakemake_slurm(repo: Path, *args: str, timeout: float = 1800,
-                    popen: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
-    """`snakemake --profile workflow/profiles/slurm ...` in `repo` (the xtra command on PATH)."""
+                    log: Optional[Path] = None) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`snakemake --profile workflow/profiles/slurm ...` in `repo` (the xtra command on PATH); with
+    `log`, started in the background with its output going to that file (a Popen)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
     command = [str(BIN / "snakemake"), *SLURM_COMMAND, *args]
-    if popen:
-        return subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+    if log is not None:
+        with log.open("w") as handle:
+            return subprocess.Popen(command, cwd=repo, env=env, stdout=handle, stderr=subprocess.STDOUT)
     return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
 
 

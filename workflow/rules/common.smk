@@ -223,6 +223,12 @@ RESOURCE_KEYS = ("runtime", "mpi", "nodes", "mem_mb", "cpus_per_task", "gpu", "g
 
 def resources_of(stage):
     """Rule `resources:` keyword arguments of a stage's job, plus `launch`, the shell prefix of a
-    multi-task job (a resource, not a param: Snakemake keeps params in the job's identity)."""
+    multi-task job, and `cmd`, the stage's command (resources, not params: Snakemake keeps params in
+    the job's identity).
+
+    The shell line reads the command from `resources.cmd`, never from `stage` itself: Snakemake
+    evaluates a rule's `shell:` expression again when the job runs (in the cluster job, and locally),
+    and by then the loop variable `stage` is the last stage of the last rule file (the report):
+    every job would run `xtra report`."""
     res = cluster_resources(stage_request(stage))
-    return {**{key: res.get(key) for key in RESOURCE_KEYS}, "launch": launch_prefix(res)}
+    return {**{key: res.get(key) for key in RESOURCE_KEYS}, "launch": launch_prefix(res), "cmd": stage.cmd}

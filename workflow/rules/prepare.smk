@@ -22,4 +22,4 @@ for stage in stages_of("prepare"):
         resources:
             **resources_of(stage),
         shell:
-            f"{stage.cmd} > {{log}} 2>&1"
+            "{resources.cmd} > {log} 2>&1"

@@ -22,4 +22,4 @@ for stage in stages_of("probe"):
         resources:
             **resources_of(stage),
         shell:
-            f"{{resources.launch}}{stage.cmd} > {{log}} 2>&1"
+            "{resources.launch}{resources.cmd} > {log} 2>&1"

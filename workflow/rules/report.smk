@@ -19,5 +19,7 @@ for stage in stages_of("report"):
             "../envs/xtra.yaml"
         log:
             stage_log(stage),
+        resources:
+            cmd=stage.cmd,  # bound now: see resources_of in common.smk
         shell:
-            f"{stage.cmd} > {{log}} 2>&1"
+            "{resources.cmd} > {log} 2>&1"
