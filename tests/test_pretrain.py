@@ -305,10 +305,12 @@ def _paper_model_run(tmp_path: Path, preset: str, img_size: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_paper_b16_architecture_trains_resumes_and_its_model_file_loads(tmp_path: Path) -> None:
     _paper_model_run(tmp_path, "xtra_b16", 256)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 def test_paper_h14_architecture_trains_resumes_and_its_model_file_loads(tmp_path: Path) -> None:
     _paper_model_run(tmp_path, "xtra_h14", 224)

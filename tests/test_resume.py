@@ -57,7 +57,7 @@ def test_one_process_kill_and_rerun_ends_with_the_uninterrupted_weights(
     tmp, prepared = small
     reference_1 = request.getfixturevalue("reference_1" if loader == "stream" else "reference_random")
     out = _killed_then_resumed(tmp_path, tiny_params(tmp, prepared, loader=loader), prepared, step)
-    assert f"resuming from" in out and f"step-{step:06d}.ckpt" in out, out[-2000:]
+    assert "resuming from" in out and f"step-{step:06d}.ckpt" in out, out[-2000:]
     assert max_weight_difference(final_weights(tmp_path), reference_1) <= 1e-6, where
     metrics = json.loads((tmp_path / "models" / "m" / "metrics.json").read_text())
     assert metrics["steps"] == 12
