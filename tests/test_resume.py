@@ -51,7 +51,8 @@ def reference_random(small, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("step, where, loader", [(4, "mid-epoch", "stream"), (6, "epoch boundary", "stream"),
-                                                 pytest.param(4, "mid-epoch", "random", marks=pytest.mark.slow)])
+                                                 pytest.param(4, "mid-epoch", "random", marks=pytest.mark.slow),
+                                                 pytest.param(6, "epoch boundary", "random", marks=pytest.mark.slow)])
 def test_one_process_kill_and_rerun_ends_with_the_uninterrupted_weights(
         small, request, tmp_path: Path, step: int, where: str, loader: str) -> None:
     tmp, prepared = small
