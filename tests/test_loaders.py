@@ -53,8 +53,10 @@ def test_missing_dataset_or_split_is_named(tmp_path: Path, prepared: Path) -> No
 def test_items_are_the_stored_images(prepared: Path) -> None:
     ds = PreparedDataset(prepared, "train")
     assert len(ds) == N and ds.classes == ["w", "x", "y", "z"] and ds.num_classes == 4
-    assert ds.targets.tolist() == [i % 4 for i in range(N)]
-    img, label = ds[5]
+    ids = [int(ds.key(i)[1:]) for i in range(N)]  # key s005 holds IMAGES[5]; preparation shuffles the order
+    assert sorted(ids) == list(range(N)) and ids != sorted(ids)
+    assert ds.targets.tolist() == [i % 4 for i in ids]
+    img, label = ds[ids.index(5)]
     expected = resize_shorter(Image.fromarray(IMAGES[5]), S)  # PNG is lossless
     assert label == 1 and img.size == (21, 16) and np.array_equal(np.asarray(img), np.asarray(expected))
     with pytest.raises(IndexError):
@@ -106,6 +108,19 @@ def test_eval_transform_normalises_exactly() -> None:
     assert x.shape == (3, 24, 24) and torch.allclose(x[:, 12, 12], expected, atol=1e-5)
 
 
+def test_fused_normalisation_is_bit_identical_to_torchvision() -> None:
+    from torchvision import transforms as T
+
+    from xtra.data.transforms import ToNormalisedTensor
+
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (17, 23, 3), dtype=np.uint8))
+    reference = T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(T.ToTensor()(img))
+    fused = ToNormalisedTensor()(img)
+    assert fused.shape == (3, 17, 23) and fused.is_contiguous() and torch.equal(fused, reference)
+    with pytest.raises(ValueError, match="mode 'L'"):
+        ToNormalisedTensor()(img.convert("L"))
+
+
 def test_two_ranks_see_disjoint_samples_covering_the_dataset(prepared: Path) -> None:
     ds = PreparedDataset(prepared, "train", eval_transform(S, S))
     loaders = [make_loader(ds, 8, num_workers=0, seed=3, rank=r, world_size=2) for r in (0, 1)]
@@ -113,7 +128,7 @@ def test_two_ranks_see_disjoint_samples_covering_the_dataset(prepared: Path) -> 
     assert len(seen[0]) == len(seen[1]) == N // 2
     assert set(seen[0]).isdisjoint(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(N))
     labels = torch.cat([y for _, y in loaders[1]])
-    assert labels.tolist() == [i % 4 for i in seen[1]]
+    assert labels.tolist() == [int(ds.key(i)[1:]) % 4 for i in seen[1]]
 
 
 def test_epoch_shuffle_differs_and_is_reproducible(prepared: Path) -> None:
@@ -157,7 +172,7 @@ def test_damaged_shard_is_reported(tmp_path: Path, prepared: Path) -> None:
     with open(copy / "train-000000.tar", "r+b") as f:  # same size, garbage payload
         f.seek(offset)
         f.write(bytes(size))
-    with pytest.raises(DataError, match=r"train-000000.tar: sample 's000' cannot be decoded"):
+    with pytest.raises(DataError, match=rf"train-000000.tar: sample '{ds.key(0)}' cannot be decoded"):
         PreparedDataset(copy, "train")[0]
     (copy / "train-000002.tar").unlink()
     with pytest.raises(DataError, match="train-000002.tar .*missing"):

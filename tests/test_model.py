@@ -221,3 +221,59 @@ def test_attention_bench_reports_every_cpu_path(capsys: pytest.CaptureFixture) -
     assert [r.impl for r in rows] == ["sdpa", "reference"]
     assert all(r.images_per_s > 0 and r.step_ms > 0 and r.peak_mem_mb > 0 for r in rows)
     assert "vs reference" in capsys.readouterr().out
+
+
+def test_pseudo_random_orders_follow_the_release_rule() -> None:
+    """As many permutations as blocks by default, no two sharing a prefix, drawn per step from a seed;
+    validation uses the first, and probing (the encoder alone) stays in raster order."""
+    arch = tiny_arch(block_order="pseudo_random", block_order_seed=3).resolved()
+    model = XTRA(arch)
+    orders = model.block_orders
+    m = arch.num_blocks
+    assert len(orders) == m and all(sorted(o) == list(range(m)) for o in orders)
+    assert len({o[0] for o in orders}) == m  # distinct first blocks: no two share any prefix
+    assert orders == XTRA(arch).block_orders  # seeded
+    drawn = [model.order_for_step(s) for s in range(200)]
+    assert drawn == [XTRA(arch).order_for_step(s) for s in range(200)]  # the same on every rank and resume
+    assert len(set(drawn)) == m  # every permutation is drawn (uniformly, not in a cycle)
+    assert drawn[:m] != orders[: len(drawn[:m])]
+    assert model.order_for_step(None) == orders[0] and model.encoder.block_order is None
+    with pytest.raises(ParamsError, match="num_block_orders"):
+        tiny_arch(block_order="pseudo_random", num_block_orders=m + 1).resolved()
+
+
+def test_patch_embedding_is_kaiming_normal_fan_in_with_zero_bias() -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder("base", 256, 16, 4)
+    weight = encoder.patch_embed.proj.weight  # (768, 3, 16, 16): fan-in 768
+    assert torch.equal(encoder.patch_embed.proj.bias, torch.zeros(768))
+    assert abs(float(weight.detach().std()) - (2.0 / (3 * 16 * 16)) ** 0.5) < 0.002
+
+
+def test_predictor_fp32_runs_the_predictor_alone_in_fp32() -> None:
+    """The release's fp16 recipe: predictor outputs fp32, cast back to the autocast dtype before the heads."""
+    arch = tiny_arch(predictor_fp32=True).resolved()
+    model = XTRA(arch)
+    seen: dict[str, torch.dtype] = {}
+    model.predictor.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("predictor", o.dtype))
+    model.heads[0].mlp[0].register_forward_pre_hook(lambda m, i: seen.__setitem__("heads_in", i[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 32, 32))
+    assert seen == {"predictor": torch.float32, "heads_in": torch.bfloat16} and out[0].dtype == torch.bfloat16
+
+
+def test_gpu_bench_plumbing_on_cpu(capsys: pytest.CaptureFixture, one_thread) -> None:
+    """`xtra bench gpu`'s table on CPU with shrunken models (FlexAttention rows need CUDA): plumbing only."""
+    from xtra.model.bench import run_gpu_bench, train_flops_per_image
+
+    shrink = {"preset": "tiny", "width": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8, "block_size": 2,
+              "predictor_depth": 1, "predictor_width": 16, "predictor_heads": 2, "proj_hidden": 32, "head_hidden": 32}
+    rows = run_gpu_bench(("xtra_b16", "xtra_h14"), {"xtra_b16": 2, "xtra_h14": 2}, steps=1, warmup=0, device="cpu",
+                         overrides=shrink)
+    assert [(r.model, r.recipe) for r in rows] == [("xtra_b16", "bf16 sdpa"), ("xtra_b16", "fp16 release"),
+                                                    ("xtra_h14", "bf16 sdpa"), ("xtra_h14", "fp16 release")]
+    assert all(r.images_per_s > 0 and r.mfu is None for r in rows)
+    out = capsys.readouterr().out
+    assert "vs bf16 sdpa" in out and "1.00x" in out
+    # XTRA-B/16 at 256 px: ~3 x 85 GFLOPs of forward (encoder + predictor + heads) per image
+    assert 2.0e11 < train_flops_per_image(ArchConfig(**MODEL_PRESETS["xtra_b16"])) < 3.0e11

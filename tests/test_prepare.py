@@ -15,6 +15,7 @@ from PIL import Image
 
 from xtra.data import prepare as prep
 from xtra.data.loaders import PreparedDataset
+from xtra.data.rng import derive_seed
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError, ParamsError
 
@@ -61,7 +62,10 @@ def test_prepare_twice_identical_and_second_run_skipped(tmp_path: Path, capsys) 
     assert json.loads(a.read_text())["params_hash"] == json.loads(b.read_text())["params_hash"]
     with tarfile.open(shard) as tar:
         names = tar.getnames()[:4]
-        assert names == ["tr000.cls", "tr000.png", "tr001.cls", "tr001.png"]
+        keys = [f"tr{i:03d}" for i in range(20)]  # sorted by key, then the split's fixed permutation
+        first_two = [keys[i] for i in np.random.default_rng(derive_seed("sample order", "train")).permutation(20)[:2]]
+        assert names == [f"{first_two[0]}.cls", f"{first_two[0]}.png", f"{first_two[1]}.cls", f"{first_two[1]}.png"]
+        assert first_two != keys[:2]
         assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in tar.getmembers())
 
 
@@ -81,6 +85,64 @@ def test_changed_param_or_input_reprepares(tmp_path: Path) -> None:
     same = prep.prepare_dataset("toy", params(image_size=10, keep_original=True, num_workers=2), tmp_path,
                                 reader=array_reader(seed=1))  # fmt: skip
     assert same["params_hash"] == other_pixels["params_hash"]
+
+
+def test_defaults_are_the_schema_ones(tmp_path: Path) -> None:
+    from xtra.config import load_schema
+
+    schema = load_schema()["$defs"]["dataset"]["properties"]
+    defaults = prep.dataset_defaults()
+    assert defaults["image_size"] == schema["image_size"]["default"] == 256
+    assert set(defaults) == {k for k, v in schema.items() if "default" in v}
+
+
+def write_tree(root: Path) -> None:
+    """A class-folder tree a = 3 PNGs, b = 2 PNGs, plus a metadata file no sample names."""
+    for i, cls in enumerate("aaabb"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((9, 11, 3), 40 * i, dtype=np.uint8)).save(root / cls / f"{i}.png")
+    (root / "meta.txt").write_text("v1\n")
+
+
+def rooted_reader(params: dict) -> RawDataset:
+    root = Path(params["root"])
+    train = [Sample(f"{f.parent.name}_{f.stem}", f, "ab".index(f.parent.name)) for f in sorted(root.glob("*/*.png"))]
+    return RawDataset(["a", "b", "c"], {"train": train}, str(root))
+
+
+def test_up_to_date_check_is_cheap_and_sees_every_input_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write_tree(raw)
+    p = params(root=str(raw))
+    first = prep.prepare_dataset("toy", p, out, reader=rooted_reader)
+    manifest = (out / "toy" / "manifest.json").read_bytes()
+    assert "num_workers" not in first["params"] and "size_check" not in first["params"]
+    assert first["inputs"]["tree_files"] == 6 and first["sample_order"] == prep.SAMPLE_ORDER
+
+    def no_listing(params: dict) -> RawDataset:
+        raise AssertionError("the up-to-date check listed the raw data")
+
+    monkeypatch.setattr(prep, "sha256_file", lambda path: pytest.fail(f"hashed {path}"))
+    # editing a key that does not change shards: up to date, without listing or hashing; manifest untouched
+    again = prep.prepare_dataset("toy", {**p, "num_workers": 2, "max_skipped_fraction": 0.5}, out, reader=no_listing)
+    assert again == first and (out / "toy" / "manifest.json").read_bytes() == manifest
+    assert "up to date" in capsys.readouterr().out
+    monkeypatch.undo()
+    # --verify: re-lists and re-hashes, finds nothing, keeps the folder
+    prep.prepare_dataset("toy", p, out, reader=rooted_reader, verify=True)
+    assert "verified" in capsys.readouterr().out and (out / "toy" / "manifest.json").read_bytes() == manifest
+    # a damaged shard of the same size: only --verify sees it, and prepares again
+    shard = out / "toy" / "train-000000.tar"
+    shard.write_bytes(bytes(shard.stat().st_size))
+    prep.prepare_dataset("toy", p, out, reader=rooted_reader)
+    assert shard.read_bytes() == bytes(shard.stat().st_size)
+    fixed = prep.prepare_dataset("toy", p, out, reader=rooted_reader, verify=True)
+    assert "does not match its recorded sha256" in capsys.readouterr().out
+    assert shard_digests(fixed) == shard_digests(first) and (out / "toy" / "manifest.json").read_bytes() == manifest
+    # any input file changes the fingerprint, even one no sample reads (split lists, metadata)
+    (raw / "meta.txt").write_text("v2, longer\n")
+    changed = prep.prepare_dataset("toy", p, out, reader=rooted_reader)
+    assert changed["params_hash"] != first["params_hash"] and shard_digests(changed) == shard_digests(first)
 
 
 def save_bad_tree(root: Path) -> None:
@@ -246,7 +308,9 @@ def test_embedded_digits_end_to_end(tmp_path: Path) -> None:
     readers = pytest.importorskip("xtra.data.readers")
     if "digits" not in getattr(readers, "READERS", {}):
         pytest.skip("no digits reader")
-    manifest = prep.prepare_dataset("digits", {"kind": "digits", "root": None, "image_size": 16}, tmp_path)
+    manifest = prep.prepare_dataset(
+        "digits", {"kind": "digits", "root": None, "image_size": 16, "heldout_fraction": 0.25}, tmp_path
+    )
     assert {k: v["count"] for k, v in manifest["splits"].items()} == {"train": 1347, "test": 450}
     assert all(check["matched"] for check in manifest["official_sizes"].values())
     x, y = PreparedDataset(tmp_path / "digits", "test")[0]

@@ -23,6 +23,7 @@ from tests.fixtures.raw import (
     make_food101,
     make_imagenet1k,
     make_imagenet21k,
+    make_imagenet21k_synsets,
     make_inat2018,
     make_infograph,
     make_iwildcam,
@@ -252,12 +253,60 @@ def test_imagenet_layout_errors(tmp_path: Path) -> None:
         read_dataset(info.params)
 
 
-def test_imagenet21k_single_tree_is_explained(tmp_path: Path) -> None:
-    write_image(tmp_path / "n00004475" / "n00004475_1.JPEG")
+def test_imagenet21k_layouts_are_chosen_or_explained(tmp_path: Path) -> None:
+    write_image(tmp_path / "s" / "n00004475" / "n00004475_1.JPEG")
+    single = read_dataset({"kind": "imagenet21k", "root": str(tmp_path / "s"), "heldout_fraction": 0.5})
+    assert "per-synset" in single.source  # auto: a tree of wnid folders
     with pytest.raises(DataError, match="imagenet21k_train"):
-        read_dataset({"kind": "imagenet21k", "root": str(tmp_path)})
+        read_dataset({"kind": "imagenet21k", "root": str(tmp_path / "s"), "layout": "21k_p"})
     info = make_imagenet21k(tmp_path / "p")
     assert len(read_dataset(info.params).splits["val"]) == 3
+    with pytest.raises(DataError, match="per_synset"):
+        read_dataset({**info.params, "layout": "per_synset"})
+    (tmp_path / "e").mkdir()
+    with pytest.raises(DataError, match="does not hold the 'auto' layout"):
+        read_dataset({"kind": "imagenet21k", "root": str(tmp_path / "e")})
+
+
+def test_imagenet21k_per_synset_classes_ids_and_heldout_split(tmp_path: Path) -> None:
+    info = make_imagenet21k_synsets(tmp_path)
+    dataset = read_dataset(info.params)
+    assert dataset.classes == ["n00004475", "n00005787", "n00006484"]  # sorted wnids; README.txt is no class
+    assert {k: len(v) for k, v in dataset.splits.items()} == info.split_counts == {"train": 15, "val": 3}
+    found = _by_key(dataset)
+    assert {k: v[1] for k, v in found.items()} == {k: label for k, (_, label) in info.expected.items()}
+    held = [label for split, label, _ in found.values() if split == "val"]
+    assert sorted(held) == [0, 2, 2]  # round(0.2 x 7) = 1, round(0.2 x 1) = 0, round(0.2 x 10) = 2
+    assert dataset.official_sizes == {}  # 3 synsets: not a known release
+    again = {k for k, v in _by_key(read_dataset(info.params)).items() if v[0] == "val"}
+    other = {k for k, v in _by_key(read_dataset({**info.params, "split_seed": 5})).items() if v[0] == "val"}
+    assert again == {k for k, v in found.items() if v[0] == "val"} and other != again
+
+
+def test_imagenet21k_per_synset_prepares(tmp_path: Path) -> None:
+    from xtra.data.loaders import PreparedDataset
+    from xtra.data.prepare import prepare_dataset
+
+    info = make_imagenet21k_synsets(tmp_path / "raw")
+    manifest = prepare_dataset("in21k", {**info.params, "image_size": 0, "num_workers": 1}, tmp_path / "out")
+    assert manifest["num_classes"] == 3 and manifest["classes"] == sorted(info.classes)
+    assert {k: v["count"] for k, v in manifest["splits"].items()} == {"train": 15, "val": 3}
+    listed = _by_key(read_dataset(info.params))
+    for split in ("train", "val"):
+        ds = PreparedDataset(tmp_path / "out" / "in21k", split)
+        assert {ds.key(i): int(ds.targets[i]) for i in range(len(ds))} == {
+            k: label for k, (s, label, _) in listed.items() if s == split
+        }
+
+
+def test_imagenet21k_per_synset_release_sizes(monkeypatch, tmp_path: Path) -> None:
+    from xtra.data.readers import imagenet
+
+    info = make_imagenet21k_synsets(tmp_path)
+    monkeypatch.setitem(imagenet.PER_SYNSET_RELEASES, 3, ("tiny", 20))  # a "release" of 3 synsets, 20 images
+    sizes = read_dataset(info.params).official_sizes
+    assert sizes == {"train": 17, "val": 3}  # 18 of the release's 20 images are present: a partial copy
+    assert imagenet.PER_SYNSET_RELEASES[19_167] == ("winter21", 13_153_500)
 
 
 def test_custom_class_rules(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
 """`xtra bench attention|data|sweep`: measured throughput, printed as tables with ratios.
 
+- gpu: XTRA-B/16 and H/14 training images/s, step time, peak memory and MFU in bf16 (dense-mask
+  SDPA vs compiled FlexAttention) and the release's fp16 recipe, as ratios;
 - attention: XTRA training steps per attention path (dense-mask SDPA, FlexAttention on CUDA, and a
   reference that rebuilds the mask in every call);
 - data: a prepared dataset through the training loader vs the same images decoded from the raw tree;
@@ -26,6 +28,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     attn.add_argument("--patch-size", type=int, default=None)
     attn.add_argument("--bf16", action="store_true", help="bf16 autocast")
     attn.add_argument("--device", default=None)
+    gpu = sub.add_parser("gpu", help="XTRA-B/16 and H/14 training: bf16 SDPA vs bf16 FlexAttention vs fp16 release")
+    gpu.add_argument("--preset", action="append", choices=["xtra_b16", "xtra_h14"], default=None)
+    gpu.add_argument("--batch-b16", type=int, default=128, help="per-device batch of XTRA-B/16")
+    gpu.add_argument("--batch-h14", type=int, default=32, help="per-device batch of XTRA-H/14")
+    gpu.add_argument("--steps", type=int, default=10)
+    gpu.add_argument("--warmup", type=int, default=3)
+    gpu.add_argument("--device", default=None)
     data = sub.add_parser("data", help="prepared shards vs raw files, images/s")
     data.add_argument("dataset", help="a dataset of params.yaml (prepared beforehand)")
     data.add_argument("--params", default="params.yaml")
@@ -48,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
         overrides = {k: v for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size)) if v}
         run_attention_bench(args.preset, args.batch, args.steps, block_size=args.block_size, device=args.device,
                             bf16=args.bf16, overrides=overrides)
+    elif args.bench == "gpu":
+        from xtra.model.bench import run_gpu_bench
+
+        run_gpu_bench(tuple(args.preset or ("xtra_b16", "xtra_h14")),
+                      {"xtra_b16": args.batch_b16, "xtra_h14": args.batch_h14}, args.steps, args.warmup, args.device)
     elif args.bench == "data":
         from xtra.config import load_params
         from xtra.data.bench import run_data_bench

@@ -19,7 +19,7 @@ from torchvision.utils import save_image
 from xtra.errors import DataError
 from xtra.model.xtra import XTRA, patchify_blocks, unpatchify_blocks
 
-__all__ = ["reconstruction_grid", "reconstruction_grid_from_dataset", "configure_parser", "run"]
+__all__ = ["reconstruction_grid", "reconstruction_grid_from_dataset", "load_model_file", "configure_parser", "run"]
 
 
 def _denormalize(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ def _save(model: XTRA, images: torch.Tensor, out: Path) -> Path:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a checkpoint of this project (models/<model>/last.ckpt)")
+    parser.add_argument("checkpoint", help="a model file (models/<model>/model.pt) of a pre-trained or random model")
     parser.add_argument("images", nargs="*", help="image files; or use --dataset")
     parser.add_argument("--dataset", help="a prepared dataset folder (data/prepared/<name>)")
     parser.add_argument("--split", default=None, help="split of --dataset (default: val, else test, else train)")
@@ -95,10 +95,26 @@ def _load_images(paths: Sequence[str], img_size: int, resize: int | None) -> tor
     return torch.stack(tensors)
 
 
-def run(args: argparse.Namespace) -> int:
-    from xtra.model.checkpoint import load_xtra
+def load_model_file(path: str | Path) -> XTRA:
+    """The full XTRA of a weights-only model file (`weights_only=True, mmap=True`), loaded strictly.
 
-    model = load_xtra(args.checkpoint)
+    An encoder-only file (a converted fine-tuned release) has no predictor or heads to reconstruct with.
+    """
+    from xtra.errors import CheckpointError
+    from xtra.model.artifact import read_model_artifact
+    from xtra.model.checkpoint import load_strict
+    from xtra.model.xtra import ArchConfig
+
+    artifact = read_model_artifact(path)
+    if not artifact.state_dict or artifact.encoder_only:
+        raise CheckpointError(f"{path}: init {artifact.init!r} holds no predictor and heads to reconstruct with")
+    model = XTRA(ArchConfig.from_dict(artifact.arch))
+    load_strict(model, artifact.state_dict, str(path))
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model_file(args.checkpoint)
     resize = args.resize or model.cfg.img_size
     if args.dataset:
         out = reconstruction_grid_from_dataset(model, Path(args.dataset), Path(args.out), args.count, resize,

@@ -20,17 +20,27 @@ folder is renamed to `<out_root>/<name>/` only when complete. A stale `.partial`
 left by a killed run is removed first. One `prepare` of a dataset runs at a time (the DAG runners
 guarantee it).
 
-Re-preparation is skipped when the existing manifest's `params_hash` equals the new one and every
-shard's size and sha256 verify. The hash covers the format version, the image policy, the
-dataset's params (all keys but `num_workers`, which does not change the output) and a fingerprint
-of the reader's listing: class names, source, and for each sample its split, key, label and file
-(path, size, mtime) or array content. Changing any of them re-prepares; `--force` always does.
+Sample order. Within each split the samples are sorted by key (for the duplicate check) and then
+written in a fixed seeded permutation (`derive_seed("sample order", split)`), so every shard holds
+a random mix of classes: ImageNet-style keys sort by class, and a streaming reader that shuffles
+shards and a buffer of 1,000 samples would otherwise fill a batch with one or two classes.
+
+Up to date. The defaults of a dataset section are those of the schema (`dataset_defaults`), for the
+CLI and the API alike. `params_hash` covers the format version, the image policy, the params that
+change shard bytes (`xtra.data.fingerprint.shard_params`: not num_workers, resources,
+max_skipped_fraction or size_check, which are not written to the manifest either) and the inputs:
+for a dataset with a root, one walk of the whole root tree (path, size, mtime of every file); for
+one without (embedded sets, readers passed in), the reader's listing. A run is skipped when the
+existing manifest has that hash and every shard and index file is present with its recorded size:
+no listing, no second stat of the raw files, no shard hash. `verify=True` (`xtra prepare --verify`)
+also re-lists the raw data, compares the listing fingerprint and sha256s every shard and index, and
+prepares again on any difference; `force=True` always prepares.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import copy
 import json
 import multiprocessing as mp
 import shutil
@@ -44,31 +54,32 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from xtra.config import load_schema
+from xtra.data.fingerprint import listing_fingerprint, params_hash, shard_params, tree_fingerprint
 from xtra.data.images import IMAGE_POLICY, Converted, convert_image
+from xtra.data.rng import derive_seed
 from xtra.data.shards import MANIFEST, ShardWriter, sha256_file
 from xtra.data.source import RawDataset, Reader, Sample
 from xtra.errors import DataError, ParamsError, writing_to
 
 __all__ = [
     "FORMAT_VERSION",
-    "DEFAULTS",
+    "SAMPLE_ORDER",
+    "dataset_defaults",
     "prepare_dataset",
-    "input_fingerprint",
-    "params_hash",
     "configure_parser",
     "run",
 ]
 
-FORMAT_VERSION = 1
-DEFAULTS: dict = {
-    "image_size": 32,
-    "keep_original": False,
-    "shard_size": 1000,
-    "num_workers": 2,
-    "max_skipped_fraction": 0.01,
-    "size_check": "error",
-}
-_NOT_HASHED = frozenset({"num_workers"})
+FORMAT_VERSION = 2  # 2: seeded sample order, manifest without the non-shard params, input fingerprints
+SAMPLE_ORDER = 'sorted by key, then a fixed permutation per split: derive_seed("sample order", split)'
+
+
+def dataset_defaults() -> dict:
+    """The schema's default of every key of a dataset section (the one table of defaults)."""
+    props = load_schema()["$defs"]["dataset"]["properties"]
+    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+
 
 # The work of the conversion processes: (samples, image_size, keep_original). Set before the pool
 # forks, so samples (arrays, callables) are never pickled; passed to the initializer under spawn.
@@ -111,44 +122,14 @@ def _plan(raw: RawDataset) -> Plan:
                 plan.skipped.append({"split": split, "source": _source_of(sample), "reason": reason, "stage": "label"})
                 continue
             kept.append(sample)
-        plan.splits[split] = kept
+        order = np.random.default_rng(derive_seed("sample order", split)).permutation(len(kept))
+        plan.splits[split] = [kept[i] for i in order]
         plan.found[split] = len(raw.splits[split])
     return plan
 
 
-def _image_id(image: object) -> str:
-    if isinstance(image, (str, Path)):
-        try:
-            st = Path(image).stat()
-        except OSError:
-            return f"{image}:missing"
-        return f"{image}:{st.st_size}:{st.st_mtime_ns}"
-    if isinstance(image, np.ndarray):
-        digest = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
-        return f"array:{image.shape}:{image.dtype}:{digest}"
-    return f"callable:{getattr(image, '__qualname__', type(image).__name__)}"
-
-
-def input_fingerprint(raw: RawDataset) -> str:
-    """sha256 of the reader's listing: classes, source, sizes, drops and every sample's file/array."""
-    h = hashlib.sha256()
-    head = {"classes": raw.classes, "source": raw.source, "official": raw.official_sizes, "skipped": raw.skipped}
-    h.update(json.dumps(head, sort_keys=True, default=str).encode())
-    for split in sorted(raw.splits):
-        for s in sorted(raw.splits[split], key=lambda s: s.key):
-            h.update(f"{split}\t{s.key}\t{s.label}\t{_image_id(s.image)}\n".encode())
-    return h.hexdigest()
-
-
-def params_hash(params: dict, fingerprint: str) -> str:
-    """The hash that decides whether a prepared dataset is up to date."""
-    hashed = {k: v for k, v in params.items() if k not in _NOT_HASHED}
-    blob = {"version": FORMAT_VERSION, "policy": IMAGE_POLICY, "params": hashed, "input": fingerprint}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _verified(final: Path, expected_hash: str) -> Optional[dict]:
-    """The existing manifest when it has `expected_hash` and every shard verifies, else None."""
+def _recorded(final: Path, expected_hash: str) -> Optional[dict]:
+    """The existing manifest when it has `expected_hash` and every shard and index has its recorded size."""
     try:
         manifest = json.loads((final / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -157,12 +138,25 @@ def _verified(final: Path, expected_hash: str) -> Optional[dict]:
         return None
     for split in manifest.get("splits", {}).values():
         for shard in split["shards"]:
-            files = [(shard["file"], shard["sha256"]), (shard.get("index"), shard.get("index_sha256"))]
-            for file, digest in files:
+            try:
+                if (final / shard["file"]).stat().st_size != shard["bytes"] or not (final / shard["index"]).is_file():
+                    return None
+            except OSError:
+                return None
+    return manifest
+
+
+def _verify_problem(final: Path, manifest: dict, listing: str) -> Optional[str]:
+    """The first difference the full check finds (listing, then shard and index sha256), else None."""
+    if manifest.get("inputs", {}).get("listing_sha256") != listing:
+        return "the reader lists different samples than the manifest records"
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            for file, digest in ((shard["file"], shard["sha256"]), (shard["index"], shard["index_sha256"])):
                 path = final / str(file)
                 if not path.is_file() or sha256_file(path) != digest:
-                    return None
-    return manifest
+                    return f"{path} does not match its recorded sha256"
+    return None
 
 
 def _check_sizes(name: str, raw: RawDataset, plan: Plan, mode: str) -> dict:
@@ -280,26 +274,68 @@ def _summary(manifest: dict, final: Path) -> str:
     return "\n".join(lines)
 
 
+def _inputs(p: dict, reader: Reader) -> tuple[dict, Optional[RawDataset]]:
+    """The input identity: the root tree's fingerprint (no listing needed), else the reader's listing."""
+    root = p.get("root")
+    if root:
+        digest, files = tree_fingerprint(Path(str(root)).expanduser())
+        return {"tree_sha256": digest, "tree_files": files}, None
+    raw = reader(p)
+    return {"listing_sha256": listing_fingerprint(raw)}, raw
+
+
+def _existing(name: str, final: Path, digest: str, verify: bool, listing: Callable[[], str]) -> Optional[dict]:
+    """The existing manifest when the prepared folder is up to date (fully verified with `verify`)."""
+    existing = _recorded(final, digest)
+    if existing is None:
+        return None
+    if not verify:
+        print(f"{name}: up to date ({final}, params_hash {digest[:12]}; --verify re-hashes the shards)")
+        return existing
+    problem = _verify_problem(final, existing, listing())
+    if problem is None:
+        print(f"{name}: up to date and verified ({final}, params_hash {digest[:12]})")
+        return existing
+    print(f"{name}: --verify: {problem}; preparing again")
+    return None
+
+
 def prepare_dataset(
-    name: str, params: dict, out_root: Path, force: bool = False, reader: Optional[Reader] = None
-) -> dict:
+    name: str, params: dict, out_root: Path, force: bool = False, reader: Optional[Reader] = None,
+    verify: bool = False,
+) -> dict:  # fmt: skip
     """Prepare dataset `name` (its params section) into `out_root/name/`; returns the manifest.
 
-    `reader` replaces `xtra.data.readers.read_dataset` (tests, custom sources).
+    `reader` replaces `xtra.data.readers.read_dataset` (tests, custom sources). See the module doc
+    for when a run is skipped (`verify`: full check first; `force`: never skipped).
     """
     if reader is None:
         from xtra.data.readers import read_dataset as reader
 
-    p = {**DEFAULTS, **params}
+    p = {**dataset_defaults(), **params}
     out_root, final = Path(out_root), Path(out_root) / name
     out_root.mkdir(parents=True, exist_ok=True)
     tmp, old = _clear_stale(out_root, name)
-    raw = reader(p)
-    plan = _plan(raw)
-    digest = params_hash(p, input_fingerprint(raw))
-    if not force and (existing := _verified(final, digest)) is not None:
-        print(f"{name}: up to date ({final}, params_hash {digest[:12]})")
+    inputs, raw = _inputs(p, reader)
+    digest = params_hash(p, json.dumps(inputs, sort_keys=True), FORMAT_VERSION)
+    stat_files = not p.get("root")  # with a root, the tree fingerprint holds sizes and mtimes
+
+    def listing() -> str:
+        nonlocal raw
+        raw = raw if raw is not None else reader(p)
+        return listing_fingerprint(raw, stat_files=stat_files)
+
+    if not force and (existing := _existing(name, final, digest, verify, listing)) is not None:
         return existing
+    inputs["listing_sha256"] = listing()
+    assert raw is not None
+    return _prepare(name, p, raw, {"params_hash": digest, "inputs": inputs}, (tmp, final, old))
+
+
+def _prepare(name: str, p: dict, raw: RawDataset, ids: dict, folders: tuple[Path, Path, Path]) -> dict:
+    """Check, convert, shard and publish; the manifest."""
+    tmp, final, old = folders
+    plan = _plan(raw)
     sizes = _check_sizes(name, raw, plan, str(p["size_check"]))
     _check_fraction(name, plan.skipped, plan.total, float(p["max_skipped_fraction"]))
     tmp.mkdir()
@@ -310,9 +346,9 @@ def prepare_dataset(
             fraction = _check_fraction(name, skipped, plan.total, float(p["max_skipped_fraction"]))
             manifest = {
                 "format": "webdataset", "version": FORMAT_VERSION, "dataset": name, "kind": p.get("kind"),
-                "source": raw.source, "params": p, "params_hash": digest, "image_policy": IMAGE_POLICY,
-                "classes": list(raw.classes), "num_classes": len(raw.classes), "splits": splits,
-                "skipped": skipped, "skipped_fraction": fraction, "official_sizes": sizes,
+                "source": raw.source, "params": shard_params(p), **ids, "image_policy": IMAGE_POLICY,
+                "sample_order": SAMPLE_ORDER, "classes": list(raw.classes), "num_classes": len(raw.classes),
+                "splits": splits, "skipped": skipped, "skipped_fraction": fraction, "official_sizes": sizes,
             }  # fmt: skip
             _publish(tmp, final, old, manifest)
     except BaseException:
@@ -323,10 +359,12 @@ def prepare_dataset(
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """`xtra prepare DATASET [--params params.yaml] [--force]`."""
+    """`xtra prepare DATASET [--params params.yaml] [--force | --verify]`."""
     parser.add_argument("dataset", metavar="DATASET", help="a dataset name under `datasets:` in params")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--force", action="store_true", help="prepare again even when up to date")
+    parser.add_argument("--verify", action="store_true",
+                        help="before skipping, re-list the raw data and sha256 every shard (slow at scale)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -338,6 +376,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset not in datasets:
         known = ", ".join(sorted(datasets)) or "none"
         raise ParamsError(f"{args.params}: datasets.{args.dataset} is not defined (defined: {known})")
-    prepare_dataset(args.dataset, datasets[args.dataset], Path(params["paths"]["prepared"]), force=args.force)
+    prepare_dataset(args.dataset, datasets[args.dataset], Path(params["paths"]["prepared"]), force=args.force,
+                    verify=getattr(args, "verify", False))
     sys.stdout.flush()
     return 0

@@ -53,9 +53,9 @@ class ArchConfig:
     norm_pix_loss: bool = True
     loss: str = "mse"  # mse | l1
     block_order: str = "raster"  # raster | pseudo_random
-    num_block_orders: int = 1
+    num_block_orders: int | None = None  # pseudo-random permutations; None: as many as blocks (the release)
     block_order_seed: int = 0
-    predictor_fp32: bool = False  # the public fp16 recipe: predictor and heads forced to fp32
+    predictor_fp32: bool = False  # the public fp16 recipe: the predictor (only) forced to fp32
     attn_impl: str = "auto"  # auto | sdpa | flex | reference
 
     @classmethod
@@ -80,6 +80,9 @@ class ArchConfig:
         if self.block_order not in ("raster", "pseudo_random"):
             raise ParamsError(f"arch.block_order: expected 'raster' or 'pseudo_random', got {self.block_order!r}")
         num_blocks = (self.img_size // (self.patch_size * self.block_size)) ** 2
+        if self.num_block_orders is not None and not 1 <= self.num_block_orders <= num_blocks:
+            raise ParamsError(f"arch.num_block_orders {self.num_block_orders} must be in [1, {num_blocks}] "
+                              f"(permutations with distinct first blocks) or null (all {num_blocks})")
         if not 1 <= self.num_heads_ahead < num_blocks:
             raise ParamsError(f"arch.num_heads_ahead {self.num_heads_ahead} must be in [1, {num_blocks - 1}]")
         size = {**PRESETS[self.preset], **{k: v for k, v in (("width", self.width), ("depth", self.depth),

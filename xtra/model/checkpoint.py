@@ -18,7 +18,7 @@ from torch import nn
 from xtra.atomic import write_atomic
 from xtra.errors import CheckpointError
 from xtra.model.vit import Encoder
-from xtra.model.xtra import XTRA, ArchConfig, block_orders_of, build_arch_encoder
+from xtra.model.xtra import XTRA, ArchConfig, build_arch_encoder
 
 __all__ = ["read_checkpoint", "load_strict", "load_encoder", "load_xtra", "file_sha256", "save_model_checkpoint",
            "save_torch_atomic", "load_artifact_encoder"]
@@ -92,8 +92,7 @@ def load_encoder(path: str | Path, expected_arch: dict[str, Any] | None = None) 
     cfg = _check_arch(_arch_of(ckpt, str(path)), expected_arch, str(path))
     encoder = build_arch_encoder(cfg)
     load_strict(encoder, _sub_state(ckpt, "model.encoder.", str(path)), f"{path} (encoder)")
-    if cfg.block_order == "pseudo_random":
-        encoder.block_order = block_orders_of(cfg)[0]
+    # probing keeps raster order, also for a pseudo-random-order model (as the release does)
     encoder.eval().requires_grad_(False)
     return encoder, cfg
 
@@ -115,8 +114,7 @@ def load_artifact_encoder(path: str | Path, expected_arch: dict[str, Any] | None
     encoder = build_arch_encoder(cfg)
     state = {k[len("encoder."):]: v for k, v in artifact.state_dict.items() if k.startswith("encoder.")}
     load_strict(encoder, state, f"{path} (encoder)")
-    if cfg.block_order == "pseudo_random":
-        encoder.block_order = block_orders_of(cfg)[0]
+    # probing keeps raster order, also for a pseudo-random-order model (as the release does)
     return encoder.eval().requires_grad_(False), cfg, artifact.init
 
 

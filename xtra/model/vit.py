@@ -155,6 +155,9 @@ class Encoder(Transformer):
         self.block_order: tuple[int, ...] | None = None  # None = raster order
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(init_weights)
+        # the release: kaiming-normal (fan-in) patch embedding with a zero bias
+        nn.init.kaiming_normal_(self.patch_embed.proj.weight, mode="fan_in")
+        nn.init.zeros_(self.patch_embed.proj.bias)
 
     def mask_spec(self) -> MaskSpec:
         return MaskSpec(self.grid, self.block_size, self.block_order)

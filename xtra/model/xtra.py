@@ -6,8 +6,6 @@ g = G/k, M = g^2 blocks, c = k*p block side in pixels, d encoder width, d_pred p
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,11 +81,24 @@ class Predictor(Transformer):
 
 
 def block_orders_of(cfg: ArchConfig) -> list[tuple[int, ...]] | None:
-    """The fixed set of pseudo-random block permutations (None for raster order)."""
+    """The pseudo-random block permutations of the ablation (None for raster order).
+
+    As in the public release: `num_block_orders` permutations (default: as many as there are blocks,
+    M), drawn from `block_order_seed` so that no two share a prefix: their first blocks are distinct
+    (a seeded choice of distinct first blocks, each followed by a seeded shuffle of the others).
+    """
     if cfg.block_order == "raster":
         return None
+    m = cfg.num_blocks
+    count = cfg.num_block_orders or m
     gen = torch.Generator().manual_seed(cfg.block_order_seed)
-    return [tuple(torch.randperm(cfg.num_blocks, generator=gen).tolist()) for _ in range(cfg.num_block_orders)]
+    firsts = torch.randperm(m, generator=gen)[:count].tolist()
+    orders = []
+    for first in firsts:
+        rest = [b for b in range(m) if b != first]
+        shuffled = torch.randperm(m - 1, generator=gen).tolist()
+        orders.append((first, *(rest[i] for i in shuffled)))
+    return orders
 
 
 def build_arch_encoder(cfg: ArchConfig) -> Encoder:
@@ -113,34 +124,47 @@ class XTRA(nn.Module):
                                    for _ in range(cfg.num_heads_ahead))
         self.proj.apply(init_weights)
         self.heads.apply(init_weights)
-        self.block_orders = block_orders_of(cfg)
-        if self.block_orders:
-            self.encoder.block_order = self.block_orders[0]  # the order probing uses
+        self.block_orders = block_orders_of(cfg)  # probing keeps the encoder in raster order
 
     def set_attn_impl(self, impl: str) -> None:
         self.encoder.set_attn_impl(impl)  # type: ignore[arg-type]
         self.predictor.set_attn_impl(impl)  # type: ignore[arg-type]
 
-    def order_for_step(self, step: int) -> tuple[int, ...] | None:
-        return None if self.block_orders is None else self.block_orders[step % len(self.block_orders)]
+    def order_for_step(self, step: int | None) -> tuple[int, ...] | None:
+        """The permutation of optimiser step `step`: one of `block_orders`, drawn uniformly from a seed of
+        (block_order_seed, step), so every rank and a resumed run draw the same; `None` (validation)
+        gives the first permutation."""
+        if self.block_orders is None:
+            return None
+        if step is None:
+            return self.block_orders[0]
+        from xtra.data.rng import derive_seed
+
+        return self.block_orders[derive_seed(self.cfg.block_order_seed, "block_order", int(step)) % len(self.block_orders)]
 
     def forward(self, images: torch.Tensor, order: tuple[int, ...] | None = None) -> list[torch.Tensor]:
         """(B, 3, S, S) -> one (B, M, 3c^2) prediction per head, blocks in raster order."""
         cfg = self.cfg
         spec = MaskSpec(cfg.grid, cfg.block_size, order)
         z = self.proj(self.encoder(images, spec))  # (B, N, d_pred)
-        fp32 = cfg.predictor_fp32 and torch.is_autocast_enabled(images.device.type)
-        with torch.autocast(images.device.type, enabled=False) if fp32 else nullcontext():
-            z = self.predictor(z.float() if fp32 else z, spec)  # (B, N, d_pred)
-            blocks = concat_blocks(z, cfg.grid, cfg.block_size)  # (B, M, d_pred*k*k)
-            return [head(blocks) for head in self.heads]  # each (B, M, 3c^2)
+        device = images.device.type
+        if cfg.predictor_fp32 and torch.is_autocast_enabled(device):
+            # the release's fp16 recipe: the predictor alone in fp32, cast back before the heads
+            with torch.autocast(device, enabled=False):
+                z = self.predictor(z.float(), spec)  # (B, N, d_pred) fp32
+            z = z.to(torch.get_autocast_dtype(device))
+        else:
+            z = self.predictor(z, spec)  # (B, N, d_pred)
+        blocks = concat_blocks(z, cfg.grid, cfg.block_size)  # (B, M, d_pred*k*k)
+        return [head(blocks) for head in self.heads]  # each (B, M, 3c^2)
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised images -> (B, M, 3c^2) targets in raster block order."""
         target = patchify_blocks(images, self.cfg.block_pixels)
         return normalize_blocks(target) if self.cfg.norm_pix_loss else target
 
-    def loss(self, images: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def loss(self, images: torch.Tensor, step: int | None = 0) -> torch.Tensor:
+        """The training loss at optimiser step `step` (its block order); `step=None`: validation."""
         order = self.order_for_step(step)
         preds, target = self(images, order), self.targets(images)
         if order is not None:  # predict blocks in the permuted order: reorder blocks by rank

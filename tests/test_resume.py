@@ -1,0 +1,71 @@
+"""Exact resume: a run SIGKILLed right after a checkpoint and re-run with the same command ends with the
+weights of a run never interrupted (1 process and 2-process gloo DDP; mid-epoch and epoch boundary).
+
+The tiny 16-px model trains on 24 images in batches of 4 (6 batches an epoch on one process, 3 per
+rank on two), 2 epochs, a checkpoint every 2 steps; drop path and pseudo-random block orders are on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.pretrain_helpers import final_weights, max_weight_difference, prepare_small, run_pretrain, tiny_params
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("small")
+    return tmp, prepare_small(tmp)
+
+
+def _check(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _killed_then_resumed(directory: Path, params: dict, prepared: Path, step: int) -> str:
+    killed = run_pretrain(directory, params, prepared, kill_after=step)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert not (directory / "models" / "m" / "model.pt").exists()
+    resumed = run_pretrain(directory, params, prepared)
+    _check(resumed)
+    return resumed.stdout
+
+
+@pytest.fixture(scope="module")
+def reference_1(small, tmp_path_factory) -> dict:
+    tmp, prepared = small
+    directory = tmp_path_factory.mktemp("ref1")
+    _check(run_pretrain(directory, tiny_params(tmp, prepared), prepared))
+    return final_weights(directory)
+
+
+@pytest.mark.parametrize("step, where", [(4, "mid-epoch"), (6, "epoch boundary")])
+def test_one_process_kill_and_rerun_ends_with_the_uninterrupted_weights(
+        small, reference_1, tmp_path: Path, step: int, where: str) -> None:
+    tmp, prepared = small
+    out = _killed_then_resumed(tmp_path, tiny_params(tmp, prepared), prepared, step)
+    assert f"resuming from" in out and f"step-{step:06d}.ckpt" in out, out[-2000:]
+    assert max_weight_difference(final_weights(tmp_path), reference_1) <= 1e-6, where
+    metrics = json.loads((tmp_path / "models" / "m" / "metrics.json").read_text())
+    assert metrics["steps"] == 12
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "models" / "m" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 13))  # the log has no gap and no duplicate step
+
+
+def test_two_process_ddp_kill_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(
+        small, tmp_path: Path) -> None:
+    tmp, prepared = small
+    params = tiny_params(tmp, prepared, devices=2, strategy="ddp", batch_size=2)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    _check(run_pretrain(reference, params, prepared, timeout=300))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    out = _killed_then_resumed(resumed, params, prepared, step=4)  # 6 batches a rank an epoch: mid-epoch
+    assert "step-000004.ckpt" in out and "on 2 process(es)" in out, out[-2000:]
+    assert max_weight_difference(final_weights(resumed), final_weights(reference)) <= 1e-6
+    metrics = json.loads((resumed / "models" / "m" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] and metrics["steps"] == 12

@@ -1,0 +1,171 @@
+"""The streaming reader: opens per shard, exactly-once across ranks, deterministic order, exact resume."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+
+from xtra.data.prepare import prepare_dataset
+from xtra.data.source import RawDataset, Sample
+from xtra.data.streaming import ShardStream, make_stream_loader, shuffle_buffer_order
+from xtra.errors import DataError
+
+N, SHARD = 206, 5  # 42 shards, the last one holding a single sample
+IMAGES = np.random.default_rng(1).integers(0, 256, (N, 6, 7, 3), dtype=np.uint8)
+
+# -- counting shard opens, in this process and in forked loader workers -------------------------
+_OPEN_LOG: Optional[int] = None  # fd of the log file while a test counts
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _OPEN_LOG is not None and str(args[0]).endswith(".tar"):
+        os.write(_OPEN_LOG, f"{os.getpid()}\t{args[0]}\n".encode())
+
+
+sys.addaudithook(_audit)
+
+
+def _count_opens(tmp: Path, fn) -> tuple[object, list[tuple[str, str]]]:
+    """Run fn() while logging every open of a .tar file: (fn's result, [(pid, path)])."""
+    global _OPEN_LOG
+    log = tmp / "opens.log"
+    _OPEN_LOG = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        result = fn()
+    finally:
+        os.close(_OPEN_LOG)
+        _OPEN_LOG = None
+    return result, [tuple(line.split("\t")) for line in log.read_text().splitlines()]
+
+
+def reader(params: dict) -> RawDataset:
+    samples = [Sample(f"s{i:04d}", IMAGES[i], i) for i in range(N)]  # label = sample id
+    return RawDataset([f"c{i}" for i in range(N)], {"train": samples}, "arrays")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    params = {"kind": "custom", "root": None, "image_size": 0, "shard_size": SHARD, "num_workers": 1}
+    prepare_dataset("many", params, out, reader=reader)
+    return out / "many"
+
+
+def draw(img) -> torch.Tensor:
+    """A 'transform' that shows its augmentation draw: (mean pixel, a random number from torch)."""
+    return torch.stack([torch.tensor(float(np.asarray(img).mean())), torch.rand(())])
+
+
+def stream(root: Path, rank: int = 0, world: int = 1, seed: int = 3, **kw) -> ShardStream:
+    return ShardStream(root, "train", draw, seed=seed, rank=rank, world_size=world, shuffle_buffer=16, **kw)
+
+
+def batches(loader) -> list[tuple[list[int], list[float]]]:
+    """Each batch as (labels = sample ids, augmentation draws)."""
+    return [(y.tolist(), x[:, 1].tolist()) for x, y in loader]
+
+
+def test_shuffle_buffer_order_is_a_bounded_permutation() -> None:
+    for n, buf in ((0, 4), (1, 4), (3, 8), (100, 7)):
+        out = shuffle_buffer_order(n, buf, np.random.default_rng(0))
+        assert sorted(out.tolist()) == list(range(n))
+        assert all(p < t + buf for t, p in enumerate(out.tolist()))  # never more than buf ahead of the reads
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_two_ranks_two_workers_open_each_shard_once_and_read_each_sample_once(
+    prepared: Path, tmp_path: Path, drop_last: bool
+) -> None:
+    streams = [stream(prepared, rank=r, world=2) for r in range(2)]
+    loaders = [make_stream_loader(ds, batch_size=4, num_workers=2, drop_last=drop_last) for ds in streams]
+    seen, opens = _count_opens(tmp_path, lambda: [[i for b in batches(ld) for i in b[0]] for ld in loaders])
+    per_rank = 100 if drop_last else 103  # floor(206 / (2 * 4)) * 4, or floor(206 / 2)
+    assert [len(s) for s in seen] == [per_rank, per_rank] == [len(ds) for ds in streams]
+    assert not set(seen[0]) & set(seen[1])
+    order = streams[0].epoch_order(0)
+    assert set(seen[0]) | set(seen[1]) == set(order[: 2 * per_rank].tolist())  # the tail of the order is left out
+    assert sorted(order.tolist()) == list(range(N))
+    # every (worker, shard) pair opens at most once; 4 workers together open each shard at most twice
+    pairs = [(pid, path) for pid, path in opens]
+    assert len(pairs) == len(set(pairs)) and len({pid for pid, _ in pairs}) == 4
+    shards = {path for _, path in pairs}
+    assert len(shards) >= 41 - drop_last and len(pairs) <= len(shards) + 3  # at most 3 boundaries inside the order
+
+
+def test_order_is_fixed_by_seed_and_epoch(prepared: Path) -> None:
+    def epoch(e: int, seed: int = 3) -> list:
+        ds = stream(prepared, seed=seed)
+        ds.set_epoch(e)
+        return batches(make_stream_loader(ds, batch_size=8, num_workers=0))
+
+    first = epoch(0)
+    assert first == epoch(0)
+    assert [b[0] for b in first] != [b[0] for b in epoch(1)]
+    assert [b[0] for b in first] != [b[0] for b in epoch(0, seed=4)]
+    assert [i for b in first for i in b[0]] != sorted(i for b in first for i in b[0])  # shuffled
+
+
+def test_augmentation_does_not_depend_on_rank_or_workers(prepared: Path) -> None:
+    def draws(world: int, workers: int) -> dict[int, float]:
+        out = {}
+        for r in range(world):
+            ds = stream(prepared, rank=r, world=world)
+            ds.set_epoch(2)
+            for ids, aug in batches(make_stream_loader(ds, batch_size=4, num_workers=workers, drop_last=False)):
+                out.update(zip(ids, aug))
+        return out
+
+    one, two = draws(1, 0), draws(2, 2)
+    assert one and all(one[i] == two[i] for i in two)
+
+
+def test_shuffle_off_reads_in_manifest_order(prepared: Path) -> None:
+    ds = stream(prepared, shuffle=False)
+    ids = [i for b in batches(make_stream_loader(ds, batch_size=10, num_workers=0, drop_last=False)) for i in b[0]]
+    assert ids == list(range(N))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restored_state_gives_the_batches_an_uninterrupted_epoch_gives(prepared: Path, workers: int) -> None:
+    def loader(rank: int) -> object:
+        ds = stream(prepared, rank=rank, world=2)
+        ds.set_epoch(1)
+        return make_stream_loader(ds, batch_size=4, num_workers=workers)
+
+    full = [batches(loader(r)) for r in range(2)]
+    k = 7
+    killed = loader(0)
+    it = iter(killed)
+    head = [(y.tolist(), x[:, 1].tolist()) for _, (x, y) in zip(range(k), it)]
+    state = killed.state_dict()
+    del it, killed  # the "killed" run
+    assert head == full[0][:k]
+    for rank in range(2):  # rank 0's saved state restores every rank (the state is rank-agnostic)
+        resumed = loader(rank)
+        resumed.load_state_dict(state)
+        assert batches(resumed) == full[rank][k:]
+
+
+def test_state_of_another_layout_is_refused(prepared: Path) -> None:
+    ds = stream(prepared, world=2)
+    loader = make_stream_loader(ds, batch_size=4, num_workers=0)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    other = make_stream_loader(stream(prepared, world=1), batch_size=4, num_workers=0)
+    other.load_state_dict(state)
+    with pytest.raises(DataError, match=r"another layout.*world_size: saved 2, now 1"):
+        next(iter(other))
+
+
+def test_bad_rank_and_split_are_named(prepared: Path) -> None:
+    with pytest.raises(DataError, match="rank 2"):
+        stream(prepared, rank=2, world=2)
+    with pytest.raises(DataError, match="no split 'val'"):
+        ShardStream(prepared, "val", None, seed=0)
