@@ -8,7 +8,7 @@ rule pretrain:
     input:
         lambda wildcards: pretrain_inputs(wildcards.model),
     output:
-        ckpt=model_file("{model}", "last.ckpt"),
+        ckpt=model_file("{model}", "model.pt"),
         metrics=model_file("{model}", "metrics.json"),
     params:
         cfg=lambda wildcards: params_hash({"model": config["models"][wildcards.model], "seed": config["seed"]}),
