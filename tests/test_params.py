@@ -194,7 +194,8 @@ def _global_batch(train: dict) -> int:
     return train["batch_size"] * train["devices"] * train["num_nodes"] * train["accumulate_grad_batches"]
 
 
-LR_GRID = [0.0001, 0.0003, 0.0005, 0.001, 0.0015, 0.002, 0.004, 0.008, 0.01]
+IN1K_GRID = [0.0001, 0.0003, 0.0005, 0.001, 0.0015, 0.002, 0.004]  # the release's seven
+LR_GRID = IN1K_GRID + [0.008, 0.01]  # the transfer benchmarks
 
 
 def test_paper_b16_recipe():
@@ -210,9 +211,13 @@ def test_paper_b16_recipe():
     assert _global_batch(t) == 2048 and t["strategy"] == "ddp"
     assert (m["resources"]["nodes"], m["resources"]["gpus"]) == (t["num_nodes"], t["devices"]) == (4, 8)
     bench = p["probe"]["benchmarks"]["in1k"]
-    assert bench["kinds"] == ["linear", "attentive"] and bench["lrs"] == LR_GRID
+    assert bench["kinds"] == ["linear", "attentive"] and bench["lrs"] == IN1K_GRID
     assert (bench["epochs"], bench["batch_size"], bench["accum_steps"], bench["warmup_epochs"]) == (100, 1024, 4, 10)
     assert p["probe"]["linear_weight_decays"] == [0.0] and p["probe"]["attentive_weight_decays"] == [0.1]
+    probe = p["probe"]  # the release's recipe: betas, schedule, per-kind augmentation (B/16 linear: crop + flip)
+    assert (probe["betas"], probe["schedule"], probe["last_group_loss"]) == ([0.9, 0.95], "release", "release")
+    assert probe["augmentation"] == {"linear": "crop_flip", "attentive": "randaugment"} and probe["augment"]
+    assert probe["models"] == ["xtra_b16", "pixels"] and p["models"]["pixels"]["init"] == "pixels"
 
 
 H14_BATCH = {"in1k": (1024, 4), "inat18": (1024, 4), "pcam": (1024, 4), "dtd": (128, 1), "pets": (128, 1),
@@ -235,8 +240,11 @@ def test_paper_h14_recipe():
         assert "attentive" in bench["kinds"] and bench["epochs"] == 100
         assert (bench["batch_size"], bench["accum_steps"]) == H14_BATCH.get(name, (512, 1)), name
         assert bench["warmup_epochs"] == (10 if name in ("in1k", "inat18") else 0), name
-        assert bench["lrs"] == LR_GRID + ([0.1] if name in ("inat18", "cars", "infograph") else []), name
+        grid = IN1K_GRID if name == "in1k" else LR_GRID + ([0.1] if name in ("inat18", "cars", "infograph") else [])
+        assert bench["lrs"] == grid, name
     assert p["probe"]["linear_weight_decays"] == [0.1] == p["probe"]["attentive_weight_decays"]
+    assert p["probe"]["augmentation"] == {"linear": "randaugment", "attentive": "randaugment"}
+    assert p["probe"]["schedule"] == "release" and p["probe"]["betas"] == [0.9, 0.95]
     assert len(p["datasets"]) == 16 and all(d["root"].startswith("/datasets/") for d in p["datasets"].values())
     assert all(d["resources"]["gpus"] == 0 for d in p["datasets"].values())
 
