@@ -308,10 +308,14 @@ def test_scale_checkpoints_and_shards_cost_dvc_nothing(built):
     """50 step checkpoints of 20 MB beside a model, and 200 MB of shards beside a manifest:
     `dvc status` takes about as long (printed; no timing assertion), and nothing goes into the cache."""
     def timed_status() -> float:
-        start = time.perf_counter()
-        proc = _run([str(BIN / "dvc"), "status", "-q"], built, check=False)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return time.perf_counter() - start
+        """The fastest of three `dvc status` runs (the machine may be shared)."""
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            proc = _run([str(BIN / "dvc"), "status", "-q"], built, check=False)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            times.append(time.perf_counter() - start)
+        return min(times)
 
     cache_before, without = _size(built / ".dvc" / "cache"), timed_status()
     ckpts = built / "models" / "xtra_k2" / "checkpoints"
@@ -350,7 +354,8 @@ def test_make_repro_changes_no_tracked_file(tmp_path):
     (venv / ".installed").touch()  # newer than pyproject.toml and constraints.txt: no install
     _run(["make", "repro", f"VENV={venv}"], path)
     assert len((path / "RAN").read_text().split()) == len(stage_table(yaml.safe_load((path / "params.yaml").read_text())))
-    status = _run(["git", "status", "--porcelain"], path).stdout.splitlines()
+    status = [line for line in _run(["git", "status", "--porcelain"], path).stdout.splitlines()
+              if line != "?? RAN"]  # RAN: the stand-in's own record of what ran
     assert status == ["?? dvc.lock"], status
     (path / "RAN").unlink()
     _run(["make", "repro", f"VENV={venv}"], path)
