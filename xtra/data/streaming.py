@@ -51,6 +51,7 @@ Why a thin IterableDataset and not a library (numbers in README.md, "Reading pre
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -67,8 +68,6 @@ from xtra.data.shards import ShardIndex, index_shards
 from xtra.errors import DataError
 
 __all__ = ["ShardStream", "make_stream_loader", "shuffle_buffer_order"]
-
-_READ_BUFFER = 1 << 22  # bytes of read-ahead of the buffered shard file (sequential reads)
 
 
 def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
@@ -92,31 +91,34 @@ def shuffle_buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.nd
 
 
 class _SequentialShards:
-    """Reads payloads in ascending positions: one buffered file open per shard, closed when the next is opened."""
+    """Reads payloads in ascending positions: one open per shard (advised sequential), closed when the next opens.
+
+    One `os.pread` per payload (a single copy; 11 us for 46 kB here, against 20-25 us through a
+    4 MiB buffered file); the kernel's read-ahead makes the stream of preads a sequential read.
+    """
 
     def __init__(self, index: ShardIndex) -> None:
         self.index = index
-        self._shard = -1
-        self._file: Optional[Any] = None
+        self._shard, self._fd = -1, -1
 
     def read(self, i: int) -> bytes:
         idx = self.index
-        shard = int(idx.shard[i])
+        shard, size = int(idx.shard[i]), int(idx.size[i])
         if shard != self._shard:
             self.close()
-            self._file = open(idx.files[shard], "rb", buffering=_READ_BUFFER)
+            self._fd = os.open(idx.files[shard], os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             self._shard = shard
-        assert self._file is not None
-        self._file.seek(int(idx.offset[i]))
-        data = self._file.read(int(idx.size[i]))
-        if len(data) != int(idx.size[i]):
+        data = os.pread(self._fd, size, int(idx.offset[i]))
+        if len(data) != size:
             raise DataError(f"shard {idx.files[shard]}: sample {idx.key(i)!r} is cut short")
         return data
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file, self._shard = None, -1
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._shard, self._fd = -1, -1
 
 
 class ShardStream(IterableDataset):
