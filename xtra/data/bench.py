@@ -10,6 +10,7 @@ costs, not the storage's) and times:
   transform, each sample under its augmentation seed, batched by `make_stream_loader`;
 - `stream_decode`: the same reader without the transform (read + decode), against which
 - `decode`: a bare decode of the same stored payloads already in memory: the limit of any reader;
+- `seeding_ms`: the CPU cost of the per-sample augmentation seed the streaming path pays;
 - `random`: random access (`PreparedDataset`, one pread per sample through an LRU of 32 open
   shards) of as many samples drawn uniformly from the whole split, through the same transform
   and batching (its shards are not pre-read).
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, Subset
 
 from xtra.data.decode import decode_rgb
 from xtra.data.loaders import PreparedDataset
+from xtra.data.rng import derive_seed, seeded
 from xtra.data.streaming import ShardStream, make_stream_loader
 from xtra.data.transforms import pretrain_transform
 from xtra.errors import DataError
@@ -120,6 +122,15 @@ def _random_access(root: Path, split: str, tf: Callable, n: int, seed: int, batc
         ds._reader.close()
 
 
+def _seeding_ms(seed: int, n: int) -> float:
+    """CPU ms per sample of entering and leaving the per-sample augmentation seed (contract interface 5)."""
+    start = time.process_time()
+    for i in range(n):
+        with seeded(derive_seed(seed, "aug", 0, i)):
+            pass
+    return 1000.0 * (time.process_time() - start) / n
+
+
 def run_data_bench(
     root: Path, split: str = "train", img_size: int = 224, num_images: int = 2048, batch_size: int = 32, seed: int = 0
 ) -> dict:
@@ -140,6 +151,7 @@ def run_data_bench(
         results["stream_decode"] = _timed(lambda: _plain(plain))
         results["decode"] = _bare_decode(part)
         results["random"] = _random_access(root, split, tf, n, seed, batch_size)
+        results["seeding_ms"] = _seeding_ms(seed, n)
     finally:
         torch.set_num_threads(threads)
     results["cores_per_gpu"] = {goal: rate / results["stream"]["per_core"] for goal, rate in GOALS.items()}
@@ -161,6 +173,7 @@ def format_bench(results: dict) -> str:
         r = results[key]
         lines.append(f"  {label:<42}{r['per_core']:>11.0f}{r['wall_rate']:>11.0f}{r['opens_per_1000']:>10.1f}")
     lines.append(f"  streaming decode-only / bare decode: {results['stream_vs_decode']:.2f}x")
+    lines.append(f"  per-sample augmentation seeding (in the streaming path only): {results['seeding_ms']:.3f} ms/sample")
     for goal, cores in results["cores_per_gpu"].items():
         lines.append(f"  cores per GPU for {goal} at {GOALS[goal]:.0f} img/s: {cores:.1f}")
     return "\n".join(lines)
