@@ -88,9 +88,10 @@ def test_two_ranks_two_workers_open_each_shard_once_and_read_each_sample_once(
     per_rank = 100 if drop_last else 103  # floor(206 / (2 * 4)) * 4, or floor(206 / 2)
     assert [len(s) for s in seen] == [per_rank, per_rank] == [len(ds) for ds in streams]
     assert not set(seen[0]) & set(seen[1])
-    order = streams[0].epoch_order(0)
-    assert set(seen[0]) | set(seen[1]) == set(order[: 2 * per_rank].tolist())  # the tail of the order is left out
+    order = streams[0].epoch_order(0)  # global indices; their labels are the sample ids
     assert sorted(order.tolist()) == list(range(N))
+    ids = streams[0].index.label[order].tolist()
+    assert set(seen[0]) | set(seen[1]) == set(ids[: 2 * per_rank])  # the tail of the order is left out
     # every (worker, shard) pair opens at most once; 4 workers together open each shard at most twice
     pairs = [(pid, path) for pid, path in opens]
     assert len(pairs) == len(set(pairs)) and len({pid for pid, _ in pairs}) == 4
@@ -128,7 +129,7 @@ def test_augmentation_does_not_depend_on_rank_or_workers(prepared: Path) -> None
 def test_shuffle_off_reads_in_manifest_order(prepared: Path) -> None:
     ds = stream(prepared, shuffle=False)
     ids = [i for b in batches(make_stream_loader(ds, batch_size=10, num_workers=0, drop_last=False)) for i in b[0]]
-    assert ids == list(range(N))
+    assert ids == ds.index.label.tolist() and sorted(ids) == list(range(N))  # shard by shard, in tar order
 
 
 @pytest.mark.parametrize("workers", [0, 2])
