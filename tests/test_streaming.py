@@ -170,3 +170,17 @@ def test_bad_rank_and_split_are_named(prepared: Path) -> None:
         stream(prepared, rank=2, world=2)
     with pytest.raises(DataError, match="no split 'val'"):
         ShardStream(prepared, "val", None, seed=0)
+
+
+def test_damaged_sample_is_named(prepared: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    ds = stream(copy, shuffle=False)
+    offset, size = int(ds.index.offset[3]), int(ds.index.size[3])
+    with open(copy / "train-000000.tar", "r+b") as f:  # same size, garbage payload
+        f.seek(offset)
+        f.write(bytes(size))
+    with pytest.raises(DataError, match=rf"train-000000.tar: sample '{ds.index.key(3)}' cannot be decoded"):
+        list(ds)

@@ -223,7 +223,7 @@ class ShardStream(IterableDataset):
     # -- reading --------------------------------------------------------------------------------
     def _sample(self, data: bytes, i: int, epoch: int) -> tuple[Any, int]:
         idx = self.index
-        img = decode_rgb(data, bool(idx.is_jpeg[i]), f"shard {idx.files[int(idx.shard[i])]}: sample {i}")
+        img = decode_rgb(data, lambda: f"{idx.files[int(idx.shard[i])]}: sample {idx.key(i)!r}")
         if self.transform is None:
             return img, int(idx.label[i])
         with seeded(derive_seed(self.seed, "aug", epoch, int(i))):
