@@ -153,6 +153,34 @@ def test_restored_state_gives_the_batches_an_uninterrupted_epoch_gives(prepared:
         assert batches(resumed) == full[rank][k:]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restore_then_next_epochs_continue_as_uninterrupted(prepared: Path, workers: int) -> None:
+    """What a trainer does: restore, finish the epoch, set_epoch(e + 1), iterate; also from a finished epoch."""
+
+    def loader_at(e: int) -> tuple[ShardStream, object]:
+        ds = stream(prepared)
+        ds.set_epoch(e)
+        return ds, make_stream_loader(ds, batch_size=8, num_workers=workers)
+
+    expected = {e: batches(loader_at(e)[1]) for e in (1, 2)}
+    n = len(expected[1])
+    for k in (3, n, None):  # mid-epoch, after the last batch, after the loader's StopIteration
+        _, loader = loader_at(1)
+        if k is None:
+            list(loader)
+        else:
+            it = iter(loader)
+            for _ in range(k):
+                next(it)
+        state = loader.state_dict()
+        ds, resumed = loader_at(1)
+        resumed.load_state_dict(state)
+        if k is not None:
+            assert batches(resumed) == expected[1][k:]  # the rest of epoch 1 (nothing after its last batch)
+        ds.set_epoch(2)
+        assert batches(resumed) == expected[2]
+
+
 def test_state_of_another_layout_is_refused(prepared: Path) -> None:
     ds = stream(prepared, world=2)
     loader = make_stream_loader(ds, batch_size=4, num_workers=0)

@@ -34,8 +34,9 @@ the same batch count every rank's worker w has emitted the same number, so the r
 Lightning saves restores every rank. Restoring recomputes the order, re-reads the payloads that
 were in the shuffle buffer (from the shards they came from) and goes on front to back, so the
 batches that follow are exactly those of an uninterrupted epoch. Call `set_epoch(e)` before each
-epoch's iteration; a restored state's epoch applies to the next iteration only. Workers are not
-persistent, so each epoch's workers see the epoch set in the main process.
+epoch's iteration; a restored state's epoch applies to the next iteration only (a state saved at
+the end of an epoch makes StatefulDataLoader start a fresh iteration, which reads the epoch set).
+Workers are not persistent, so each epoch's workers see the epoch set in the main process.
 
 Why a thin IterableDataset and not a library (numbers in README.md, "Reading prepared data"):
 - WebDataset 1.0.2 reads our tars (they are WebDataset-format), but its shuffle buffer state is
@@ -155,7 +156,8 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.batch_size, self.drop_last = 1, False  # set by make_stream_loader
         self._resume: Optional[dict] = None  # a restored state, used by the next iteration
-        self._yielded = 0
+        self._iter_epoch: Optional[int] = None  # the epoch of the current iteration
+        self._yielded = 0  # samples the current iteration has emitted
 
     # -- the order ------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -207,7 +209,8 @@ class ShardStream(IterableDataset):
     def state_dict(self) -> dict:
         """{epoch, yielded, and the layout it is valid for}: the position of this worker (rank-agnostic)."""
         info = get_worker_info()
-        return {"epoch": self.epoch, "yielded": self._yielded, **self._layout(info.num_workers if info else 0)}
+        epoch = self.epoch if self._iter_epoch is None else self._iter_epoch
+        return {"epoch": epoch, "yielded": self._yielded, **self._layout(info.num_workers if info else 0)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume the next iteration at `state` (from `state_dict` of any rank with the same layout)."""
@@ -217,8 +220,7 @@ class ShardStream(IterableDataset):
         if wrong:
             detail = ", ".join(f"{k}: saved {s!r}, now {v!r}" for k, (s, v) in sorted(wrong.items()))
             raise DataError(f"ShardStream {self.name}/{self.split}: the saved position is for another layout ({detail})")
-        self.epoch = int(state["epoch"])
-        self._resume = {"epoch": self.epoch, "yielded": int(state["yielded"])}
+        self._resume = {"epoch": int(state["epoch"]), "yielded": int(state["yielded"])}
 
     # -- reading --------------------------------------------------------------------------------
     def _sample(self, data: bytes, i: int, epoch: int) -> tuple[Any, int]:
@@ -231,17 +233,23 @@ class ShardStream(IterableDataset):
         return x, int(idx.label[i])
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
+        # The position is taken now, not when the generator starts: StatefulDataLoader may create
+        # (and drop) an iterator right after restoring a state, e.g. one saved at the end of an epoch.
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         resume, self._resume = self._resume, None
         epoch = resume["epoch"] if resume else self.epoch
         skip = resume["yielded"] if resume else 0
+        self._iter_epoch, self._yielded = epoch, skip
+        return self._read(epoch, skip, worker, num_workers)
+
+    def _read(self, epoch: int, skip: int, worker: int, num_workers: int) -> Iterator[tuple[Any, int]]:
+        """This worker's run of `epoch` from its `skip`-th emitted sample: read front to back, emit in buffer order."""
         run = self.worker_run(epoch, worker, num_workers)
         order = self._emit_order(epoch, worker, num_workers, len(run))  # positions into run
         emitted = np.zeros(len(run), dtype=bool)
         emitted[order[:skip]] = True
         pos = int(np.argmin(emitted)) if not emitted.all() else len(run)  # first position not yet emitted
-        self._yielded = skip
         reader, pending = _SequentialShards(self.index), {}
         try:
             for p in order[skip:]:
@@ -249,8 +257,7 @@ class ShardStream(IterableDataset):
                     if not emitted[pos]:
                         pending[pos] = reader.read(int(run[pos]))
                     pos += 1
-                i = int(run[p])
-                sample = self._sample(pending.pop(int(p)), i, epoch)
+                sample = self._sample(pending.pop(int(p)), int(run[p]), epoch)
                 self._yielded += 1
                 yield sample
         finally:
