@@ -183,9 +183,12 @@ def test_damaged_shard_is_reported(tmp_path: Path, prepared: Path) -> None:
         PreparedDataset(copy, "train")
 
 
-def test_bench_reports_both_paths(prepared: Path, capsys) -> None:
-    result = run_data_bench(prepared, {}, num_images=N, batch_size=8, num_workers=0, reader=reader, img_size=S)
-    assert result["prepared"]["images"] == result["raw"]["images"] == N - 8
-    assert result["ratio"] > 0
+def test_bench_reports_every_path(prepared: Path, capsys) -> None:
+    result = run_data_bench(prepared, num_images=N, batch_size=8, img_size=S)
+    assert all(result[k]["images"] == N for k in ("stream", "stream_decode", "decode", "random"))
+    assert result["stream"]["opens_per_1000"] == 1000 * 6 / N  # 6 shards, each opened once
+    assert result["decode"]["opens_per_1000"] == 0
+    cores = result["cores_per_gpu"]
+    assert cores["XTRA-B/16"] == pytest.approx(1240 / result["stream"]["per_core"])
     out = capsys.readouterr().out
-    assert "prepared" in out and "raw" in out and "ratio prepared/raw" in out
+    assert "streaming reader + transform" in out and "bare decode" in out and "cores per GPU for XTRA-H/14" in out

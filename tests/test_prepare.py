@@ -97,52 +97,62 @@ def test_defaults_are_the_schema_ones(tmp_path: Path) -> None:
 
 
 def write_tree(root: Path) -> None:
-    """A class-folder tree a = 3 PNGs, b = 2 PNGs, plus a metadata file no sample names."""
-    for i, cls in enumerate("aaabb"):
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((9, 11, 3), 40 * i, dtype=np.uint8)).save(root / cls / f"{i}.png")
+    """A `custom` class-folder tree: train/a (3 PNGs), train/b (2), val/a (1), plus a file no sample reads."""
+    for i, rel in enumerate(["train/a", "train/a", "train/a", "train/b", "train/b", "val/a"]):
+        (root / rel).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((9, 11, 3), 40 * i, dtype=np.uint8)).save(root / rel / f"{i}.png")
     (root / "meta.txt").write_text("v1\n")
 
 
-def rooted_reader(params: dict) -> RawDataset:
-    root = Path(params["root"])
-    train = [Sample(f"{f.parent.name}_{f.stem}", f, "ab".index(f.parent.name)) for f in sorted(root.glob("*/*.png"))]
-    return RawDataset(["a", "b", "c"], {"train": train}, str(root))
-
-
 def test_up_to_date_check_is_cheap_and_sees_every_input_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    from xtra.data import readers
+
     raw, out = tmp_path / "raw", tmp_path / "out"
     write_tree(raw)
-    p = params(root=str(raw))
-    first = prep.prepare_dataset("toy", p, out, reader=rooted_reader)
+    p = params(kind="custom", root=str(raw))
+    first = prep.prepare_dataset("toy", p, out)
     manifest = (out / "toy" / "manifest.json").read_bytes()
     assert "num_workers" not in first["params"] and "size_check" not in first["params"]
-    assert first["inputs"]["tree_files"] == 6 and first["sample_order"] == prep.SAMPLE_ORDER
+    assert first["inputs"]["tree_files"] == 7 and first["sample_order"] == prep.SAMPLE_ORDER
 
     def no_listing(params: dict) -> RawDataset:
         raise AssertionError("the up-to-date check listed the raw data")
 
-    monkeypatch.setattr(prep, "sha256_file", lambda path: pytest.fail(f"hashed {path}"))
-    # editing a key that does not change shards: up to date, without listing or hashing; manifest untouched
-    again = prep.prepare_dataset("toy", {**p, "num_workers": 2, "max_skipped_fraction": 0.5}, out, reader=no_listing)
+    with monkeypatch.context() as m:
+        m.setattr(readers, "read_dataset", no_listing)
+        m.setattr(prep, "sha256_file", lambda path: pytest.fail(f"hashed {path}"))
+        # editing keys that do not change shards: up to date without listing or hashing, manifest untouched
+        again = prep.prepare_dataset("toy", {**p, "num_workers": 2, "max_skipped_fraction": 0.5}, out)
     assert again == first and (out / "toy" / "manifest.json").read_bytes() == manifest
     assert "up to date" in capsys.readouterr().out
-    monkeypatch.undo()
     # --verify: re-lists and re-hashes, finds nothing, keeps the folder
-    prep.prepare_dataset("toy", p, out, reader=rooted_reader, verify=True)
+    prep.prepare_dataset("toy", p, out, verify=True)
     assert "verified" in capsys.readouterr().out and (out / "toy" / "manifest.json").read_bytes() == manifest
     # a damaged shard of the same size: only --verify sees it, and prepares again
     shard = out / "toy" / "train-000000.tar"
     shard.write_bytes(bytes(shard.stat().st_size))
-    prep.prepare_dataset("toy", p, out, reader=rooted_reader)
+    prep.prepare_dataset("toy", p, out)
     assert shard.read_bytes() == bytes(shard.stat().st_size)
-    fixed = prep.prepare_dataset("toy", p, out, reader=rooted_reader, verify=True)
+    fixed = prep.prepare_dataset("toy", p, out, verify=True)
     assert "does not match its recorded sha256" in capsys.readouterr().out
     assert shard_digests(fixed) == shard_digests(first) and (out / "toy" / "manifest.json").read_bytes() == manifest
     # any input file changes the fingerprint, even one no sample reads (split lists, metadata)
     (raw / "meta.txt").write_text("v2, longer\n")
-    changed = prep.prepare_dataset("toy", p, out, reader=rooted_reader)
+    changed = prep.prepare_dataset("toy", p, out)
     assert changed["params_hash"] != first["params_hash"] and shard_digests(changed) == shard_digests(first)
+
+
+def test_pcam_files_are_part_of_the_fingerprint(tmp_path: Path) -> None:
+    from tests.fixtures.raw import make_pcam
+    from xtra.data.fingerprint import listing_fingerprint, tree_fingerprint
+    from xtra.data.readers import read_dataset
+
+    info = make_pcam(tmp_path)
+    tree, listing = tree_fingerprint(tmp_path)[0], listing_fingerprint(read_dataset(info.params))
+    x = next(tmp_path.rglob("*_train_x.h5"))
+    x.write_bytes(x.read_bytes() + b"\0")  # the same rows, another file
+    assert tree_fingerprint(tmp_path)[0] != tree
+    assert listing_fingerprint(read_dataset(info.params)) != listing  # H5Row samples carry their file's stat
 
 
 def save_bad_tree(root: Path) -> None:

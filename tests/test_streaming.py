@@ -88,9 +88,10 @@ def test_two_ranks_two_workers_open_each_shard_once_and_read_each_sample_once(
     per_rank = 100 if drop_last else 103  # floor(206 / (2 * 4)) * 4, or floor(206 / 2)
     assert [len(s) for s in seen] == [per_rank, per_rank] == [len(ds) for ds in streams]
     assert not set(seen[0]) & set(seen[1])
-    order = streams[0].epoch_order(0)
-    assert set(seen[0]) | set(seen[1]) == set(order[: 2 * per_rank].tolist())  # the tail of the order is left out
+    order = streams[0].epoch_order(0)  # global indices; their labels are the sample ids
     assert sorted(order.tolist()) == list(range(N))
+    ids = streams[0].index.label[order].tolist()
+    assert set(seen[0]) | set(seen[1]) == set(ids[: 2 * per_rank])  # the tail of the order is left out
     # every (worker, shard) pair opens at most once; 4 workers together open each shard at most twice
     pairs = [(pid, path) for pid, path in opens]
     assert len(pairs) == len(set(pairs)) and len({pid for pid, _ in pairs}) == 4
@@ -128,7 +129,7 @@ def test_augmentation_does_not_depend_on_rank_or_workers(prepared: Path) -> None
 def test_shuffle_off_reads_in_manifest_order(prepared: Path) -> None:
     ds = stream(prepared, shuffle=False)
     ids = [i for b in batches(make_stream_loader(ds, batch_size=10, num_workers=0, drop_last=False)) for i in b[0]]
-    assert ids == list(range(N))
+    assert ids == ds.index.label.tolist() and sorted(ids) == list(range(N))  # shard by shard, in tar order
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -152,6 +153,34 @@ def test_restored_state_gives_the_batches_an_uninterrupted_epoch_gives(prepared:
         assert batches(resumed) == full[rank][k:]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restore_then_next_epochs_continue_as_uninterrupted(prepared: Path, workers: int) -> None:
+    """What a trainer does: restore, finish the epoch, set_epoch(e + 1), iterate; also from a finished epoch."""
+
+    def loader_at(e: int) -> tuple[ShardStream, object]:
+        ds = stream(prepared)
+        ds.set_epoch(e)
+        return ds, make_stream_loader(ds, batch_size=8, num_workers=workers)
+
+    expected = {e: batches(loader_at(e)[1]) for e in (1, 2)}
+    n = len(expected[1])
+    for k in (3, n, None):  # mid-epoch, after the last batch, after the loader's StopIteration
+        _, loader = loader_at(1)
+        if k is None:
+            list(loader)
+        else:
+            it = iter(loader)
+            for _ in range(k):
+                next(it)
+        state = loader.state_dict()
+        ds, resumed = loader_at(1)
+        resumed.load_state_dict(state)
+        if k is not None:
+            assert batches(resumed) == expected[1][k:]  # the rest of epoch 1 (nothing after its last batch)
+        ds.set_epoch(2)
+        assert batches(resumed) == expected[2]
+
+
 def test_state_of_another_layout_is_refused(prepared: Path) -> None:
     ds = stream(prepared, world=2)
     loader = make_stream_loader(ds, batch_size=4, num_workers=0)
@@ -169,3 +198,17 @@ def test_bad_rank_and_split_are_named(prepared: Path) -> None:
         stream(prepared, rank=2, world=2)
     with pytest.raises(DataError, match="no split 'val'"):
         ShardStream(prepared, "val", None, seed=0)
+
+
+def test_damaged_sample_is_named(prepared: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    ds = stream(copy, shuffle=False)
+    offset, size = int(ds.index.offset[3]), int(ds.index.size[3])
+    with open(copy / "train-000000.tar", "r+b") as f:  # same size, garbage payload
+        f.seek(offset)
+        f.write(bytes(size))
+    with pytest.raises(DataError, match=rf"train-000000.tar: sample '{ds.index.key(3)}' cannot be decoded"):
+        list(ds)

@@ -4,7 +4,8 @@
   SDPA vs compiled FlexAttention) and the release's fp16 recipe, as ratios;
 - attention: XTRA training steps per attention path (dense-mask SDPA, FlexAttention on CUDA, and a
   reference that rebuilds the mask in every call);
-- data: a prepared dataset through the training loader vs the same images decoded from the raw tree;
+- data: per-core images/s of a prepared dataset through the streaming reader and random access
+  against a bare decode of the same images, opens per 1,000 samples, and cores per GPU;
 - sweep: a K-learning-rate probe sweep in one pass vs K separate runs.
 These measure; nothing here asserts a timing.
 """
@@ -35,13 +36,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     gpu.add_argument("--steps", type=int, default=10)
     gpu.add_argument("--warmup", type=int, default=3)
     gpu.add_argument("--device", default=None)
-    data = sub.add_parser("data", help="prepared shards vs raw files, images/s")
+    data = sub.add_parser("data", help="images/s per core: streaming, random access, bare decode; cores per GPU")
     data.add_argument("dataset", help="a dataset of params.yaml (prepared beforehand)")
     data.add_argument("--params", default="params.yaml")
     data.add_argument("--split", default="train")
-    data.add_argument("--num-images", type=int, default=2048)
-    data.add_argument("--batch", type=int, default=64)
-    data.add_argument("--workers", type=int, default=2)
+    data.add_argument("--num-images", type=int, default=2048, help="about this many samples per path")
+    data.add_argument("--batch", type=int, default=32)
+    data.add_argument("--img-size", type=int, default=224, help="crop of the pre-training transform")
     sweep = sub.add_parser("sweep", help="one-pass K-lr probe sweep vs K separate runs")
     sweep.add_argument("--epochs", type=int, default=2)
     sweep.add_argument("--samples", type=int, default=512)
@@ -71,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
             from xtra.errors import ParamsError
 
             raise ParamsError(f"datasets.{args.dataset}: no such dataset in {args.params}")
-        run_data_bench(Path(params["paths"]["prepared"]) / args.dataset, params["datasets"][args.dataset],
-                       split=args.split, num_images=args.num_images, batch_size=args.batch,
-                       num_workers=args.workers)
+        run_data_bench(Path(params["paths"]["prepared"]) / args.dataset, split=args.split, img_size=args.img_size,
+                       num_images=args.num_images, batch_size=args.batch)
     else:
         from xtra.probe.bench import run_sweep_bench
 

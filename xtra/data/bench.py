@@ -1,104 +1,161 @@
-"""Data-loading throughput: a prepared dataset through the training loader vs the raw files.
+"""`xtra bench data DATASET`: how many CPU cores one GPU needs to be fed, measured against the decode limit.
 
-Both paths use the same DataLoader (`make_loader`: seeded shuffle, same batch size and workers)
-and the same transform; the raw path decodes each raw file (or array) and converts it to RGB as
-preparation does, but without the resize, which is the work that preparation saves. The first
-batch is not timed (worker start-up). The lead wires this as `xtra bench data`.
+One process, one torch thread, so every rate is *per core*: images per CPU-second of this
+process (`time.process_time`, robust to other load on the machine), with the wall-clock rate
+beside it. It measures the part of an epoch that rank 0 of N // num_images ranks reads (about
+`num_images` samples, its shards read once beforehand so the page cache is warm: these are CPU
+costs, not the storage's) and times:
+
+- `stream`: the streaming reader (`ShardStream`, what pre-training reads) through the pre-training
+  transform, each sample under its augmentation seed, batched by `make_stream_loader`;
+- `stream_decode`: the same reader without the transform (read + decode), against which
+- `decode`: a bare decode of the same stored payloads already in memory: the limit of any reader;
+- `seeding_ms`: the CPU cost of the per-sample augmentation seed the streaming path pays;
+- `random`: random access (`PreparedDataset`, one pread per sample through an LRU of 32 open
+  shards) of as many samples drawn uniformly from the whole split, through the same transform
+  and batching (its shards are not pre-read).
+File opens are counted with a Python audit hook ("open" events on `.tar` files) and given per
+1,000 samples. Cores per GPU = goal images/s per GPU / images/s per core of `stream`, for the
+goals of XTRA-B/16 (1,240 images/s per H200) and H/14 (290). Nothing here asserts a timing.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional
 
-from PIL import Image
-from torch.utils.data import Dataset, Subset
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
 
-from xtra.data.images import load_image, to_rgb
-from xtra.data.loaders import PreparedDataset, make_loader
-from xtra.data.source import Reader, Sample
-from xtra.data.transforms import eval_transform, pretrain_transform, probe_train_transform
-from xtra.errors import DataError, ParamsError
+from xtra.data.decode import decode_rgb
+from xtra.data.loaders import PreparedDataset
+from xtra.data.rng import derive_seed, seeded
+from xtra.data.streaming import ShardStream, make_stream_loader
+from xtra.data.transforms import pretrain_transform
+from xtra.errors import DataError
 
-__all__ = ["RawImageDataset", "make_transform", "time_loader", "run_data_bench", "format_bench"]
+__all__ = ["GOALS", "count_opens", "run_data_bench", "format_bench"]
 
-TRANSFORMS: dict[str, Callable[[int], Callable]] = {
-    "pretrain": pretrain_transform,
-    "probe": probe_train_transform,
-    "eval": lambda s: eval_transform(s),
-}
-
-
-class RawImageDataset(Dataset):
-    """Raw samples decoded on the fly: item i -> (transform(RGB image), label)."""
-
-    def __init__(self, samples: Sequence[Sample], transform: Optional[Callable[[Image.Image], Any]]) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        sample = self.samples[i]
-        img = to_rgb(load_image(sample.image)[0])
-        return (self.transform(img) if self.transform else img), int(sample.label)
+GOALS = {"XTRA-B/16": 1240.0, "XTRA-H/14": 290.0}  # training images/s per GPU (H200)
+_OPENS: list[Optional[list[str]]] = [None]  # the open log while counting, else None
+_HOOKED = [False]
 
 
-def make_transform(name: str, img_size: int) -> Callable:
-    """`pretrain` | `probe` | `eval` transform at img_size."""
-    if name not in TRANSFORMS:
-        raise ParamsError(f"unknown bench transform {name!r}; one of {sorted(TRANSFORMS)}")
-    return TRANSFORMS[name](img_size)
+def _audit(event: str, args: tuple) -> None:
+    log = _OPENS[0]
+    if log is not None and event == "open" and str(args[0]).endswith(".tar"):
+        log.append(str(args[0]))
 
 
-def time_loader(ds: Dataset, batch_size: int, num_workers: int, seed: int = 0) -> dict:
-    """Images/s of one shuffled pass over ds, not timing the first batch."""
-    loader = make_loader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=True, seed=seed)
-    it = iter(loader)
-    next(it)
-    start, images = time.perf_counter(), 0
-    for x, _ in it:  # x: (B, 3, S, S)
-        images += int(x.shape[0])
-    seconds = time.perf_counter() - start
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds if seconds > 0 else 0.0}
+@contextmanager
+def count_opens() -> Iterator[list[str]]:
+    """A list that collects the paths of `.tar` files opened in this process inside the block."""
+    if not _HOOKED[0]:
+        sys.addaudithook(_audit)  # audit hooks cannot be removed; this one is idle outside the block
+        _HOOKED[0] = True
+    log: list[str] = []
+    _OPENS[0] = log
+    try:
+        yield log
+    finally:
+        _OPENS[0] = None
+
+
+def _timed(fn: Callable[[], int]) -> dict:
+    """Run fn (returns images done) counting opens; {images, cpu_s, wall_s, per_core, wall_rate, opens_per_1000}."""
+    with count_opens() as opens:
+        wall, cpu = time.perf_counter(), time.process_time()
+        images = fn()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"images": images, "cpu_s": cpu, "wall_s": wall, "per_core": images / cpu if cpu > 0 else 0.0,
+            "wall_rate": images / wall if wall > 0 else 0.0, "opens_per_1000": 1000.0 * len(opens) / max(images, 1)}  # fmt: skip
+
+
+def _part(root: Path, split: str, seed: int, n: int, tf: Optional[Callable]) -> ShardStream:
+    """Rank 0 of as many ranks as make its part about n samples: the work one rank does in an epoch."""
+    whole = ShardStream(root, split, None, seed=seed)
+    return ShardStream(root, split, tf, seed=seed, rank=0, world_size=max(1, whole.num_samples // n))
+
+
+def _warm(ds: ShardStream) -> None:
+    """Read the shards the measured part touches once (untimed): the rates are CPU costs, not the storage's."""
+    for shard in np.unique(ds.index.shard[ds.worker_run(0, 0, 1)]):
+        with open(ds.index.files[int(shard)], "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def _batches(loader: Iterable) -> int:
+    return sum(len(y) for _, y in loader)  # each batch: (B, 3, S, S), (B,)
+
+
+def _plain(ds: ShardStream) -> int:
+    return sum(1 for _ in ds)  # PIL images, no transform, no loader
+
+
+def _bare_decode(ds: ShardStream) -> dict:
+    """Decode the stored payloads the part reads, read into memory first (not timed)."""
+    reader = PreparedDataset(ds.root, ds.split)._reader
+    ids = ds.worker_run(0, 0, 1)
+    payloads = [reader.read(int(i)) for i in ids]
+    reader.close()
+
+    def run() -> int:
+        for data in payloads:
+            decode_rgb(data, lambda: "bench")
+        return len(payloads)
+
+    return _timed(run)
+
+
+def _random_access(root: Path, split: str, tf: Callable, n: int, seed: int, batch: int) -> dict:
+    """n samples drawn uniformly from the split, one pread each through PreparedDataset, batched by a DataLoader."""
+    ds = PreparedDataset(root, split, tf)
+    picks = np.random.default_rng(seed).choice(len(ds), size=n, replace=len(ds) < n)
+    try:
+        return _timed(lambda: _batches(DataLoader(Subset(ds, picks.tolist()), batch_size=batch)))
+    finally:
+        ds._reader.close()
+
+
+def _seeding_ms(seed: int, n: int) -> float:
+    """CPU ms per sample of entering and leaving the per-sample augmentation seed (contract interface 5)."""
+    start = time.process_time()
+    for i in range(n):
+        with seeded(derive_seed(seed, "aug", 0, i)):
+            pass
+    return 1000.0 * (time.process_time() - start) / n
 
 
 def run_data_bench(
-    prepared_root: Path,
-    raw_params: dict,
-    split: str = "train",
-    transform: str = "pretrain",
-    img_size: Optional[int] = None,
-    num_images: int = 2048,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    reader: Optional[Reader] = None,
+    root: Path, split: str = "train", img_size: int = 224, num_images: int = 2048, batch_size: int = 32, seed: int = 0
 ) -> dict:
-    """Throughput of `prepared_root` (a prepared dataset folder) vs its raw source; prints a table.
-
-    `raw_params` is the dataset's params section (read with `xtra.data.readers.read_dataset`, or
-    `reader`). Returns {"prepared": {...}, "raw": {...}, "ratio": prepared/raw images per s, ...}.
-    """
-    if reader is None:
-        from xtra.data.readers import read_dataset as reader
-    prepared = PreparedDataset(Path(prepared_root), split)
-    size = int(img_size or prepared.manifest["params"].get("image_size") or 224)
-    tf = make_transform(transform, size)
-    prepared.transform = tf
-    raw_samples = sorted(reader(raw_params).splits.get(split, []), key=lambda s: s.key)
-    n = min(num_images, len(prepared), len(raw_samples))
-    if n < 2 * batch_size:
-        raise DataError(f"{prepared.name}/{split}: {n} images are too few to time batches of {batch_size}")
-    results: dict = {
-        "dataset": prepared.name, "split": split, "transform": transform, "img_size": size,
-        "batch_size": batch_size, "num_workers": num_workers,
-    }  # fmt: skip
-    results["prepared"] = time_loader(Subset(prepared, range(n)), batch_size, num_workers)
-    results["raw"] = time_loader(Subset(RawImageDataset(raw_samples, tf), range(n)), batch_size, num_workers)
-    raw_rate = results["raw"]["images_per_s"]
-    results["ratio"] = results["prepared"]["images_per_s"] / raw_rate if raw_rate else float("inf")
+    """Measure one prepared split (see the module doc); prints the table and returns the numbers."""
+    tf = pretrain_transform(img_size)
+    part = _part(root, split, seed, num_images, tf)
+    n = len(part)
+    if n < batch_size:
+        raise DataError(f"{part.name}/{split}: {n} images are too few for batches of {batch_size}")
+    _warm(part)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = {"dataset": part.name, "split": split, "img_size": img_size, "images": n, "batch_size": batch_size,
+                   "shards": len(part.index.files), "shard_size": part.num_samples / max(1, len(part.index.files))}  # fmt: skip
+        results["stream"] = _timed(lambda: _batches(make_stream_loader(part, batch_size, 0, drop_last=False)))
+        plain = _part(root, split, seed, num_images, None)
+        results["stream_decode"] = _timed(lambda: _plain(plain))
+        results["decode"] = _bare_decode(part)
+        results["random"] = _random_access(root, split, tf, n, seed, batch_size)
+        results["seeding_ms"] = _seeding_ms(seed, n)
+    finally:
+        torch.set_num_threads(threads)
+    results["cores_per_gpu"] = {goal: rate / results["stream"]["per_core"] for goal, rate in GOALS.items()}
+    results["stream_vs_decode"] = results["stream_decode"]["per_core"] / results["decode"]["per_core"]
     print(format_bench(results))
     return results
 
@@ -106,12 +163,17 @@ def run_data_bench(
 def format_bench(results: dict) -> str:
     """The bench result as a text table."""
     lines = [
-        f"data bench: {results['dataset']}/{results['split']}, transform {results['transform']} "
-        f"{results['img_size']}px, batch {results['batch_size']}, {results['num_workers']} workers",
-        f"  {'source':<10}{'images':>8}{'seconds':>10}{'images/s':>11}",
+        f"data bench: {results['dataset']}/{results['split']}, {results['images']} images, pre-training transform "
+        f"{results['img_size']} px, {results['shards']} shards of ~{results['shard_size']:.0f}; one process, one thread",
+        f"  {'path':<42}{'img/s/core':>11}{'img/s wall':>11}{'opens/1k':>10}",
     ]
-    for source in ("prepared", "raw"):
-        r = results[source]
-        lines.append(f"  {source:<10}{r['images']:>8}{r['seconds']:>10.2f}{r['images_per_s']:>11.0f}")
-    lines.append(f"  ratio prepared/raw: {results['ratio']:.2f}x")
+    labels = {"stream": "streaming reader + transform (pre-training)", "random": "random access + transform",
+              "stream_decode": "streaming reader, decode only", "decode": "bare decode in memory (the limit)"}  # fmt: skip
+    for key, label in labels.items():
+        r = results[key]
+        lines.append(f"  {label:<42}{r['per_core']:>11.0f}{r['wall_rate']:>11.0f}{r['opens_per_1000']:>10.1f}")
+    lines.append(f"  streaming decode-only / bare decode: {results['stream_vs_decode']:.2f}x")
+    lines.append(f"  per-sample augmentation seeding (in the streaming path only): {results['seeding_ms']:.3f} ms/sample")
+    for goal, cores in results["cores_per_gpu"].items():
+        lines.append(f"  cores per GPU for {goal} at {GOALS[goal]:.0f} img/s: {cores:.1f}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ resize every published pipeline uses.
 from __future__ import annotations
 
 import io
+from typing import Callable
 
 from PIL import Image
 
@@ -25,11 +26,14 @@ from xtra.errors import DataError
 __all__ = ["decode_rgb"]
 
 
-def decode_rgb(data: bytes, is_jpeg: bool, where: str) -> Image.Image:
-    """The stored image `data` as an RGB PIL image; a DataError naming `where` (shard, sample) when it is bad."""
+def decode_rgb(data: bytes, where: Callable[[], str]) -> Image.Image:
+    """The stored image `data` as an RGB PIL image; a DataError naming `where()` (shard, sample) when it is bad.
+
+    `where` is called only on an error, so naming the sample (a tar header read) costs nothing per sample.
+    """
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
         return img if img.mode == "RGB" else img.convert("RGB")
     except DECODE_ERRORS as exc:
-        raise DataError(f"{where} cannot be decoded: {exc}") from exc
+        raise DataError(f"{where()} cannot be decoded: {exc}") from exc

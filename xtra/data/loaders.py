@@ -14,7 +14,6 @@ use world_size 1 or `drop_last=False` with an exact size.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from xtra.data.images import DECODE_ERRORS
+from xtra.data.decode import decode_rgb
 from xtra.data.shards import MANIFEST, ShardReader, index_shards
 from xtra.errors import DataError
 
@@ -84,13 +83,8 @@ class PreparedDataset(Dataset):
 
     def image(self, i: int) -> Image.Image:
         """Sample i's stored image, decoded to RGB."""
-        data = self._reader.read(i)
-        try:
-            img = Image.open(io.BytesIO(data))
-            return img.convert("RGB")
-        except DECODE_ERRORS as exc:
-            shard = self._reader.index.files[int(self._reader.index.shard[i])]
-            raise DataError(f"{shard}: sample {self.key(i)!r} cannot be decoded: {exc}") from exc
+        index = self._reader.index
+        return decode_rgb(self._reader.read(i), lambda: f"{index.files[int(index.shard[i])]}: sample {self.key(i)!r}")
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         if not 0 <= i < len(self):

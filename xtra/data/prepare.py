@@ -274,11 +274,10 @@ def _summary(manifest: dict, final: Path) -> str:
     return "\n".join(lines)
 
 
-def _inputs(p: dict, reader: Reader) -> tuple[dict, Optional[RawDataset]]:
+def _inputs(p: dict, reader: Reader, use_tree: bool) -> tuple[dict, Optional[RawDataset]]:
     """The input identity: the root tree's fingerprint (no listing needed), else the reader's listing."""
-    root = p.get("root")
-    if root:
-        digest, files = tree_fingerprint(Path(str(root)).expanduser())
+    if use_tree:
+        digest, files = tree_fingerprint(Path(str(p["root"])).expanduser())
         return {"tree_sha256": digest, "tree_files": files}, None
     raw = reader(p)
     return {"listing_sha256": listing_fingerprint(raw)}, raw
@@ -309,6 +308,7 @@ def prepare_dataset(
     `reader` replaces `xtra.data.readers.read_dataset` (tests, custom sources). See the module doc
     for when a run is skipped (`verify`: full check first; `force`: never skipped).
     """
+    use_tree = reader is None and bool(params.get("root"))  # a reader passed in may read more than root
     if reader is None:
         from xtra.data.readers import read_dataset as reader
 
@@ -316,9 +316,9 @@ def prepare_dataset(
     out_root, final = Path(out_root), Path(out_root) / name
     out_root.mkdir(parents=True, exist_ok=True)
     tmp, old = _clear_stale(out_root, name)
-    inputs, raw = _inputs(p, reader)
+    inputs, raw = _inputs(p, reader, use_tree)
     digest = params_hash(p, json.dumps(inputs, sort_keys=True), FORMAT_VERSION)
-    stat_files = not p.get("root")  # with a root, the tree fingerprint holds sizes and mtimes
+    stat_files = not use_tree  # with the tree fingerprint, sizes and mtimes are in it already
 
     def listing() -> str:
         nonlocal raw

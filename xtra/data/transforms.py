@@ -16,6 +16,7 @@ result (black) for 0 bits and calls Pillow otherwise.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -64,7 +65,9 @@ class ToNormalisedTensor:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if img.mode != "RGB":
             raise ValueError(f"ToNormalisedTensor takes RGB images, got mode {img.mode!r}")
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        with warnings.catch_warnings():  # a read-only view: it is copied by contiguous(), never written
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(np.asarray(img, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
         return x.contiguous().to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
 
     def __repr__(self) -> str:
