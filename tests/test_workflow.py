@@ -160,7 +160,13 @@ def assert_same_pipeline(stages: dict[str, dict], jobs: list[Job], params: dict)
     files = [o for j in jobs if j.rule == "probe" for o in j.outputs]
     assert {posixpath.dirname(f) for f in files} == folders
     benchmarks = params["probe"]["benchmarks"]
-    assert len(files) == len(folders) * sum(len(b.get("kinds", ["linear", "attentive"])) for b in benchmarks.values())
+
+    def kinds_of(model: str) -> int:  # the pixel floor is probed by the linear kind only
+        pixels = params["models"][model]["init"] == "pixels"
+        return sum(len([k for k in b.get("kinds", ["linear", "attentive"]) if not pixels or k == "linear"])
+                   for b in benchmarks.values())
+
+    assert len(files) == sum(kinds_of(posixpath.basename(f)) for f in folders)
     per_job = {re.sub(r" --benchmark \S+ --kind \S+ --no-ray$", "", command_of(j.shell)) for j in jobs}
     assert per_job == {s["cmd"] for s in stages.values()}
 
@@ -185,8 +191,10 @@ def _jobs_by_rule(jobs: list[Job]) -> dict[str, list[Job]]:
 
 def _check_h14_plan(jobs: list[Job]) -> dict[str, list[Job]]:
     by_rule = _jobs_by_rule(jobs)
-    assert {rule: len(js) for rule, js in by_rule.items()} == {"prepare": 16, "pretrain": 1, "probe": 16,
+    # pretrain: xtra_h14 and the pixel floor; probe: 16 (benchmark, kind) jobs + the floor's IN-1k linear
+    assert {rule: len(js) for rule, js in by_rule.items()} == {"prepare": 16, "pretrain": 2, "probe": 17,
                                                               "report": 1, "all": 1}
+    by_rule["pretrain"] = [j for j in by_rule["pretrain"] if j.fields.get("input")]  # the floor reads no data
     assert by_rule["pretrain"][0].fields["input"] == "data/prepared/imagenet21k"
     assert all(j.resources["runtime"] == "2880" for j in by_rule["pretrain"])
     return by_rule
@@ -203,7 +211,8 @@ def test_slurm_plan_of_the_h14_profile(snakemake_runs):
     assert pretrain.shell.startswith("srun xtra pretrain xtra_h14 ")
     for job in by_rule["probe"]:
         assert (job.resources["gpu"], job.resources["nodes"], job.resources["cpus_per_task"]) == ("1", "1", "16")
-        assert "mpi" not in job.resources and job.shell.startswith("xtra probe xtra_h14 --benchmark ")
+        assert "mpi" not in job.resources
+        assert job.shell.startswith(("xtra probe xtra_h14 --benchmark ", "xtra probe pixels --benchmark in1k "))
     in1k = [j for j in by_rule["probe"] if "benchmark=in1k" in j.fields["wildcards"]]
     assert {j.resources["runtime"] for j in in1k} == {"4320"}  # the benchmark's own request wins
     for job in by_rule["prepare"]:
@@ -279,8 +288,8 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
     cache.mkdir(exist_ok=True)
     (cache / "cli.cpython-311.pyc").write_bytes(b"\0")
     assert _changed(path) == set(), "byte code changed a stage (see .dvcignore)"
-    cases = [("probe.benchmarks.mnist.lrs", [0.001, 0.01], {"probe@xtra_k2", "probe@xtra_k1", "probe@random_k2", "report"}),
-             ("probe.num_last_blocks", 2, {"probe@xtra_k2", "probe@xtra_k1", "probe@random_k2", "report"}),
+    cases = [("probe.benchmarks.mnist.lrs", [0.001, 0.01], {"probe@xtra_k2", "probe@xtra_k1", "probe@random_k2", "probe@pixels", "report"}),
+             ("probe.num_last_blocks", 2, {"probe@xtra_k2", "probe@xtra_k1", "probe@random_k2", "probe@pixels", "report"}),
              ("models.xtra_k1.train.epochs", 5, {"pretrain@xtra_k1", "report"}),
              ("datasets.digits.heldout_fraction", 0.3, {"prepare@digits"})]
     for key, value, expected in cases:
