@@ -101,7 +101,7 @@ def test_non_trajectory_edits_resume_and_an_lr_edit_leaves_the_old_checkpoints_b
     base = tiny_params(tmp, prepared, epochs=1, max_steps=2)
     _ok(run_pretrain(tmp_path, base, prepared))
     plan = json.loads((tmp_path / "models" / "m" / "run.json").read_text())
-    edited = tiny_params(tmp, prepared, epochs=1, max_steps=4, num_workers=1, log_every_n_steps=2,
+    edited = tiny_params(tmp, prepared, epochs=1, max_steps=4, log_every_n_steps=2,
                          checkpoint_every_n_steps=1, reconstruct_images=1)
     edited["models"]["m"]["arch"]["attn_impl"] = "reference"
     edited["datasets"]["small"].update(num_workers=2, resources={"cpus": 3})
@@ -126,7 +126,7 @@ def test_trajectory_keys_exclude_what_does_not_change_the_optimisation() -> None
     params = validate_params(_params_with(small_model()), check_paths=False)
     base = trajectory(params, "m", 2, "data")
     train = params["models"]["m"]["train"]
-    for key, value in (("num_workers", 7), ("log_every_n_steps", 3), ("checkpoint_every_n_steps", 9),
+    for key, value in (("log_every_n_steps", 3), ("checkpoint_every_n_steps", 9),
                        ("reconstruct_images", 0), ("epochs", 40), ("max_steps", 10), ("val_every_n_steps", 5)):
         edited = dict(params, models={"m": {**params["models"]["m"], "train": {**train, key: value}}})
         assert run_id(trajectory(edited, "m", 2, "data")) == run_id(base), key
@@ -136,6 +136,14 @@ def test_trajectory_keys_exclude_what_does_not_change_the_optimisation() -> None
     lr = dict(params, models={"m": {**params["models"]["m"], "train": {**train, "lr": 0.5}}})
     assert changed_keys(base, trajectory(lr, "m", 2, "data")) == ["train.lr: 0.001 -> 0.5"]
     assert run_id(trajectory(params, "m", 4, "data")) != run_id(base)  # the world size is part of the run
+    workers = {**train, "num_workers": 7}  # the stream's order depends on its workers, random access's not
+    assert run_id(trajectory(dict(params, models={"m": {**params["models"]["m"], "train": workers}}), "m", 2,
+                             "data")) != run_id(base)
+    rand = {**train, "loader": "random"}
+    rand_base = trajectory(dict(params, models={"m": {**params["models"]["m"], "train": rand}}), "m", 2, "data")
+    rand_workers = trajectory(dict(params, models={"m": {**params["models"]["m"], "train": {**rand, "num_workers": 7}}}),
+                              "m", 2, "data")
+    assert run_id(rand_workers) == run_id(rand_base) != run_id(base)
 
 
 def _lr_rows(directory: Path) -> list[float]:
@@ -297,10 +305,12 @@ def _paper_model_run(tmp_path: Path, preset: str, img_size: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_paper_b16_architecture_trains_resumes_and_its_model_file_loads(tmp_path: Path) -> None:
     _paper_model_run(tmp_path, "xtra_b16", 256)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 def test_paper_h14_architecture_trains_resumes_and_its_model_file_loads(tmp_path: Path) -> None:
     _paper_model_run(tmp_path, "xtra_h14", 224)

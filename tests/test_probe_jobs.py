@@ -290,3 +290,12 @@ def test_a_ray_retry_continues_from_the_saved_epoch(inputs, tmp_path, monkeypatc
     for kind in BOTH:
         _same(banks[kind], banks_ref[kind], atol=0)
         assert results[kind]["top1"] == results_ref[kind]["top1"]
+
+
+def test_a_local_ray_is_sized_by_the_cpu_affinity_not_the_machine(monkeypatch):
+    from xtra.probe.driver import allocated_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # e.g. Slurm bound this job to one core
+    assert allocated_cpus() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4096)))
+    assert allocated_cpus() <= (os.cpu_count() or 1)  # the cgroup / machine count caps it

@@ -42,12 +42,23 @@ def reference_1(small, tmp_path_factory) -> dict:
     return final_weights(directory)
 
 
-@pytest.mark.parametrize("step, where", [(4, "mid-epoch"), (6, "epoch boundary")])
-def test_one_process_kill_and_rerun_ends_with_the_uninterrupted_weights(
-        small, reference_1, tmp_path: Path, step: int, where: str) -> None:
+@pytest.fixture(scope="module")
+def reference_random(small, tmp_path_factory) -> dict:
     tmp, prepared = small
-    out = _killed_then_resumed(tmp_path, tiny_params(tmp, prepared), prepared, step)
-    assert f"resuming from" in out and f"step-{step:06d}.ckpt" in out, out[-2000:]
+    directory = tmp_path_factory.mktemp("ref_random")
+    _check(run_pretrain(directory, tiny_params(tmp, prepared, loader="random"), prepared))
+    return final_weights(directory)
+
+
+@pytest.mark.parametrize("step, where, loader", [(4, "mid-epoch", "stream"), (6, "epoch boundary", "stream"),
+                                                 pytest.param(4, "mid-epoch", "random", marks=pytest.mark.slow),
+                                                 pytest.param(6, "epoch boundary", "random", marks=pytest.mark.slow)])
+def test_one_process_kill_and_rerun_ends_with_the_uninterrupted_weights(
+        small, request, tmp_path: Path, step: int, where: str, loader: str) -> None:
+    tmp, prepared = small
+    reference_1 = request.getfixturevalue("reference_1" if loader == "stream" else "reference_random")
+    out = _killed_then_resumed(tmp_path, tiny_params(tmp, prepared, loader=loader), prepared, step)
+    assert "resuming from" in out and f"step-{step:06d}.ckpt" in out, out[-2000:]
     assert max_weight_difference(final_weights(tmp_path), reference_1) <= 1e-6, where
     metrics = json.loads((tmp_path / "models" / "m" / "metrics.json").read_text())
     assert metrics["steps"] == 12

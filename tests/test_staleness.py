@@ -9,6 +9,10 @@ DAG machinery, not the training, is what runs: `dvc repro`, then `snakemake --to
 (Snakemake keeps its own provenance in .snakemake/metadata: this records that the outputs DVC
 built are current for it), then each edit, both answers, and the edit undone (content and times).
 
+After the merge of the real stage commands, `XTRA_STALENESS_REAL=1 pytest -m slow
+tests/test_staleness.py` runs the same tests on the real pipeline (a shrunk demo: 1 epoch, 2 lrs):
+the stand-in then only records each run and makes the ./FAIL stage fail, and runs the real `xtra`.
+
 "Stale" is what a run would execute: for DVC, the stages `dvc status` reports and every stage
 downstream of them in DVC's own graph (`dvc status` lists only the first; a re-run stage writes
 new outputs); for Snakemake, the jobs of `snakemake -n`.
@@ -176,9 +180,16 @@ def test_report_is_keyed_on_its_section_and_the_reference_data():
 # ---------------------------------------------------------------- slow: the two real front-ends
 
 
+REAL = bool(os.environ.get("XTRA_STALENESS_REAL"))
+SHRINK = ["models.xtra_k2.train.epochs=1", "models.xtra_k1.train.epochs=1", "probe.benchmarks.mnist.epochs=2",
+          "probe.benchmarks.digits.epochs=2", "probe.benchmarks.mnist.lrs=[0.001, 0.01]",
+          "probe.benchmarks.digits.lrs=[0.001, 0.01]"]
+
+
 def _env(path: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{path / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": str(path)}
+    env = {**os.environ, "PATH": f"{path / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": str(path)}
+    return {**env, "XTRA_REAL": str(BIN / "xtra")} if REAL else env
 
 
 def _run(args: list[str], path: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -204,6 +215,8 @@ def copy_with_fake_xtra(dest: Path) -> Path:
 def built(tmp_path_factory) -> Path:
     """A demo copy after one `dvc repro`, adopted by Snakemake (its own record of the same outputs)."""
     path = copy_with_fake_xtra(tmp_path_factory.mktemp("staleness"))
+    if REAL:  # a shrunk demo (the params file is then `xtra profile`'s output), dvc.yaml rewritten
+        _run([sys.executable, "-m", "xtra.cli", "profile", "demo", *(f"--set={o}" for o in SHRINK)], path)
     _run([str(BIN / "dvc"), "repro", "-q"], path)
     _run([str(BIN / "snakemake"), "--touch", "--forceall", "-c1", "-q"], path)
     (path / "RAN").unlink()
@@ -250,6 +263,7 @@ def _restore(snapshot: dict[Path, tuple[bytes, os.stat_result]]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 13 edits x (dvc status + snakemake -n), after a dvc repro of 15 stages
 def test_staleness_matrix_is_exact_and_the_same_in_both_front_ends(built):
     assert dvc_stale(built) == set() and snakemake_stale(built) == set()
     snapshot, wrong = _snapshot(built), []
@@ -265,6 +279,7 @@ def test_staleness_matrix_is_exact_and_the_same_in_both_front_ends(built):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_one_failed_probe_job_is_the_only_one_rerun(built):
     """DVC commits each stage when it succeeds, so the five finished probes stay done and cached."""
     snapshot = _snapshot(built)
@@ -288,14 +303,19 @@ def _size(folder: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_scale_checkpoints_and_shards_cost_dvc_nothing(built):
     """50 step checkpoints of 20 MB beside a model, and 200 MB of shards beside a manifest:
     `dvc status` takes about as long (printed; no timing assertion), and nothing goes into the cache."""
     def timed_status() -> float:
-        start = time.perf_counter()
-        proc = _run([str(BIN / "dvc"), "status", "-q"], built, check=False)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return time.perf_counter() - start
+        """The fastest of three `dvc status` runs (the machine may be shared)."""
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            proc = _run([str(BIN / "dvc"), "status", "-q"], built, check=False)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            times.append(time.perf_counter() - start)
+        return min(times)
 
     cache_before, without = _size(built / ".dvc" / "cache"), timed_status()
     ckpts = built / "models" / "xtra_k2" / "checkpoints"
@@ -319,6 +339,7 @@ def test_scale_checkpoints_and_shards_cost_dvc_nothing(built):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_make_repro_changes_no_tracked_file(tmp_path):
     """`make repro` (with a stand-in venv: the real dvc, the fake xtra) leaves every tracked file as
     it was; the only new file git sees is dvc.lock (the record of the run, to commit or not)."""
@@ -333,7 +354,8 @@ def test_make_repro_changes_no_tracked_file(tmp_path):
     (venv / ".installed").touch()  # newer than pyproject.toml and constraints.txt: no install
     _run(["make", "repro", f"VENV={venv}"], path)
     assert len((path / "RAN").read_text().split()) == len(stage_table(yaml.safe_load((path / "params.yaml").read_text())))
-    status = _run(["git", "status", "--porcelain"], path).stdout.splitlines()
+    status = [line for line in _run(["git", "status", "--porcelain"], path).stdout.splitlines()
+              if line != "?? RAN"]  # RAN: the stand-in's own record of what ran
     assert status == ["?? dvc.lock"], status
     (path / "RAN").unlink()
     _run(["make", "repro", f"VENV={venv}"], path)

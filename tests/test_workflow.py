@@ -152,9 +152,18 @@ def assert_same_pipeline(stages: dict[str, dict], jobs: list[Job], params: dict)
     for name, stage in stages.items():
         assert stage["outs"] == sorted(jobs[name].outputs), name
         assert command_of(jobs[name].shell) == stage["cmd"], name
-    models = params["probe"].get("models") or params["models"]
     assert {s["kind"] for s in stages.values()} == set(STAGES)
-    assert sum(s["kind"] == "probe" for s in stages.values()) == len(models) * len(params["probe"]["benchmarks"])
+    assert sum(s["kind"] == "probe" for s in stages.values()) == n_probe_stages(params)
+
+
+def n_probe_stages(params: dict) -> int:
+    """One per (probed model, benchmark) with a kind to probe (the pixel floor: linear only)."""
+    from xtra.config import validate_params
+    from xtra.dag import probe_kinds
+
+    params = validate_params(json.loads(json.dumps(params)), check_paths=False)
+    models = params["probe"].get("models") or params["models"]
+    return sum(bool(probe_kinds(params, m, b)) for m in models for b in params["probe"]["benchmarks"])
 
 
 @pytest.mark.parametrize("key", ["demo", "b16", "h14_slurm"])
@@ -165,7 +174,7 @@ def test_dvc_and_snakemake_plan_the_same_pipeline(key, copies, snakemake_runs):
     assert_same_pipeline(stages, jobs, params)
     counts = {kind: sum(s["kind"] == kind for s in stages.values()) for kind in STAGES}
     assert counts == {"prepare": len(params["datasets"]), "pretrain": len(params["models"]),
-                      "probe": len(params["models"]) * len(params["probe"]["benchmarks"]), "report": 1}
+                      "probe": n_probe_stages(params), "report": 1}
 
 
 def test_shipped_dvc_yaml_is_the_stage_table_of_params_yaml():
@@ -194,11 +203,14 @@ def _jobs_by_rule(jobs: list[Job]) -> dict[str, list[Job]]:
 
 def _check_h14_plan(jobs: list[Job]) -> dict[str, list[Job]]:
     by_rule = _jobs_by_rule(jobs)
-    assert {rule: len(js) for rule, js in by_rule.items()} == {"prepare": 16, "pretrain": 1, "probe": 15,
+    # 15 benchmarks of xtra_h14, and in1k linear for the pixel floor
+    assert {rule: len(js) for rule, js in by_rule.items()} == {"prepare": 16, "pretrain": 2, "probe": 16,
                                                               "report": 1, "all": 1}
+    by_rule["pretrain"].sort(key=lambda j: j.rule != "pretrain-xtra_h14")  # the trained model first
     inputs = by_rule["pretrain"][0].fields["input"].split(", ")
     assert inputs[0] == "data/prepared/imagenet21k/manifest.json" and "xtra/model/xtra.py" in inputs
-    assert all(j.resources["runtime"] == "2880" for j in by_rule["pretrain"])
+    assert by_rule["pretrain"][0].resources["runtime"] == "2880"
+    assert by_rule["pretrain"][1].fields["input"].split(", ")[0].startswith("xtra/")  # pixels: no data
     return by_rule
 
 
@@ -213,10 +225,13 @@ def test_slurm_plan_of_the_h14_profile(snakemake_runs):
                                                                  "mem_mb": "400000"}
     assert pretrain.shell.startswith("srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8 xtra pretrain xtra_h14 ")
     for job in by_rule["probe"]:
+        if job.rule.endswith("-in1k"):  # 8 GPUs of one node (probe.benchmarks.in1k.resources)
+            assert (job.resources["gres"], job.resources["nodes"], job.resources["tasks_per_node"]) == ("gpu:8", "1", "8")
+            continue
         assert (job.resources["gpu"], job.resources["nodes"], job.resources["cpus_per_task"]) == ("1", "1", "16")
         assert "mpi" not in job.resources and job.shell.startswith("xtra probe xtra_h14 --benchmark ")
     in1k = [j for j in by_rule["probe"] if j.rule == "probe-xtra_h14-in1k"]
-    assert {j.resources["runtime"] for j in in1k} == {"4320"}  # the benchmark's own request wins
+    assert {j.resources["runtime"] for j in in1k} == {"720"}  # the benchmark's own request wins
     for job in by_rule["prepare"]:
         assert "gpu" not in job.resources and "gres" not in job.resources and job.resources["nodes"] == "1"
     assert "nodes" not in by_rule["report"][0].resources  # a local rule
@@ -230,6 +245,9 @@ def test_lsf_plan_of_the_h14_profile(snakemake_runs):
         "cpus_per_task": "512", "ptile": "64", "lsf_extra": "-gpu num=8", "mem_mb": "3200000"}
     assert pretrain.resources["mpi"].startswith("jsrun --nrs 64 ") and pretrain.shell.startswith("jsrun --nrs 64 ")
     for job in by_rule["probe"]:
+        if job.rule.endswith("-in1k"):  # 8 GPUs of one host
+            assert job.resources["lsf_extra"] == "-gpu num=8"
+            continue
         assert (job.resources["lsf_extra"], job.resources["cpus_per_task"]) == ("-gpu num=1", "16")
         assert "mpi" not in job.resources and "ptile" not in job.resources
     assert all("lsf_extra" not in j.resources for j in by_rule["prepare"])
@@ -385,6 +403,9 @@ def test_a_stage_of_a_stale_dvc_yaml_refuses_to_run_under_dvc(tmp_path):
     with pytest.raises(ParamsError, match="run `xtra dag`"):
         check_under_dvc("report", str(tmp_path / "params.yaml"), env)
     check_under_dvc("report", str(tmp_path / "params.yaml"), {})  # outside DVC: no check
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("  min_lr: 1.0e-05\n", "", 1))
+    with pytest.raises(ParamsError, match=r"leaves out \['probe.min_lr'\].*xtra profile --fill"):
+        check_under_dvc("report", str(tmp_path / "params.yaml"), env)
 
 
 def test_the_pipelines_never_write_the_readme():

@@ -33,7 +33,8 @@ import yaml
 
 from xtra.errors import ParamsError
 
-__all__ = ["Stage", "PLUMBING", "NOT_RESULT_KEYS", "REPO", "DVC_YAML", "code_files", "stage_table",
+__all__ = ["Stage", "PLUMBING", "NOT_RESULT_KEYS", "REPO", "DVC_YAML", "STAGE_COMMANDS", "code_files", "stage_table",
+           "probe_kinds", "probed_models",
            "result_keys", "param_value", "identity", "render_dvc_yaml", "dvc_yaml_problem", "write_dvc_yaml",
            "check_under_dvc", "configure_parser", "run"]
 
@@ -318,14 +319,21 @@ STAGE_COMMANDS = frozenset(COMMAND_MODULES)
 
 
 def check_under_dvc(command: str, params_file: str, environ: dict[str, str] | None = None) -> None:
-    """Inside `dvc repro` / `dvc exp run` (DVC sets DVC_STAGE), refuse to run a stage of a dvc.yaml
-    that is not the stage table of the params: a `-S` override can change the table (a benchmark,
-    a model's init), and DVC would then run and record the wrong stages."""
+    """Inside `dvc repro` / `dvc exp run` (DVC sets DVC_STAGE), refuse to run a stage when the params
+    file leaves a schema key to its default (DVC would not see it), or when dvc.yaml is not the
+    stage table of the params: a `-S` override can change the table (a benchmark, a model's init),
+    and DVC would then run and record the wrong stages."""
     environ = dict(os.environ if environ is None else environ)
     if command not in STAGE_COMMANDS or "DVC_STAGE" not in environ:
         return
     from xtra.config import load_params
 
+    from xtra.fill import missing_keys
+
+    missing = missing_keys(Path(params_file).read_text())
+    if missing:  # DVC would run the stage, then refuse to record it (MissingParamsError)
+        raise ParamsError(f"stage {environ['DVC_STAGE']}: {params_file} leaves out {missing[:6]}: DVC sees only what "
+                          f"the file spells out. Run `xtra profile --fill` to write every schema key into it")
     root = Path(environ.get("DVC_ROOT") or Path(params_file).resolve().parent)
     problem = dvc_yaml_problem(load_params(params_file, check_paths=False), root)
     if problem:

@@ -228,7 +228,7 @@ def resources_of(stage):
 
     The shell line reads the command from `resources.cmd`, never from `stage` itself: Snakemake
     evaluates a rule's `shell:` expression again when the job runs (in the cluster job, and locally),
-    and by then the loop variable `stage` is the last stage of the last rule file (the report):
+    and by then the loop variable `stage` is the last stage of the last file, report.smk, so
     every job would run `xtra report`."""
     res = cluster_resources(stage_request(stage))
     return {**{key: res.get(key) for key in RESOURCE_KEYS}, "launch": launch_prefix(res), "cmd": stage.cmd}

@@ -114,8 +114,7 @@ def load_artifact_encoder(path: str | Path, expected_arch: dict[str, Any] | None
     encoder = build_arch_encoder(cfg)
     state = {k[len("encoder."):]: v for k, v in artifact.state_dict.items() if k.startswith("encoder.")}
     load_strict(encoder, state, f"{path} (encoder)")
-    if cfg.block_order == "pseudo_random":
-        encoder.block_order = block_orders_of(cfg)[0]
+    # probing keeps raster order, also for a pseudo-random-order model (as the release does)
     return encoder.eval().requires_grad_(False), cfg, artifact.init
 
 

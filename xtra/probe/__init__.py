@@ -2,7 +2,8 @@
 
 - `cli`: `xtra probe MODEL`: plans the jobs, checks their inputs, runs them (Ray or in process);
 - `config`: one typed `ProbeConfig` per (model, benchmark) job, built from params;
-- `job`: one job per (model, benchmark): data, features, every kind's head bank, selection, results;
+- `job`: one job per (model, benchmark): features, every kind's head bank, selection, results;
+- `data`: splits, the per-kind training transforms, augmentation seeded per (seed, epoch, sample);
 - `loop`: the one-pass training loop (one encoder forward per batch for every head of every kind);
 - `state`: the resumable state of a job (`results/probe-state/<model>/<benchmark>/`);
 - `dist`: multi-device jobs (torch.distributed, synchronised BatchNorm statistics);

@@ -1,6 +1,14 @@
 """The pre-training data: a resumable, per-sample-seeded order over a prepared split.
 
-Exact resume rests on three pure functions instead of saved generator states:
+`train.loader` chooses how the train split is read:
+- `stream` (default): the data package's `ShardStream` through torchdata's `StatefulDataLoader`
+  (each worker opens each of its shards once per epoch and reads it front to back; the order is a
+  pure function of seed, epoch, world size, loader workers and batch size). Its position is the
+  loader's `state_dict`, which Lightning stores in every checkpoint and restores on resume (the
+  loader has a length, so Lightning does not prefetch past the checkpointed batch);
+- `random`: random access through the shard index, described below.
+
+Exact resume of `random` rests on three pure functions instead of saved generator states:
 - the order of epoch e is a seeded permutation of (seed, e), cut into one disjoint share per rank
   (`torch.utils.data.DistributedSampler`, `drop_last=True`: the remainder of len % world_size samples
   is left out of that epoch, a different remainder every epoch);
@@ -86,19 +94,36 @@ class PretrainData(L.LightningDataModule):
         from xtra.data.transforms import eval_transform, pretrain_transform
 
         make = make_dataset or PreparedDataset
-        self.cfg, self.seed = train, seed
-        self.train_set = make(Path(root), "train", pretrain_transform(img_size))
+        self.cfg, self.seed, self.root = train, seed, Path(root)
+        self.train_transform = pretrain_transform(img_size)
+        self.train_set = make(Path(root), "train", self.train_transform)  # random access: its size, the random loader
         self.val_set = (make(Path(root), train["val_split"], eval_transform(img_size, eval_resize))
                         if train["val_every_n_steps"] > 0 else None)
         self.sampler: ResumableSampler | None = None
         self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+        self.stream = None  # the ShardStream of the stream loader
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at the start of every training epoch: the stream's next iteration reads `epoch`."""
+        if self.stream is not None:
+            self.stream.set_epoch(epoch)
 
     def train_dataloader(self) -> DataLoader:
         trainer, cfg = self.trainer, self.cfg
+        if cfg["loader"] == "stream":
+            from xtra.data.streaming import ShardStream, make_stream_loader
+
+            self.stream = ShardStream(self.root, "train", self.train_transform, seed=self.seed,
+                                      rank=trainer.global_rank, world_size=trainer.world_size)
+            # a run resumed from an epoch's last batch goes on with the next epoch (Lightning advances
+            # its counter only later, after the loader's first iteration may have begun)
+            ended = self._resume is not None and self._resume[1] < 0
+            self.stream.set_epoch(self._resume[0] + 1 if ended else trainer.current_epoch)
+            return make_stream_loader(self.stream, cfg["batch_size"], cfg["num_workers"], drop_last=True)
         self.sampler = ResumableSampler(self.train_set, num_replicas=trainer.world_size, rank=trainer.global_rank,
                                         seed=self.seed, batch_size=cfg["batch_size"])
         self.sampler.set_epoch(trainer.current_epoch)
-        if self._resume is not None:
+        if self._resume is not None and self._resume[1] > 0:
             self.sampler.skip_batches(*self._resume)
         return DataLoader(SeededSamples(self.train_set, self.seed), batch_size=cfg["batch_size"],
                           sampler=self.sampler, num_workers=cfg["num_workers"], drop_last=True,
@@ -115,9 +140,13 @@ class PretrainData(L.LightningDataModule):
         return DataLoader(subset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=0)
 
     def state_dict(self) -> dict[str, int]:
-        """The loader position at a checkpoint: the epoch and the batches of it already trained on."""
-        loop = self.trainer.fit_loop.epoch_loop
-        return {"epoch": int(self.trainer.current_epoch), "batches_done": int(loop.batch_progress.current.processed)}
+        """The loader position at a checkpoint: the epoch, the batches of it already trained on (the random
+        loader skips them on resume; the stream loader's position is its own state, saved by
+        Lightning) and whether that was the epoch's last batch."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        return {"epoch": int(self.trainer.current_epoch), "batches_done": int(progress.current.processed),
+                "epoch_ended": bool(progress.is_last_batch)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = (int(state["epoch"]), int(state["batches_done"]))
+        # (epoch, batches to skip); -1 batches: the epoch had ended
+        self._resume = (int(state["epoch"]), -1 if state.get("epoch_ended") else int(state["batches_done"]))

@@ -3,13 +3,14 @@
 A run is identified by the hash of `trajectory(params, model, world_size)`:
 - `arch`: every key except `attn_impl` (the same mask computed by another kernel);
 - `train`: batch_size, accumulate_grad_batches, lr, warmup_start_lr, min_lr, warmup_epochs,
-  weight_decay, betas, grad_clip, precision;
+  weight_decay, betas, grad_clip, precision, loader; with `loader: stream` also num_workers (the
+  stream's order depends on how many workers split each rank's share);
 - the world size resolved by the trainer (devices x num_nodes, however `devices` is spelled);
 - the training data by content: the sha256 of every shard of the train split (from the prepared
   manifest), not the dataset's params, so a re-preparation that gives the same bytes is the same run;
 - `seed`.
 Not in it: `epochs` and `max_steps` (extending them continues the run, see `schedule_steps`), the
-loader's `num_workers`, `checkpoint_every_n_steps`, `keep_*`, `log_every_n_steps`, `val_*`,
+datasets' `num_workers` (and the train loader's with `loader: random`), `checkpoint_every_n_steps`, `keep_*`, `log_every_n_steps`, `val_*`,
 `reconstruct_images`, `resources`, `accelerator`, `strategy`, `eval_resize`.
 
 Each run has a folder of its own, `models/<m>/checkpoints/<run id>/`: a changed trajectory starts a
@@ -31,7 +32,7 @@ __all__ = ["TRAIN_TRAJECTORY_KEYS", "ARCH_NON_TRAJECTORY_KEYS", "trajectory", "r
            "data_fingerprint"]
 
 TRAIN_TRAJECTORY_KEYS = ("batch_size", "accumulate_grad_batches", "lr", "warmup_start_lr", "min_lr",
-                         "warmup_epochs", "weight_decay", "betas", "grad_clip", "precision")
+                         "warmup_epochs", "weight_decay", "betas", "grad_clip", "precision", "loader")
 ARCH_NON_TRAJECTORY_KEYS = ("attn_impl",)
 
 
@@ -52,7 +53,8 @@ def trajectory(params: dict[str, Any], name: str, world_size: int, data: str) ->
     model = params["models"][name]
     return {
         "arch": {k: v for k, v in sorted(model["arch"].items()) if k not in ARCH_NON_TRAJECTORY_KEYS},
-        "train": {k: model["train"][k] for k in TRAIN_TRAJECTORY_KEYS},
+        "train": {k: model["train"][k] for k in TRAIN_TRAJECTORY_KEYS
+                  + (("num_workers",) if model["train"]["loader"] == "stream" else ())},
         "world_size": int(world_size), "data": data, "seed": params["seed"],
     }
 

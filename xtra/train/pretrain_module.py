@@ -81,6 +81,19 @@ class PretrainModule(L.LightningModule):
         for group in self.trainer.optimizers[0].param_groups:
             group["lr"] = self.lr_at(self.global_step)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of an epoch's last batch holds the loader state of an exhausted epoch: drop it, so
+        that the next epoch starts at its beginning instead of resuming the finished one (as an
+        uninterrupted run does). Mid-epoch checkpoints keep theirs."""
+        fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        if (fit.get("epoch_loop.batch_progress") or {}).get("is_last_batch") and "state_dict" in fit:
+            fit["state_dict"].pop("combined_loader", None)
+
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
     def _reseed(self, batch_idx: int) -> None:
         micro = batch_idx % self.trainer.accumulate_grad_batches
         torch.manual_seed(model_seed(self.seed, self.global_rank, self.global_step, micro))
