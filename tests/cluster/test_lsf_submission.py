@@ -3,8 +3,8 @@
 No open LSF exists, so `bsub`, `bjobs` and the configuration commands are stand-ins
 (tests/cluster/fake_lsf.py): Snakemake with `--profile workflow/profiles/lsf` submits one job of
 each cluster rule (their inputs are placeholders), the stand-in records the submissions, and the
-test reads back cores (-n), memory per core (rusage[mem=]), hosts (span[ptile=] or hosts=1), GPUs per host (-gpu),
-and wall time (-W) against params.
+test reads back cores (-n), memory per core (rusage[mem=]), hosts (span[ptile=] or hosts=1), GPUs
+per host (-gpu) and wall time (-W) against params.
 """
 
 from __future__ import annotations
