@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,3 +142,4 @@ class RayCluster:
                 except psutil.NoSuchProcess:
                     pass
             psutil.wait_procs(alive, timeout=10)
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -3,8 +3,8 @@
 No open LSF exists, so `bsub`, `bjobs` and the configuration commands are stand-ins
 (tests/cluster/fake_lsf.py): Snakemake with `--profile workflow/profiles/lsf` submits one job of
 each cluster rule (their inputs are placeholders), the stand-in records the submissions, and the
-test reads back cores (-n), memory per core (rusage[mem=]), hosts (span[]), GPUs per host (-gpu),
-and wall time (-W) against params.
+test reads back cores (-n), memory per core (rusage[mem=]), hosts (span[ptile=] or hosts=1), GPUs
+per host (-gpu) and wall time (-W) against params.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _kind(job: Job) -> str:
 
 def _one_job_per_rule(jobs: list[Job], params: dict) -> dict[str, Job]:
     """The pre-training, the in1k probe job, and the preparation of a dataset neither of them reads."""
-    pretrain = next(j for j in jobs if _kind(j) == "pretrain")
+    pretrain = next(j for j in jobs if j.rule == "pretrain-xtra_h14")  # the trained one (not the pixel floor)
     probe = next(j for j in jobs if _kind(j) == "probe" and j.rule.endswith("-in1k"))
     read = {params["models"]["xtra_h14"]["dataset"], params["probe"]["benchmarks"]["in1k"]["dataset"]}
     prepare = next(j for j in jobs if _kind(j) == "prepare" and j.rule.removeprefix("prepare-") not in read)
@@ -52,6 +52,15 @@ def _make_inputs(repo: Path, job: Job) -> None:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
+
+
+def _expected(req: dict) -> tuple:
+    """(cores in all, GPUs per host or None, span, runtime in minutes, memory of the job in MB) of a
+    params request: one task per GPU (or tasks_per_node), `cpus` cores each, all hosts alike."""
+    per_node = req.get("tasks_per_node") or max(req["gpus"], 1)
+    tasks = per_node * req["nodes"]
+    span = f"span[ptile={per_node * req['cpus']}]" if tasks > 1 else "span[hosts=1]"
+    return tasks * req["cpus"], req["gpus"] or None, span, req["runtime"], req["mem_mb"] * req["nodes"]
 
 
 def _option(argv: list[str], flag: str) -> list[str]:
@@ -83,14 +92,7 @@ def test_bsub_lines_of_the_lsf_profile_carry_each_rules_request(tmp_path):
     model = params["models"]["xtra_h14"]["resources"]
     dataset = params["datasets"][chosen["prepare"].rule.removeprefix("prepare-")]["resources"]
     in1k = {**params["probe"]["resources"], **(params["probe"]["benchmarks"]["in1k"].get("resources") or {})}
-    expected = {
-        # rule: (cores in all, GPUs per host or None, span, runtime in minutes, memory of the job in MB)
-        "pretrain": (model["nodes"] * model["gpus"] * model["cpus"], model["gpus"],
-                     f"span[ptile={model['gpus'] * model['cpus']}]", model["runtime"], model["mem_mb"] * model["nodes"]),
-        "prepare": (dataset["cpus"], None, "span[hosts=1]", dataset["runtime"], dataset["mem_mb"]),
-        "probe": (in1k["cpus"] * max(1, in1k["gpus"]), in1k["gpus"] or None, "span[hosts=1]", in1k["runtime"],
-                  in1k["mem_mb"]),
-    }
+    expected = {"pretrain": _expected(model), "prepare": _expected(dataset), "probe": _expected(in1k)}
     for rule, (cores, gpus, span, runtime, mem_mb) in expected.items():
         argv = by_rule[rule]
         requests = _option(argv, "-R")
@@ -100,5 +102,4 @@ def test_bsub_lines_of_the_lsf_profile_carry_each_rules_request(tmp_path):
         per_core = [float(m.group(1)) for r in requests if (m := re.fullmatch(r"rusage\[mem=([\d.]+)\]", r))]
         assert per_core and abs(per_core[0] * cores - mem_mb) < 1, (rule, requests)
         assert (_option(argv, "-gpu") == [f"num={gpus}"]) if gpus else ("-gpu" not in argv), (rule, argv)
-    hosts = model["nodes"]
-    assert expected["pretrain"][0] // int(re.search(r"ptile=(\d+)", expected["pretrain"][2]).group(1)) == hosts
+    assert expected["pretrain"][2] == "span[ptile=64]" and expected["pretrain"][0] == 512  # 8 hosts x 8 GPUs x 8 cores
