@@ -225,8 +225,10 @@ def test_slurm_plan_of_the_h14_profile(snakemake_runs):
                                                                  "mem_mb": "400000"}
     assert pretrain.shell.startswith("srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8 xtra pretrain xtra_h14 ")
     for job in by_rule["probe"]:
-        if job.rule.endswith("-in1k"):  # 8 GPUs of one node (probe.benchmarks.in1k.resources)
-            assert (job.resources["gres"], job.resources["nodes"], job.resources["tasks_per_node"]) == ("gpu:8", "1", "8")
+        if job.rule.endswith("-in1k"):  # one task with the 8 GPUs of one node: it starts a process per GPU itself
+            assert (job.resources["gpu"], job.resources["nodes"], job.resources["cpus_per_task"]) == ("8", "1", "8")
+            assert "mpi" not in job.resources and "tasks_per_node" not in job.resources
+            assert "gres" not in job.resources
             continue
         assert (job.resources["gpu"], job.resources["nodes"], job.resources["cpus_per_task"]) == ("1", "1", "16")
         assert "mpi" not in job.resources and job.shell.startswith("xtra probe xtra_h14 --benchmark ")

@@ -57,7 +57,7 @@ def _make_inputs(repo: Path, job: Job) -> None:
 def _expected(req: dict) -> tuple:
     """(cores in all, GPUs per host or None, span, runtime in minutes, memory of the job in MB) of a
     params request: one task per GPU (or tasks_per_node), `cpus` cores each, all hosts alike."""
-    per_node = req.get("tasks_per_node") or max(req["gpus"], 1)
+    per_node = 1 if req.get("one_process") else req.get("tasks_per_node") or max(req["gpus"], 1)
     tasks = per_node * req["nodes"]
     span = f"span[ptile={per_node * req['cpus']}]" if tasks > 1 else "span[hosts=1]"
     return tasks * req["cpus"], req["gpus"] or None, span, req["runtime"], req["mem_mb"] * req["nodes"]
@@ -91,7 +91,9 @@ def test_bsub_lines_of_the_lsf_profile_carry_each_rules_request(tmp_path):
 
     model = params["models"]["xtra_h14"]["resources"]
     dataset = params["datasets"][chosen["prepare"].rule.removeprefix("prepare-")]["resources"]
-    in1k = {**params["probe"]["resources"], **(params["probe"]["benchmarks"]["in1k"].get("resources") or {})}
+    # a probe job is one process that starts one worker per GPU itself (xtra.probe.dist)
+    in1k = {**params["probe"]["resources"], **(params["probe"]["benchmarks"]["in1k"].get("resources") or {}),
+            "nodes": 1, "one_process": True}
     expected = {"pretrain": _expected(model), "prepare": _expected(dataset), "probe": _expected(in1k)}
     for rule, (cores, gpus, span, runtime, mem_mb) in expected.items():
         argv = by_rule[rule]

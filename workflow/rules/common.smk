@@ -120,8 +120,13 @@ if SCHEDULER not in SCHEDULERS:
 
 
 def job_layout(req):
-    """(tasks per node, tasks, cores per node) of a params request."""
+    """(tasks per node, tasks, cores per node) of a params request.
+
+    A request marked `one_process` (a probe job) is one task however many GPUs it has: the command
+    starts one process per device itself (xtra.probe.dist), so no launcher may start it N times."""
     gpus = req["gpus"]
+    if req.get("one_process"):
+        return 1, 1, req["cpus"]
     per_node = req.get("tasks_per_node") or max(gpus, 1)
     if gpus and per_node != gpus:
         raise WorkflowError(f"resources {req}: a GPU job runs one task per GPU (tasks_per_node {per_node}, "
@@ -148,7 +153,7 @@ def slurm_resources(req):
         "nodes": req["nodes"],
         "mem_mb": req["mem_mb"],  # sbatch --mem: per node
         "cpus_per_task": req["cpus"],
-        "gpu": 1 if gpus == 1 and not multi else None,  # --gpus=1, also given to the job step
+        "gpu": gpus if gpus and not multi else None,  # --gpus=N for one task, also given to the job step
         "gres": f"gpu:{gpus}" if gpus and multi else None,  # per node
         "tasks_per_node": per_node if multi and per_node > 1 else None,  # --ntasks-per-node
         # the plugin takes tasks_per_node > 1 only: one task per node is --ntasks=nodes, plus the
@@ -214,7 +219,7 @@ def stage_request(stage):
         check_pretrain_layout(stage.item["model"])
         return config["models"][stage.item["model"]]["resources"]
     bench = config["probe"]["benchmarks"][stage.item["benchmark"]]
-    return {**config["probe"]["resources"], **(bench.get("resources") or {})}
+    return {**config["probe"]["resources"], **(bench.get("resources") or {}), "nodes": 1, "one_process": True}
 
 
 RESOURCE_KEYS = ("runtime", "mpi", "nodes", "mem_mb", "cpus_per_task", "gpu", "gres", "tasks_per_node", "tasks",
