@@ -92,6 +92,9 @@ def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
     L.seed_everything(params["seed"], verbose=False)
     model = XTRA(ArchConfig.from_dict(arch))
     _write_json(out / "metrics.json", {"init": "random", "steps": 0, "images_seen": 0, "seed": params["seed"]})
+    from xtra.reconstruct import write_model_reconstruction
+
+    write_model_reconstruction(params, name, model, out)  # the control is drawn like the others
     save_model_checkpoint(model, out / "last.ckpt", arch)  # last: its presence means the stage finished
     print(f"{name}: wrote the random-init control to {out / 'last.ckpt'}")
     return out
@@ -222,13 +225,8 @@ def _finish(params: dict[str, Any], name: str, out: Path, module: PretrainModule
                "final_loss": module.last_loss, "wall_time_s": round(wall, 2),
                "world_size": trainer.world_size, "ranks_in_sync": len(set(digests.values())) <= 1,
                "params_hash": training_hash(params, name)}
-    if params["models"][name]["train"]["reconstruct_images"] > 0:
-        from xtra.reconstruct import reconstruction_grid_from_dataset
+    from xtra.reconstruct import write_model_reconstruction
 
-        dataset = params["models"][name]["dataset"]
-        reconstruction_grid_from_dataset(module.model, Path(params["paths"]["prepared"]) / dataset,
-                                         out / "reconstruction.png",
-                                         params["models"][name]["train"]["reconstruct_images"],
-                                         params["models"][name]["eval_resize"])
+    write_model_reconstruction(params, name, module.model, out)
     _write_json(out / "metrics.json", metrics)
     print(f"{name}: {metrics['steps']} steps, final loss {metrics['final_loss']}, wrote {out}")
