@@ -198,6 +198,7 @@ def _with_dataset(params: dict[str, Any], name: str, section: dict[str, Any]) ->
 # ---- SIGKILL during prepare ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_prepare_leaves_no_finished_folder_and_a_rerun_matches(workspace: Workspace, tmp_path: Path) -> None:
     from xtra.data.prepare import prepare_dataset
 
@@ -234,6 +235,7 @@ def test_killed_prepare_leaves_no_finished_folder_and_a_rerun_matches(workspace:
 # ---- SIGKILL during probe ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_probe_leaves_only_whole_results_and_a_rerun_completes(workspace: Workspace, tmp_path: Path) -> None:
     from xtra.train.probe_ray import ATTEMPT_LOG_ENV
 
@@ -268,6 +270,7 @@ def test_killed_probe_leaves_only_whole_results_and_a_rerun_completes(workspace:
 # ---- a probe job that crashes under Ray, then the report ------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_crashing_ray_job_is_retried_reported_and_marked_in_the_report(
     workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -576,6 +579,7 @@ def test_full_disk_during_prepare(workspace: Workspace, tmp_path: Path) -> None:
 
 # m trains and fills the disk at its first periodic checkpoint (step 2, over 1 MB), leaving only its
 # log; rand is the random-init control, whose one checkpoint (about 360 KB) does not fit
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "size_kb", "left"), [("m", 512, {"m/log.csv"}), ("rand", 128, set())])
 def test_full_disk_during_pretrain(workspace: Workspace, tmp_path: Path, model: str, size_kb: int,
                                    left: set[str]) -> None:

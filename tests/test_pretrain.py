@@ -28,6 +28,7 @@ def _log(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_loss_falls_on_the_demo_data(tmp_path: Path, prepared_demo: Path) -> None:
     params = _params_with(small_model(epochs=2, batch_size=32, lr=2e-3, warmup_epochs=0.1, max_steps=200))
     path = write_params(tmp_path, params, prepared_demo)
@@ -46,6 +47,7 @@ def test_loss_falls_on_the_demo_data(tmp_path: Path, prepared_demo: Path) -> Non
     assert not encoder.training
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path: Path, prepared_demo: Path) -> None:
     params = _params_with(small_model(max_steps=6, devices=2, strategy="ddp", reconstruct_images=0))
     path = write_params(tmp_path, params, prepared_demo)
@@ -57,6 +59,7 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path: Path, prepared_d
     assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] and metrics["steps"] == 6
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_killed_run_resumes_at_the_saved_step(tmp_path: Path, prepared_demo: Path) -> None:
     params = _params_with(small_model(max_steps=60, checkpoint_every_n_steps=10, reconstruct_images=0))

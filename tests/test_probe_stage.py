@@ -159,6 +159,7 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ray_runs_four_jobs_and_reports_a_failing_one(workspace, ray_session, tmp_path, monkeypatch):
     assert probe_model(workspace, "rand") == 0
