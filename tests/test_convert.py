@@ -11,7 +11,8 @@ from tests.conftest import SMALL_ARCH, run_xtra
 from xtra.errors import CheckpointError
 from xtra.model.checkpoint import load_encoder, load_xtra
 from xtra.model.convert import PREFIX_MAP, convert_official
-from xtra.model.xtra import XTRA, ArchConfig
+from xtra.model.arch import ArchConfig
+from xtra.model.xtra import XTRA
 
 OURS_TO_OFFICIAL = {ours: official for official, ours in PREFIX_MAP.items()}
 

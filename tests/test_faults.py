@@ -102,7 +102,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
     from xtra.data.prepare import prepare_dataset
     from xtra.model.checkpoint import save_model_checkpoint
-    from xtra.model.xtra import XTRA, ArchConfig
+    from xtra.model.arch import ArchConfig
+    from xtra.model.xtra import XTRA
 
     root = tmp_path_factory.mktemp("faults")
     (root / "raw").mkdir()

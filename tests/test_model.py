@@ -8,7 +8,8 @@ import torch
 from xtra.errors import ParamsError
 from xtra.model.mask import block_causal_mask, block_ids, block_ranks
 from xtra.model.vit import build_encoder
-from xtra.model.xtra import XTRA, MODEL_PRESETS, ArchConfig, concat_blocks, patchify_blocks, xtra_loss
+from xtra.model.arch import MODEL_PRESETS, ArchConfig
+from xtra.model.xtra import XTRA, concat_blocks, patchify_blocks, xtra_loss
 
 
 def tiny_arch(**kw) -> ArchConfig:

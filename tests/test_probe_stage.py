@@ -15,7 +15,8 @@ from xtra.data.prepare import prepare_dataset
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import CheckpointError, DataError, ParamsError
 from xtra.model.checkpoint import file_sha256, save_model_checkpoint
-from xtra.model.xtra import XTRA, ArchConfig
+from xtra.model.arch import ArchConfig
+from xtra.model.xtra import XTRA
 from xtra.train.probe import configure_parser, probe_model, run
 from xtra.train.probe_job import ProbeJob, plan_jobs, preflight, stratified_split
 from xtra.train.probe_ray import ATTEMPT_LOG_ENV, FAIL_ENV, init_ray

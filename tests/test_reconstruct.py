@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from xtra.model.xtra import XTRA, ArchConfig, patchify_blocks
+from xtra.model.arch import ArchConfig
+from xtra.model.xtra import XTRA, patchify_blocks
 from xtra.reconstruct import _denormalize, distinct_class_indices, reconstruction_grid
 
 

@@ -30,7 +30,7 @@ __all__ = ["reconstruction_grid", "reconstruction_grid_from_dataset", "distinct_
 
 
 def _denormalize(x: torch.Tensor) -> torch.Tensor:
-    from xtra.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # what eval_transform uses
 
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)

@@ -54,7 +54,7 @@ __all__ = [
     "DEFAULTS",
     "prepare_dataset",
     "input_fingerprint",
-    "params_hash",
+    "preparation_hash",
     "configure_parser",
     "run",
 ]
@@ -140,8 +140,10 @@ def input_fingerprint(raw: RawDataset) -> str:
     return h.hexdigest()
 
 
-def params_hash(params: dict, fingerprint: str) -> str:
-    """The hash that decides whether a prepared dataset is up to date."""
+def preparation_hash(params: dict, fingerprint: str) -> str:
+    """The hash that decides whether a prepared dataset is up to date: the format version, the image
+    policy, the dataset's params and the input fingerprint (the manifest's `params_hash` field).
+    Not `xtra.config.params_hash`, which hashes a params section alone."""
     hashed = {k: v for k, v in params.items() if k not in _NOT_HASHED}
     blob = {"version": FORMAT_VERSION, "policy": IMAGE_POLICY, "params": hashed, "input": fingerprint}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
@@ -296,7 +298,7 @@ def prepare_dataset(
     tmp, old = _clear_stale(out_root, name)
     raw = reader(p)
     plan = _plan(raw)
-    digest = params_hash(p, input_fingerprint(raw))
+    digest = preparation_hash(p, input_fingerprint(raw))
     if not force and (existing := _verified(final, digest)) is not None:
         print(f"{name}: up to date ({final}, params_hash {digest[:12]})")
         return existing

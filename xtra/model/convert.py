@@ -20,7 +20,8 @@ import torch
 
 from xtra.errors import CheckpointError, ParamsError
 from xtra.model.checkpoint import load_strict, read_checkpoint, save_model_checkpoint
-from xtra.model.xtra import MODEL_PRESETS, XTRA, ArchConfig
+from xtra.model.arch import MODEL_PRESETS, ArchConfig
+from xtra.model.xtra import XTRA
 
 __all__ = ["PREFIX_MAP", "official_state_dict", "map_official_keys", "convert_official", "configure_parser", "run"]
 

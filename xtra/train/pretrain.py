@@ -24,7 +24,8 @@ from xtra.atomic import write_json_atomic
 from xtra.config import load_params, params_hash
 from xtra.errors import CheckpointError, ParamsError, writing_to
 from xtra.model.checkpoint import read_checkpoint, save_model_checkpoint, save_torch_atomic
-from xtra.model.xtra import XTRA, ArchConfig
+from xtra.model.arch import ArchConfig
+from xtra.model.xtra import XTRA
 from xtra.train.pretrain_module import PretrainModule, RankDigest, StepLog
 
 # the files that exist only once the stage has finished (last.ckpt is written last)

@@ -12,7 +12,8 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from xtra.errors import XtraError
-from xtra.model.xtra import XTRA, ArchConfig
+from xtra.model.arch import ArchConfig
+from xtra.model.xtra import XTRA
 from xtra.train.schedule import decay_groups, warmup_cosine
 
 __all__ = ["NonFiniteLossError", "PretrainModule", "StepLog", "RankDigest", "LOG_FIELDS"]
