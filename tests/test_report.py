@@ -312,7 +312,8 @@ def test_figures_have_expected_panels_and_series(built):
     assert [t.get_text() for t in attentive.get_xticklabels()] == ["in1k", "cifar10", "digits"]
     heights = [b.get_height() for b in attentive.containers[0]]
     assert heights[:2] == [80.0, 97.0] and np.isnan(heights[2])
-    assert not attentive.texts and not linear.texts  # a gap, no `n/a` placeholder label
+    # each bar labelled with its value; a missing one is a gap, with no `n/a` or `nan` label
+    assert [t.get_text() for t in attentive.texts] == ["80.0", "97.0", "", "10.0", "", "20.0"]
     footnote = figs["top1_bars"].get_supxlabel()
     assert "random/cifar10/attentive (missing" in footnote
     assert "xtra/digits/attentive (partial" in footnote and "CUDA out of memory" in footnote

@@ -112,7 +112,7 @@ def bars_figure(table: pd.DataFrame, benchmarks: list[str],
     """
     run, floor = table[table["row"] == "run"], table[table["row"] == "floor"]
     kinds = list(dict.fromkeys(run["kind"])) or list(dict.fromkeys(floor["kind"])) or ["linear"]
-    fig, axes = _figure(len(kinds), max(5.0, 1.4 * len(benchmarks) + 3), 3.2, ncols=1)
+    fig, axes = _figure(len(kinds), max(5.0, 1.4 * len(benchmarks) + 3), 3.6, ncols=1)
     x = np.arange(len(benchmarks))
     for ax, kind in zip(axes, kinds):
         rows = run[run["kind"] == kind]
@@ -120,13 +120,16 @@ def bars_figure(table: pd.DataFrame, benchmarks: list[str],
         width = 0.8 / max(len(rows), 1)
         for i, (_, row) in enumerate(rows.iterrows()):
             offset = (i - (len(rows) - 1) / 2) * width
-            ax.bar(x + offset, row[benchmarks].to_numpy(dtype=float), width,
-                   label=_bar_label(row), color=colors[i])
+            heights = row[benchmarks].to_numpy(dtype=float)
+            bars = ax.bar(x + offset, heights, width, label=_bar_label(row), color=colors[i])
+            ax.bar_label(bars, [f"{h:.1f}" if np.isfinite(h) else "" for h in heights],
+                         fontsize=6, padding=1)  # a missing value: a gap, no label
         _floor_lines(ax, floor, benchmarks, x)
         ax.set_xticks(x, benchmarks)
-        ax.set(title=f"{kind} probe", ylabel="top-1 (%)", ylim=(0, 100))
+        ax.set(title=f"{kind} probe", ylabel="top-1 (%)", ylim=(0, 105))
         if len(rows) or len(floor):
-            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12),
+                      ncols=min(3, len(rows) + len(floor)), frameon=False)
         else:
             _note(ax, "no results")
     _footnote(fig, "not shown: ", missing)
@@ -139,13 +142,15 @@ def paper_figure(table: pd.DataFrame, benchmarks: list[str], run_benchmarks: lis
 
     When this run has none of them, the figure says so and names the benchmarks it has instead.
     """
-    groups = [b for b in benchmarks if table[b].notna().any()] if len(table) else []
     kinds = list(dict.fromkeys(table["kind"])) or ["attentive"]
-    fig, axes = _figure(len(kinds), max(5.0, 0.55 * len(groups) + 3), 3.2, ncols=1)
-    x = np.arange(len(groups))
+    widest = max([int(table.loc[table["kind"] == k, benchmarks].notna().any().sum())
+                  for k in kinds] + [1])
+    fig, axes = _figure(len(kinds), max(5.0, 0.55 * widest + 3), 3.6, ncols=1)
     for ax, kind in zip(axes, kinds):
-        rows = table[(table["kind"] == kind) & table[groups].notna().any(axis=1)] if groups \
-            else table.iloc[:0]
+        of_kind = table[table["kind"] == kind]
+        groups = [b for b in benchmarks if of_kind[b].notna().any()]  # this panel's benchmarks
+        x = np.arange(len(groups))
+        rows = of_kind[of_kind[groups].notna().any(axis=1)] if groups else of_kind.iloc[:0]
         colors = sns.color_palette(_PALETTE, max(len(rows), 1))
         width = 0.8 / max(len(rows), 1)
         for i, (_, row) in enumerate(rows.iterrows()):
@@ -154,13 +159,15 @@ def paper_figure(table: pd.DataFrame, benchmarks: list[str], run_benchmarks: lis
                    color=colors[i], hatch="//" if row["row"] == "published" else None)
         ax.set_xticks(x, groups, rotation=30 if len(groups) > 6 else 0,
                       ha="right" if len(groups) > 6 else "center")
-        ax.set(title=f"{kind} probe: published numbers", ylabel="top-1 (%)", ylim=(0, 100))
+        ax.set(title=f"{kind} probe: published numbers", ylabel="top-1 (%)", ylim=(0, 100),
+               xlim=(-0.6, max(len(groups), 4) - 0.4))  # a lone group keeps a bar's width
         if len(rows):
-            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2 if len(groups) > 6
+                                                                        else -0.12),
+                      ncols=min(3, len(rows)), frameon=False)
         else:
             _note(ax, f"no published {kind}-probe number for the models shown")
-    if not (table["row"] == "run").any() or not table.loc[table["row"] == "run", groups].notna(
-            ).any().any():
+    if not table.loc[table["row"] == "run", benchmarks].notna().any().any():
         fig.supxlabel("this run probes none of these benchmarks (it probes "
                       f"{', '.join(run_benchmarks) or 'nothing'}: see top1_bars)",
                       fontsize=7, color="0.3")
@@ -200,8 +207,11 @@ def sweep_figure(sweep: pd.DataFrame, floor_models: list[str] | tuple[str, ...] 
             chosen = part[part["selected"]]
             ax.scatter(chosen["lr"], chosen["top1"], s=60, facecolors="none", edgecolors=color)
         ax.set_xscale("log")
+        lrs = sorted(sweep.loc[sweep["benchmark"] == benchmark, "lr"].dropna().unique())
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], rotation=45, fontsize=6)
+        ax.minorticks_off()
         ax.set(title=benchmark, xlabel="learning rate", ylabel="top-1 (%)")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=5, loc="best", framealpha=0.6)
     protocols = ", ".join(dict.fromkeys(sweep["protocol"]))
     text = f"ring: the lr selected by the {protocols} protocol"
     if edges:
