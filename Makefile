@@ -35,5 +35,11 @@ test-all: setup
 snakemake-demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake --profile workflow/profiles/default
 
+# prepared data and results; the trained models (models/: checkpoints, model files) only with ALL=1
 clean-outputs:
-	rm -rf data/prepared models results
+	rm -rf data/prepared results
+ifeq ($(ALL),1)
+	rm -rf models
+else
+	@if [ -d models ]; then echo "kept models/ (trained checkpoints and model files): 'make clean-outputs ALL=1' removes them too"; fi
+endif

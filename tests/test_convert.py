@@ -14,7 +14,8 @@ from xtra.errors import CheckpointError
 from xtra.model.artifact import read_model_artifact
 from xtra.model.checkpoint import load_artifact_encoder
 from xtra.model.convert import PREFIX_MAP, convert_official
-from xtra.model.xtra import XTRA, ArchConfig
+from xtra.model.arch import ArchConfig
+from xtra.model.xtra import XTRA
 
 OURS_TO_OFFICIAL = {ours: official for official, ours in PREFIX_MAP.items()}
 

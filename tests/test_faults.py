@@ -101,8 +101,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     import torch
 
     from xtra.data.prepare import prepare_dataset
+    from xtra.model.arch import ArchConfig
     from xtra.model.artifact import save_model_artifact
-    from xtra.model.xtra import XTRA, ArchConfig
+    from xtra.model.xtra import XTRA
 
     root = tmp_path_factory.mktemp("faults")
     (root / "raw").mkdir()
@@ -199,6 +200,7 @@ def _with_dataset(params: dict[str, Any], name: str, section: dict[str, Any]) ->
 # ---- SIGKILL during prepare ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_prepare_leaves_no_finished_folder_and_a_rerun_matches(workspace: Workspace, tmp_path: Path) -> None:
     from xtra.data.prepare import prepare_dataset
 
@@ -235,6 +237,7 @@ def test_killed_prepare_leaves_no_finished_folder_and_a_rerun_matches(workspace:
 # ---- SIGKILL during probe ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_probe_leaves_only_whole_results_and_a_rerun_completes(workspace: Workspace, tmp_path: Path) -> None:
     from xtra.probe.driver import ATTEMPT_LOG_ENV
 
@@ -269,6 +272,7 @@ def test_killed_probe_leaves_only_whole_results_and_a_rerun_completes(workspace:
 # ---- a probe job that crashes under Ray, then the report ------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_crashing_ray_job_is_retried_reported_and_marked_in_the_report(
     workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -577,6 +581,7 @@ def test_full_disk_during_prepare(workspace: Workspace, tmp_path: Path) -> None:
 
 # m trains and fills the disk at its first periodic checkpoint (step 2, over 1 MB), leaving only its
 # log; rand is the random-init control, whose one checkpoint (about 360 KB) does not fit
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "size_kb", "left"), [("m", 512, {"m/log.csv"}), ("rand", 128, set())])
 def test_full_disk_during_pretrain(workspace: Workspace, tmp_path: Path, model: str, size_kb: int,
                                    left: set[str]) -> None:

@@ -17,13 +17,8 @@ from xtra.data.images import resize_shorter
 from xtra.data.loaders import PreparedDataset, make_loader
 from xtra.data.prepare import prepare_dataset
 from xtra.data.source import RawDataset, Sample
-from xtra.data.transforms import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    eval_transform,
-    pretrain_transform,
-    probe_train_transform,
-)
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from xtra.data.transforms import eval_transform, pretrain_transform, probe_train_transform
 from xtra.errors import DataError
 
 N, S = 40, 16

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from xtra.errors import ParamsError
-from xtra.model.mask import block_causal_mask, block_ids, block_ranks, build_dense_mask
+from xtra.model.mask import block_causal_mask, block_ids, block_ranks
 from xtra.model.vit import build_encoder
-from xtra.model.xtra import XTRA, MODEL_PRESETS, ArchConfig, concat_blocks, patchify_blocks, xtra_loss
+from xtra.model.arch import MODEL_PRESETS, ArchConfig
+from xtra.model.xtra import XTRA, concat_blocks, patchify_blocks, xtra_loss
 
 
 def tiny_arch(**kw) -> ArchConfig:
@@ -77,31 +77,40 @@ def test_changing_block_m_changes_nothing_before_it(k: int, order: str) -> None:
     assert (enc_x[:, at] - enc_y[:, at]).abs().max() > 1e-3  # the test can fail: block m itself changes
 
 
-def test_reference_and_sdpa_paths_agree() -> None:
+def _attention_by_definition(attn, x: torch.Tensor, grid: int, k: int,
+                             order: tuple[int, ...] | None) -> torch.Tensor:
+    """The attention layer written out from METHOD.md, query by query: token q attends to the
+    tokens of every block predicted no later than its own (no mask builder of the project)."""
+    b, n, d = x.shape
+    h = attn.heads
+    q, kk, v = attn.qkv(x).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, N, d/h)
+    per_side = grid // k
+    blocks = [(t // grid // k) * per_side + (t % grid) // k for t in range(n)]
+    rank = {blk: (order.index(blk) if order is not None else blk) for blk in set(blocks)}
+    out = torch.empty_like(q)
+    for query in range(n):
+        keys = [t for t in range(n) if rank[blocks[t]] <= rank[blocks[query]]]
+        scores = q[:, :, query:query + 1] @ kk[:, :, keys].transpose(-1, -2) / (d // h) ** 0.5
+        out[:, :, query] = (scores.softmax(-1) @ v[:, :, keys])[:, :, 0]
+    return attn.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "reference", "flex"])
+@pytest.mark.parametrize("k, order", [(2, None), (2, (3, 0, 2, 1)), (1, None), (4, None)])
+def test_each_attention_path_equals_attention_by_definition(impl: str, k: int, order) -> None:
+    """The project's three paths (its cached dense mask, its per-call mask, its FlexAttention
+    BlockMask) against the rule written out by hand; flex runs eagerly, forward only, on CPU."""
+    from xtra.model.mask import MaskSpec
+    from xtra.model.vit import Attention
+
     torch.manual_seed(0)
-    model = XTRA(tiny_arch()).eval()
-    x = torch.randn(2, 3, 32, 32)
+    grid = 4
+    attn = Attention(16, 2, attn_impl=impl).eval()
+    x = torch.randn(2, grid * grid, 16)
     with torch.no_grad():
-        dense = model.encoder(x)
-        model.set_attn_impl("reference")
-        ref = model.encoder(x)
-    torch.testing.assert_close(dense, ref)
-
-
-def test_flex_attention_forward_equals_dense_on_cpu() -> None:
-    flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    grid, k, heads, dim = 8, 2, 2, 16
-    q, kk, v = (torch.randn(1, heads, grid * grid, dim) for _ in range(3))
-    ranks = block_ranks(grid, k)
-
-    def mask_mod(b, h, qi, ki):
-        return ranks[ki] <= ranks[qi]
-
-    block_mask = flex.create_block_mask(mask_mod, B=None, H=None, Q_LEN=grid * grid, KV_LEN=grid * grid,
-                                        device="cpu")
-    out_flex = flex.flex_attention(q, kk, v, block_mask=block_mask)
-    out_dense = F.scaled_dot_product_attention(q, kk, v, attn_mask=build_dense_mask(ranks))
-    torch.testing.assert_close(out_flex, out_dense, rtol=1e-4, atol=1e-5)
+        ours = attn(x, MaskSpec(grid, k, order))
+        expected = _attention_by_definition(attn, x, grid, k, order)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_paper_encoder_parameter_counts_on_meta_device() -> None:

@@ -16,7 +16,8 @@ from xtra.data.source import RawDataset, Sample
 from xtra.errors import CheckpointError, DataError, ParamsError
 from xtra.model.artifact import save_model_artifact
 from xtra.model.checkpoint import file_sha256
-from xtra.model.xtra import XTRA, ArchConfig
+from xtra.model.arch import ArchConfig
+from xtra.model.xtra import XTRA
 from xtra.probe.cli import configure_parser, probe_model, run
 from xtra.probe.driver import ATTEMPT_LOG_ENV, FAIL_ENV, init_ray
 from xtra.probe.job import ProbeJob, plan_jobs, preflight, stratified_split
@@ -160,6 +161,7 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ray_runs_four_jobs_and_reports_a_failing_one(workspace, ray_session, tmp_path, monkeypatch):
     assert probe_model(workspace, "rand") == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import types
 from pathlib import Path
@@ -46,14 +47,20 @@ def _params(tmp: Path, benchmarks: dict, models=("xtra", "random"),
 
 
 def _result(model: str, benchmark: str, kind: str, top1: float | None,
-            protocol: str = "paper") -> dict:
-    """A result as the probe writes it: the selected head (lr 1e-3) and a worse one at 3e-3."""
+            protocol: str = "paper", selected: float = 1e-3) -> dict:
+    """A result as the probe writes it: a sweep of 3e-4, 1e-3 and 3e-3, the `selected` head
+    (default 1e-3, inside the grid) at `top1`, the others 5 points below."""
     heads = [] if top1 is None else [
-        {"lr": 1e-3, "weight_decay": 0.1, "top1": top1, "top5": 99.0, "heldout_top1": None},
-        {"lr": 3e-3, "weight_decay": 0.1, "top1": top1 - 5, "top5": 98.0, "heldout_top1": None}]
+        {"lr": lr, "weight_decay": 0.1, "top1": top1 if lr == selected else top1 - 5,
+         "top5": 99.0, "heldout_top1": None} for lr in (3e-4, 1e-3, 3e-3)]
     return {"model": model, "benchmark": benchmark, "kind": kind, "protocol": protocol,
-            "selected": {"lr": 1e-3, "weight_decay": 0.1}, "top1": top1, "top5": 99.0,
+            "selected": {"lr": selected, "weight_decay": 0.1}, "top1": top1, "top5": 99.0,
             "heads": heads, "heldout": None, "epochs": 1, "seed": 0}
+
+
+def _squeeze(text: str) -> str:
+    """Markdown with tabulate's column padding collapsed: `|  a   |` -> `| a |`."""
+    return re.sub(r" +", " ", text)
 
 
 def _write_json(path: Path, data) -> None:
@@ -157,7 +164,7 @@ def test_collect_marks_missing_failed_and_partial(demo):
         assert math.isnan(row["top1"])  # missing is NaN, not 0
     assert res.loc[("xtra", "in1k", "attentive", "paper"), ["top1", "lr"]].tolist() == [80.0, 1e-3]
     sweep = collected.sweep.set_index(["model", "benchmark", "kind", "lr"])
-    assert len(sweep) == 10
+    assert len(sweep) == 15
     assert sweep.loc[("xtra", "in1k", "attentive", 1e-3), "selected"]
     assert not sweep.loc[("xtra", "in1k", "attentive", 3e-3), "selected"]
     assert sweep.loc[("xtra", "in1k", "attentive", 3e-3), "top1"] == 75.0
@@ -179,7 +186,7 @@ def test_protocol_is_a_column(tmp_path):
     table = results_table(collected.results, load_reference(), collected.benchmarks, [])
     assert _row(table, "run", "m", "linear", "heldout")["digits"] == 91.0
     assert _row(table, "run", "m", "linear", "paper")["mnist"] == 99.0
-    assert "| run | m | linear | heldout |" in to_markdown(table, collected.results)
+    assert "| run | m | linear | heldout |" in _squeeze(to_markdown(table, collected.results))
 
 
 def test_table_holds_expected_numbers(built):
@@ -251,8 +258,8 @@ def test_mean_over_15_and_differences(tmp_path):
 
 
 def test_markdown_and_latex_show_missing_with_reason(built):
-    md = (built["out"] / "tables" / "top1.md").read_text()
-    assert "| run | random | attentive | paper |  | 10.0 | — | — |" in md
+    md = _squeeze((built["out"] / "tables" / "top1.md").read_text())
+    assert "| run | random | attentive | paper | | 10.0 | — | — |" in md
     assert "- random / cifar10 / attentive / paper: missing (" in md
     assert "- xtra / digits / attentive / paper: partial (" in md
     assert "- random / in1k / linear / paper: failed (" in md and "CUDA out of memory" in md
@@ -261,6 +268,7 @@ def test_markdown_and_latex_show_missing_with_reason(built):
     tex = (built["out"] / "tables" / "top1.tex").read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex and tex.count("\\midrule") == 3
     assert "run & xtra & attentive & paper &  & 80.0 & -- & 97.0 &" in tex
+    assert "\\dagger" not in tex.split("\n", 1)[1]  # no lr at an edge of its grid here
     assert "$-0.2$" in tex and "mean\\_present" in tex
 
 
@@ -273,7 +281,7 @@ def test_metrics_and_plot_data(built):
     top1 = pd.read_csv(out / "plots" / "top1.csv")
     assert len(top1) == 5 and "xtra/attentive/paper/in1k" in set(top1["key"])
     sweep = pd.read_csv(out / "plots" / "sweep.csv")
-    assert len(sweep) == 10 and {"key", "lr", "top1", "selected"} <= set(sweep.columns)
+    assert len(sweep) == 15 and {"key", "lr", "top1", "selected"} <= set(sweep.columns)
     loss = pd.read_csv(out / "plots" / "loss.csv")
     assert loss["loss"].tolist() == [2.0, 1.5, 1.0] and loss["lr"].tolist()[:2] == [1e-4, 5e-4]
     seen = pd.read_csv(out / "plots" / "images_seen.csv")
@@ -299,36 +307,151 @@ def _png_is_drawn(path: Path) -> bool:
 def test_figures_have_expected_panels_and_series(built):
     figs = built["report"].figures
     attentive, linear = figs["top1_bars"].axes
-    # this run's 2 models + XTRA-B/16, XTRA-H/14 and AIM-0.6B's 3 series with a number here
-    assert len(attentive.containers) == 7 and len(linear.containers) == 3
-    assert [t.get_text() for t in attentive.get_xticklabels()] == [
-        "in1k", "cifar10", "digits", "mean15"]
+    # this run's benchmarks only, a bar series per model: the published numbers are elsewhere
+    assert len(attentive.containers) == 2 and len(linear.containers) == 2
+    assert [t.get_text() for t in attentive.get_xticklabels()] == ["in1k", "cifar10", "digits"]
     heights = [b.get_height() for b in attentive.containers[0]]
-    assert heights[:2] == [80.0, 97.0] and np.isnan(heights[2:]).all()
-    assert len(attentive.texts) == 4 and len(linear.texts) == 3  # `n/a` marks, no zero bars
+    assert heights[:2] == [80.0, 97.0] and np.isnan(heights[2])
+    # each bar labelled with its value; a missing one is a gap, with no `n/a` or `nan` label
+    assert [t.get_text() for t in attentive.texts] == ["80.0", "97.0", "", "10.0", "", "20.0"]
+    footnote = figs["top1_bars"].get_supxlabel()
+    assert "random/cifar10/attentive (missing" in footnote
+    assert "xtra/digits/attentive (partial" in footnote and "CUDA out of memory" in footnote
+    p_attentive, p_linear = figs["paper_comparison"].axes
+    # this run's 2 models + XTRA-B/16, XTRA-H/14 and AIM-0.6B's 3 series with a number there
+    assert len(p_attentive.containers) == 7 and len(p_linear.containers) == 2  # random: no linear
+    assert [t.get_text() for t in p_attentive.get_xticklabels()] == [*BENCHMARKS, "mean15"]
+    assert "(published)" in p_attentive.get_legend().get_texts()[-1].get_text()
     sweep = figs["lr_sweep"].axes
     assert [ax.get_title() for ax in sweep] == ["in1k", "cifar10", "digits"]
     assert [len(ax.get_lines()) for ax in sweep] == [3, 1, 1]
     loss_ax, lr_ax = figs["pretrain_loss"].axes
     assert len(loss_ax.get_lines()) == 1 and list(loss_ax.get_lines()[0].get_ydata()) == [2, 1.5, 1]
     assert len(lr_ax.get_lines()) == 1
+    assert "random (random-init control: not trained)" in figs["pretrain_loss"].get_supxlabel()
     mean_ax, in1k_ax = figs["images_seen"].axes
     assert len(mean_ax.get_lines()) == 4 and len(in1k_ax.get_lines()) == 5
     rec_xtra, rec_random = figs["reconstruction"].axes
     assert len(rec_xtra.images) == 1 and rec_xtra.images[0].get_array().shape[:2] == (48, 64)
-    assert not rec_random.images and "missing" in rec_random.texts[0].get_text()
+    assert not rec_random.images and "not written" in rec_random.texts[0].get_text()
+    assert rec_random.get_title().endswith("untrained)")
     for name in figs:
         assert _png_is_drawn(built["out"] / "figures" / f"{name}.png")
         assert (built["out"] / "figures" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
 
 
 def test_bars_figure_counts_series_per_kind():
-    table = pd.DataFrame({"row": ["run", "run", "published"], "model": ["a", "a", "P"],
-                          "kind": ["linear", "attentive", "attentive"],
+    table = pd.DataFrame({"row": ["run", "run", "floor"], "model": ["a", "a", "px"],
+                          "kind": ["linear", "attentive", "linear"],
                           "protocol": ["paper"] * 3, "x": [1.0, np.nan, 3.0]})
-    fig = bars_figure(table, ["x"])
-    assert [len(ax.containers) for ax in fig.axes] == [1, 2]
-    assert len(fig.axes[1].texts) == 1  # the missing run value is marked
+    fig = bars_figure(table, ["x"], {"a/x/attentive": "missing: not found"})
+    assert [len(ax.containers) for ax in fig.axes] == [1, 1]
+    # the pixel floor: a dashed segment in every panel, labelled as the floor
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "px linear (pixel floor)" in labels
+    assert "a/x/attentive (missing: not found)" in fig.get_supxlabel()
+
+
+def _floor_demo(tmp_path: Path, k2_mnist: float = 64.7) -> dict:
+    """A demo-shaped run: a pre-trained model, its random control, and the pixel floor."""
+    params = _params(tmp_path, {"mnist": ["linear", "attentive"], "digits": ["linear", "attentive"]},
+                     models=("xtra_k2", "random", "pixels"))
+    params["models"]["pixels"]["init"] = "pixels"
+    probe = tmp_path / "results" / "probe"
+    for model, bench, kind, top1 in [
+            ("xtra_k2", "mnist", "linear", k2_mnist), ("xtra_k2", "mnist", "attentive", 62.0),
+            ("xtra_k2", "digits", "linear", 83.8), ("xtra_k2", "digits", "attentive", 84.4),
+            ("random", "mnist", "linear", 44.1), ("random", "mnist", "attentive", 54.5),
+            ("random", "digits", "linear", 69.6), ("random", "digits", "attentive", 71.6),
+            ("pixels", "mnist", "linear", 89.9), ("pixels", "digits", "linear", 95.0)]:
+        _write_json(probe / model / f"{bench}-{kind}.json", _result(model, bench, kind, top1))
+    return params
+
+
+def test_pixel_floor_row_and_gap_to_it(tmp_path):
+    params = _floor_demo(tmp_path)
+    report = build_report(params, tmp_path / "results")
+    results = report.collected.results
+    # the floor is probed by the linear kind only: no attentive result is expected of it
+    assert set(results.loc[results["model"] == "pixels", "kind"]) == {"linear"}
+    assert (results["status"] == "ok").all()
+    table = pd.read_csv(tmp_path / "results" / "tables" / "top1.csv")
+    table["reference"] = table["reference"].fillna("")
+    floor = _row(table, "floor", "pixels", "linear")
+    assert (floor["mnist"], floor["digits"]) == (89.9, 95.0)
+    assert not ((table["row"] == "run") & (table["model"] == "pixels")).any()
+    gap = _row(table, "difference", "xtra_k2", "linear", reference="pixels (pixel floor)")
+    assert gap["mnist"] == pytest.approx(64.7 - 89.9) and gap["digits"] == pytest.approx(-11.2)
+    gap = _row(table, "difference", "random", "linear", reference="pixels (pixel floor)")
+    assert gap["mnist"] == pytest.approx(44.1 - 89.9)
+    # no attentive floor: no attentive difference against it
+    assert not ((table["reference"] == "pixels (pixel floor)") & (table["kind"] == "attentive")).any()
+    md = _squeeze((tmp_path / "results" / "tables" / "top1.md").read_text())
+    assert "| floor | pixels | linear | paper | | — |" in md and "Row `floor`: the pixel floor" in md
+    assert "| difference | xtra_k2 | linear | paper | pixels (pixel floor) |" in md
+    assert report.metrics["pixels"]["linear"]["paper"]["mnist"] == 89.9
+    figs = report.figures
+    for ax in figs["top1_bars"].axes:  # the floor in both kinds' panels, never a bar of its own
+        assert "pixels linear (pixel floor)" in [t.get_text() for t in ax.get_legend().get_texts()]
+        assert len(ax.containers) == 2
+    mnist_sweep = figs["lr_sweep"].axes[0]
+    assert "pixels linear (pixel floor)" in [t.get_text() for t in mnist_sweep.get_legend().get_texts()]
+    assert [ax.get_title().split(" ")[0] for ax in figs["reconstruction"].axes] == ["xtra_k2", "random"]
+    assert "pixels (pixel floor: no encoder, not trained)" in figs["pretrain_loss"].get_supxlabel()
+
+
+def test_lr_at_the_edge_of_its_grid_is_marked_and_warned(tmp_path, capsys):
+    params = _floor_demo(tmp_path)
+    probe = tmp_path / "results" / "probe"
+    _write_json(probe / "xtra_k2" / "mnist-linear.json",
+                _result("xtra_k2", "mnist", "linear", 64.7, selected=3e-3))  # the largest lr
+    _write_json(probe / "random" / "digits-attentive.json",
+                _result("random", "digits", "attentive", 71.6, selected=3e-4))  # the smallest
+    report = build_report(params, tmp_path / "results")
+    res = report.collected.results.set_index(["model", "benchmark", "kind"])
+    assert res.loc[("xtra_k2", "mnist", "linear"), ["lr_edge", "lr_grid"]].tolist() == [
+        "high", "0.0003..0.003"]
+    assert res.loc[("random", "digits", "attentive"), "lr_edge"] == "low"
+    assert (res["lr_edge"] != "").sum() == 2
+    table = pd.read_csv(tmp_path / "results" / "tables" / "top1.csv", keep_default_na=False)
+    assert _row(table, "run", "xtra_k2", "linear")["lr_at_edge"] == "mnist:high"
+    assert _row(table, "run", "xtra_k2", "attentive")["lr_at_edge"] == ""
+    md = _squeeze((tmp_path / "results" / "tables" / "top1.md").read_text())
+    assert "| run | xtra_k2 | linear | paper | | — |" in md
+    assert "| 64.7† |" in md and "| 71.6† |" in md and md.count("†") == 3  # 2 cells + the note
+    assert ("- xtra_k2 / mnist / linear / paper: lr 0.003 is the largest of the grid "
+            "0.0003..0.003; the optimum may lie beyond it") in md
+    assert "- random / digits / attentive / paper: lr 0.0003 is the smallest" in md
+    tex = (tmp_path / "results" / "tables" / "top1.tex").read_text()
+    assert "64.7$^\\dagger$" in tex
+    assert "2 of 10 selections" in report.figures["lr_sweep"].get_supxlabel()
+    # the command prints each as a warning line
+    fake = types.ModuleType("xtra.config")
+    fake.load_params = lambda path: params
+    sys.modules_backup = sys.modules.get("xtra.config")
+    try:
+        sys.modules["xtra.config"] = fake
+        parser = argparse.ArgumentParser()
+        configure_parser(parser)
+        assert run(parser.parse_args(["--readme", ""])) == 0
+    finally:
+        sys.modules.pop("xtra.config")
+        if sys.modules_backup is not None:
+            sys.modules["xtra.config"] = sys.modules_backup
+    err = capsys.readouterr().err
+    assert "warning: xtra_k2 / mnist / linear / paper: lr 0.003 is the largest" in err
+    assert err.count("warning: ") == 2
+
+
+def test_paper_figure_says_when_the_run_has_none_of_its_benchmarks(tmp_path):
+    report = build_report(_floor_demo(tmp_path), tmp_path / "results")
+    fig = report.figures["paper_comparison"]
+    assert "this run probes none of these benchmarks (it probes mnist, digits" in fig.get_supxlabel()
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+    assert labels and all(label.endswith("(published)") for label in labels)
+    for ax in fig.axes:
+        assert "mnist" not in [t.get_text() for t in ax.get_xticklabels()]
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"top1": "high"}',
@@ -395,7 +518,7 @@ def test_cli_runs_and_fills_the_readme(tmp_path, monkeypatch, capsys):
     configure_parser(parser)
     assert parser.parse_args([]).params == "params.yaml"
     assert run(parser.parse_args(["--params", "p.yaml", "--readme", str(readme)])) == 0
-    text = readme.read_text()
+    text = _squeeze(readme.read_text())
     assert "| run | xtra | linear | paper |" in text and "| 88.0 |" in text
     assert (tmp_path / "results" / "figures" / "top1_bars.png").is_file()
     assert not (tmp_path / "results" / "figures" / "top1_bars.pdf").exists()

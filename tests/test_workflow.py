@@ -166,6 +166,7 @@ def n_probe_stages(params: dict) -> int:
     return sum(bool(probe_kinds(params, m, b)) for m in models for b in params["probe"]["benchmarks"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["demo", "b16", "h14_slurm"])
 def test_dvc_and_snakemake_plan_the_same_pipeline(key, copies, snakemake_runs):
     path = copies[key]
@@ -214,6 +215,7 @@ def _check_h14_plan(jobs: list[Job]) -> dict[str, list[Job]]:
     return by_rule
 
 
+@pytest.mark.slow
 def test_slurm_plan_of_the_h14_profile(snakemake_runs):
     by_rule = _check_h14_plan(dry_run(snakemake_runs, "h14_slurm"))
     pretrain = by_rule["pretrain"][0]
@@ -239,6 +241,7 @@ def test_slurm_plan_of_the_h14_profile(snakemake_runs):
     assert "nodes" not in by_rule["report"][0].resources  # a local rule
 
 
+@pytest.mark.slow
 def test_lsf_plan_of_the_h14_profile(snakemake_runs):
     by_rule = _check_h14_plan(dry_run(snakemake_runs, "h14_lsf"))
     pretrain = by_rule["pretrain"][0]
@@ -255,11 +258,13 @@ def test_lsf_plan_of_the_h14_profile(snakemake_runs):
     assert all("lsf_extra" not in j.resources for j in by_rule["prepare"])
 
 
+@pytest.mark.slow
 def test_snakemake_lint_is_clean(snakemake_runs):
     proc = snakemake_runs["lint"].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_snakemake_refuses_a_config_that_is_not_params_yaml(snakemake_runs):
     """--configfile would deep-merge two profiles; the xtra commands would not see it anyway."""
     proc = snakemake_runs["configfile"].result()
@@ -296,6 +301,7 @@ def _edit(path: Path, key: str, value) -> None:
     (path / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, [f"{key}={json.dumps(value)}"])))
 
 
+@pytest.mark.slow
 def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch):
     from dvc.repo import Repo
 

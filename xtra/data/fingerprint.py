@@ -12,7 +12,8 @@
   loader's file and row). It is the input identity of datasets without a root (embedded sets,
   readers passed in by tests), and is recorded in every manifest so `xtra prepare --verify` can
   re-list and compare.
-- `params_hash(params, inputs)`: the hash stored as the manifest's `params_hash`.
+- `preparation_hash(params, inputs, version)`: the hash stored as the manifest's `params_hash` (not
+  `xtra.config.params_hash`, which hashes one params section alone).
 
 A change to a reader's *code* that lists the same files differently is not seen by the tree
 fingerprint: bump `FORMAT_VERSION` in `xtra.data.prepare`, or run `xtra prepare --verify`/`--force`.
@@ -31,7 +32,7 @@ import numpy as np
 from xtra.data.images import IMAGE_POLICY
 from xtra.data.source import RawDataset
 
-__all__ = ["SHARD_KEYS_EXCLUDED", "shard_params", "tree_fingerprint", "listing_fingerprint", "params_hash"]
+__all__ = ["SHARD_KEYS_EXCLUDED", "shard_params", "tree_fingerprint", "listing_fingerprint", "preparation_hash"]
 
 SHARD_KEYS_EXCLUDED = frozenset({"num_workers", "resources", "max_skipped_fraction", "size_check"})
 
@@ -105,7 +106,7 @@ def listing_fingerprint(raw: RawDataset, stat_files: bool = True) -> str:
     return h.hexdigest()
 
 
-def params_hash(params: dict, inputs: str, version: int) -> str:
+def preparation_hash(params: dict, inputs: str, version: int) -> str:
     """The hash that decides whether a prepared dataset is up to date: format, policy, shard params, inputs."""
     blob = {"version": version, "policy": IMAGE_POLICY, "params": shard_params(params), "input": inputs}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()

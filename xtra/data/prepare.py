@@ -26,7 +26,7 @@ a random mix of classes: ImageNet-style keys sort by class, and a streaming read
 shards and a buffer of 1,000 samples would otherwise fill a batch with one or two classes.
 
 Up to date. The defaults of a dataset section are those of the schema (`dataset_defaults`), for the
-CLI and the API alike. `params_hash` covers the format version, the image policy, the params that
+CLI and the API alike. `preparation_hash` (stored as the manifest's `params_hash`) covers the format version, the image policy, the params that
 change shard bytes (`xtra.data.fingerprint.shard_params`: not num_workers, resources,
 max_skipped_fraction or size_check, which are not written to the manifest either) and the inputs:
 for a dataset with a root, one walk of the whole root tree (path, size, mtime of every file); for
@@ -55,7 +55,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xtra.config import load_schema
-from xtra.data.fingerprint import listing_fingerprint, params_hash, shard_params, tree_fingerprint
+from xtra.data.fingerprint import listing_fingerprint, preparation_hash, shard_params, tree_fingerprint
 from xtra.data.images import IMAGE_POLICY, Converted, convert_image
 from xtra.data.rng import derive_seed
 from xtra.data.shards import MANIFEST, ShardWriter, sha256_file
@@ -317,7 +317,7 @@ def prepare_dataset(
     out_root.mkdir(parents=True, exist_ok=True)
     tmp, old = _clear_stale(out_root, name)
     inputs, raw = _inputs(p, reader, use_tree)
-    digest = params_hash(p, json.dumps(inputs, sort_keys=True), FORMAT_VERSION)
+    digest = preparation_hash(p, json.dumps(inputs, sort_keys=True), FORMAT_VERSION)
     stat_files = not use_tree  # with the tree fingerprint, sizes and mtimes are in it already
 
     def listing() -> str:

@@ -76,13 +76,10 @@ def member_key(key: str) -> str:
     return safe or "_"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (`hashlib.file_digest`: the standard library's chunked reader)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # One row of a shard's sidecar index, `<split>-NNNNNN.idx.npy`, per sample (in tar order).

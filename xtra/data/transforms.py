@@ -29,8 +29,6 @@ from torchvision import transforms as T
 from xtra.errors import ParamsError
 
 __all__ = [
-    "IMAGENET_DEFAULT_MEAN",
-    "IMAGENET_DEFAULT_STD",
     "RAND_AUGMENT",
     "ToNormalisedTensor",
     "PRETRAIN_SCALE",

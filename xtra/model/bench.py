@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from xtra.model.mask import flex_available
-from xtra.model.xtra import MODEL_PRESETS, XTRA, ArchConfig
+from xtra.model.arch import MODEL_PRESETS, ArchConfig
+from xtra.model.xtra import XTRA
 
 __all__ = ["AttentionBenchRow", "run_attention_bench", "GpuBenchRow", "run_gpu_bench", "train_flops_per_image",
            "peak_flops_per_s", "resolved_attention", "PEAK_TFLOPS"]

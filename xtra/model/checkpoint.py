@@ -18,18 +18,17 @@ from torch import nn
 from xtra.atomic import write_atomic
 from xtra.errors import CheckpointError
 from xtra.model.vit import Encoder
-from xtra.model.xtra import XTRA, ArchConfig, build_arch_encoder
+from xtra.model.arch import ArchConfig
+from xtra.model.xtra import XTRA, build_arch_encoder
 
 __all__ = ["read_checkpoint", "load_strict", "load_encoder", "load_xtra", "file_sha256", "save_model_checkpoint",
            "save_torch_atomic", "load_artifact_encoder"]
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (`hashlib.file_digest` reads it in chunks)."""
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -29,9 +29,10 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from xtra.errors import CheckpointError, ParamsError
+from xtra.model.arch import MODEL_PRESETS, ArchConfig
 from xtra.model.artifact import save_model_artifact
 from xtra.model.checkpoint import file_sha256, load_strict
-from xtra.model.xtra import MODEL_PRESETS, XTRA, ArchConfig, build_arch_encoder
+from xtra.model.xtra import XTRA, build_arch_encoder
 
 __all__ = ["PREFIX_MAP", "WRAPPERS", "HPARAM_NAMES", "official_state_dict", "map_official_keys",
            "read_release_file", "check_hyper_parameters", "convert_official", "arch_from_cli",

@@ -14,7 +14,8 @@ from xtra.model.arch import MODEL_PRESETS, ArchConfig
 from xtra.model.mask import MaskSpec
 from xtra.model.vit import Encoder, Transformer, init_weights
 
-__all__ = ["ArchConfig", "XTRA", "build_arch_encoder", "block_orders_of", "MODEL_PRESETS", "patchify_blocks", "normalize_blocks", "concat_blocks", "xtra_loss"]
+__all__ = ["XTRA", "build_arch_encoder", "block_orders_of", "patchify_blocks", "unpatchify_blocks", "normalize_blocks",
+           "concat_blocks", "xtra_loss"]
 
 def patchify_blocks(images: torch.Tensor, block_pixels: int) -> torch.Tensor:
     """(B, 3, S, S) -> (B, M, 3*c*c): blocks in raster order, each flattened channel-major (3, c, c)."""

@@ -6,13 +6,17 @@ reconstruction.png}`; writes under the results folder (`out`):
     tables/top1.{csv,md,tex}     run, published and difference rows (see xtra.report.tables)
     tables/results_long.csv      one row per model/benchmark/kind/protocol, with status and reason
     tables/published.csv         every published cell shipped, with its source and confidence
-    figures/<name>.{png,pdf}     top1_bars, lr_sweep, pretrain_loss, images_seen, reconstruction
+    figures/<name>.{png,pdf}     top1_bars (this run's benchmarks, the pixel floor a dashed line),
+                                 paper_comparison (the published numbers), lr_sweep,
+                                 pretrain_loss, images_seen, reconstruction
     metrics.json                 {model: {kind: {protocol: {<benchmark>|mean15|mean_present|
                                  n_present: value}}}}
     plots/{top1,sweep,loss,images_seen}.csv   long-format plot data for `dvc plots`
 
 and nothing else: only when `--readme FILE` is given (by hand, never by the pipelines) does it paste
 the Markdown table between the two markers of FILE.
+A missing/partial result and a selected lr at the edge of its grid are each a `warning:` line on
+stderr (and a line under the Markdown table).
 
 Params read: `paths.results`, `paths.models`, `models`, `probe.benchmarks` (kinds), `probe.protocol`
 and, all optional, `report.reference_models` (published models beside this run; default
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +42,7 @@ from xtra.errors import XtraError
 from xtra.report import figures, tables
 from xtra.report.collect import (Collected, collect_results, read_images_seen,
                                  read_pretrain_log)
-from xtra.report.reference import DEFAULT_REFERENCES, load_reference
+from xtra.report.reference import BENCHMARKS, DEFAULT_REFERENCES, load_reference
 
 __all__ = ["MARKERS", "Report", "build_report", "update_readme", "configure_parser", "run"]
 
@@ -66,11 +71,24 @@ def _write(path: Path, data: str | bytes) -> Path:
     return path
 
 
+_NOT_TRAINED = {"random": "random-init control: not trained",
+                "pixels": "pixel floor: no encoder, not trained"}
+
+
+def _inits(params: dict, models: list[str]) -> dict[str, str]:
+    return {m: str((params["models"].get(m) or {}).get("init", "pretrain")) for m in models}
+
+
 def _model_inputs(params: dict, models: list[str]) -> tuple[dict, dict, dict, dict]:
     """Each model's pre-training log and images seen, with why either is missing."""
     models_dir = Path(params["paths"]["models"])
+    inits = _inits(params, models)
     logs, no_log, seen, not_seen = {}, {}, {}, {}
     for model in models:
+        if inits[model] in _NOT_TRAINED:
+            no_log[model] = not_seen[model] = _NOT_TRAINED[inits[model]]
+            seen[model] = None
+            continue
         log = models_dir / model / "log.csv"
         frame = read_pretrain_log(log) if log.is_file() else None
         if frame is not None and not frame.empty:
@@ -86,35 +104,49 @@ def _model_inputs(params: dict, models: list[str]) -> tuple[dict, dict, dict, di
     return logs, no_log, seen, not_seen
 
 
-def _bar_rows(table: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
-    """This run's rows and the published rows with a number in `groups`."""
-    published = table[(table["row"] == "published") & table[groups].notna().any(axis=1)]
-    return pd.concat([table[table["row"] == "run"], published], ignore_index=True)
+def _not_shown(results: pd.DataFrame) -> dict[str, str]:
+    """"model/benchmark/kind" -> status (reason) of every expected result that is not there."""
+    bad = results[results["status"] != "ok"]
+    return {f"{r['model']}/{r['benchmark']}/{r['kind']}": f"{r['status']}: {r['reason']}"
+            for _, r in bad.iterrows()}
 
 
-def _expected_bars(results: pd.DataFrame) -> set[tuple[str, str, str, str]]:
-    """(model, kind, protocol, benchmark) of every expected result, and each row's mean15."""
-    keys = results[["model", "kind", "protocol", "benchmark"]].itertuples(index=False, name=None)
-    expected = set(keys)
-    return expected | {(m, k, p, "mean15") for m, k, p, _ in expected}
+def _reconstructions(params: dict, collected: Collected) -> tuple[dict, dict]:
+    """Every model with an encoder (the pixel floor has none): its reconstruction.png, a title."""
+    models_dir = Path(params["paths"]["models"])
+    inits = _inits(params, collected.models)
+    images, titles = {}, {}
+    for model in collected.models:
+        if model in collected.floor_models:
+            continue
+        images[model] = models_dir / model / "reconstruction.png"
+        arch = (params["models"].get(model) or {}).get("arch") or {}
+        order = arch.get("block_order", "raster")
+        titles[model] = f"{model} (k = {arch.get('block_size', '?')}, {order} order" + (
+            ", untrained)" if inits[model] == "random" else ")")
+    return images, titles
 
 
 def _figures(params: dict, report: Report, reference: pd.DataFrame) -> tuple[dict, dict]:
     """All figures, and the plot-data frames that go with them."""
     collected, table = report.collected, report.table
-    run_benchmarks = set(collected.results["benchmark"])
-    groups = [b for b in collected.benchmarks if b in run_benchmarks] + ["mean15"]
-    bar_rows = _bar_rows(table, groups)
+    run_benchmarks = [b for b in collected.benchmarks if b in set(collected.results["benchmark"])]
+    own = table[table["row"].isin(list(tables.OWN_ROWS))]
+    paper_columns = [*BENCHMARKS, "mean15"]
+    paper_rows = table[table["row"].isin(["run", "published"])]
     logs, no_log, seen, not_seen = _model_inputs(params, collected.models)
     points = tables.images_seen_frame(table[table["row"] == "run"], seen, reference)
-    models_dir = Path(params["paths"]["models"])
+    images, titles = _reconstructions(params, collected)
+    edges = [line.removeprefix("- ").split(": lr ")[0] for line in
+             tables.edge_lines(collected.results)]
     figs = {
-        "top1_bars": figures.bars_figure(bar_rows, groups, _expected_bars(collected.results)),
-        "lr_sweep": figures.sweep_figure(collected.sweep),
+        "top1_bars": figures.bars_figure(own, run_benchmarks, _not_shown(collected.results)),
+        "paper_comparison": figures.paper_figure(paper_rows, paper_columns, run_benchmarks),
+        "lr_sweep": figures.sweep_figure(collected.sweep, collected.floor_models, edges),
         "pretrain_loss": figures.loss_figure(logs, no_log),
-        "images_seen": figures.images_seen_figure(points, not_seen),
-        "reconstruction": figures.reconstruction_figure(
-            {m: models_dir / m / "reconstruction.png" for m in collected.models}),
+        "images_seen": figures.images_seen_figure(points, not_seen,
+                                                  table[table["row"] == "floor"]),
+        "reconstruction": figures.reconstruction_figure(images, titles),
     }
     loss = pd.concat([log.assign(model=m) for m, log in logs.items()], ignore_index=True) \
         if logs else pd.DataFrame(columns=["step", "loss", "lr", "model"])
@@ -151,8 +183,9 @@ def build_report(params: dict, out: Path) -> Report:
     reference = load_reference(cfg.get("reference_dir"))
     collected = collect_results(params)
     table = tables.results_table(collected.results, reference, collected.benchmarks,
-                                 list(cfg.get("reference_models", DEFAULT_REFERENCES)))
-    run_table = table[table["row"] == "run"]
+                                 list(cfg.get("reference_models", DEFAULT_REFERENCES)),
+                                 collected.floor_models)
+    run_table = table[table["row"].isin(list(tables.OWN_ROWS))]
     report = Report(collected=collected, table=table,
                     markdown=tables.to_markdown(table, collected.results),
                     metrics=tables.metrics_dict(run_table, collected.benchmarks))
@@ -197,8 +230,13 @@ def run(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     out = Path(params["paths"]["results"])
     report = build_report(params, out)
-    bad = report.collected.results[report.collected.results["status"] != "ok"]
+    results = report.collected.results
+    bad = results[results["status"] != "ok"]
     print(f"wrote {len(report.files)} files under {out}; {len(bad)} result(s) missing or partial")
+    for line in tables.missing_lines(results):
+        print(f"warning: {line.removeprefix('- ')}", file=sys.stderr)
+    for line in tables.edge_lines(results):
+        print(f"warning: {line.removeprefix('- ')}", file=sys.stderr)
     if args.readme and Path(args.readme).is_file():
         pasted = update_readme(Path(args.readme), report.markdown)
         state = "results table updated" if pasted else "no results markers, unchanged"

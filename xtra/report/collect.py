@@ -9,13 +9,19 @@ made it (its `protocol`: `paper` or `heldout`, params `probe.protocol`).
 `status` is `ok` (a top-1 exists), `missing` (no file), `failed` (named in failures.json) or
 `partial` (the file exists but lacks that number); `reason` says which file and why. A file that
 is not valid JSON, or whose fields have the wrong type, raises `XtraError` naming the file.
+
+`lr_edge` is `high` (`low`) when the selected learning rate is the largest (smallest) of a sweep of
+two or more: the optimum may lie beyond the grid. `lr_grid` is the sweep's range, `lo..hi`.
+
+A model whose `init` is `pixels` is the **pixel floor**: no encoder, its features the flattened
+normalised pixels, probed by the linear kind only (so only its linear results are expected).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +41,14 @@ __all__ = [
     "benchmark_order",
     "read_images_seen",
     "read_pretrain_log",
+    "pixel_floor_models",
+    "FLOOR_INIT",
+    "FLOOR_KINDS",
 ]
 
 RESULT_COLUMNS: tuple[str, ...] = (
-    "model", "benchmark", "kind", "protocol", "top1", "top5", "lr", "weight_decay", "status",
-    "reason", "file",
+    "model", "benchmark", "kind", "protocol", "top1", "top5", "lr", "weight_decay", "lr_edge",
+    "lr_grid", "status", "reason", "file",
 )
 SWEEP_COLUMNS: tuple[str, ...] = (
     "model", "benchmark", "kind", "protocol", "lr", "weight_decay", "top1", "top5",
@@ -48,19 +57,24 @@ SWEEP_COLUMNS: tuple[str, ...] = (
 _HEAD_NUMBERS = ("lr", "weight_decay", "top1", "top5", "heldout_top1")
 _FAILURES = "failures.json"
 _REASON_KEYS = ("error", "reason", "message")
+# The pixel floor (contract interface 2): `init: pixels`, probed by the linear kind only.
+FLOOR_INIT = "pixels"
+FLOOR_KINDS: tuple[str, ...] = ("linear",)
 
 
 @dataclass
 class Collected:
     """Everything read from `results/probe/`: results (RESULT_COLUMNS), sweep heads (SWEEP_COLUMNS).
 
-    `models` and `benchmarks` are the display orders (params first, then anything else found).
+    `models` and `benchmarks` are the display orders (params first, then anything else found);
+    `floor_models` are the pixel-floor models among `models`.
     """
 
     results: pd.DataFrame
     sweep: pd.DataFrame
     models: list[str]
     benchmarks: list[str]
+    floor_models: list[str] = field(default_factory=list)
 
 
 def read_json(path: Path) -> Any:
@@ -120,6 +134,18 @@ def _heads(data: dict, path: Path, row: dict) -> list[dict]:
     return out
 
 
+def _grid_edge(row: dict, heads: list[dict]) -> dict:
+    """Where the selected lr sits in its sweep: `lr_edge` high/low/"" and `lr_grid` `lo..hi`."""
+    lrs = sorted({h["lr"] for h in heads if h["lr"] is not None})
+    if not lrs:
+        return {"lr_edge": "", "lr_grid": ""}
+    grid = f"{lrs[0]:g}..{lrs[-1]:g}"
+    edge = ""
+    if len(lrs) > 1 and row["lr"] is not None:
+        edge = "high" if row["lr"] == lrs[-1] else "low" if row["lr"] == lrs[0] else ""
+    return {"lr_edge": edge, "lr_grid": grid}
+
+
 def _job_ids(path: Path) -> dict[str, str]:
     """model, benchmark and kind from `<model>/<benchmark>-<kind>.json`."""
     benchmark, _, kind = path.stem.rpartition("-")
@@ -141,7 +167,8 @@ def read_probe_result(path: Path) -> tuple[dict, list[dict]]:
     if not isinstance(protocol, str):
         raise XtraError(f"{path}: malformed result: protocol is {protocol!r}")
     row = _selection_row(data, path, protocol)
-    return row, _heads(data, path, row)
+    heads = _heads(data, path, row)
+    return {**row, **_grid_edge(row, heads)}, heads
 
 
 def _failure_list(data: Any, path: Path) -> list[tuple[str, str, str]]:
@@ -185,12 +212,20 @@ def benchmark_order(params: dict, found: set[str] = frozenset()) -> list[str]:
     return list(BENCHMARKS) + extra + sorted(set(found) - set(BENCHMARKS) - set(extra))
 
 
+def pixel_floor_models(params: dict) -> list[str]:
+    """The models of params whose `init` is `pixels` (the pixel floor), in params order."""
+    return [m for m, cfg in params["models"].items() if (cfg or {}).get("init") == FLOOR_INIT]
+
+
 def _expected(params: dict) -> list[tuple[str, str, str, str]]:
-    """(model, benchmark, kind, protocol) of every probe job params asks for."""
+    """(model, benchmark, kind, protocol) of every probe job params asks for (the pixel floor:
+    its linear kind only)."""
     protocol = params["probe"].get("protocol", "paper")
+    floor = set(pixel_floor_models(params))
     return [(model, benchmark, kind, protocol) for model in params["models"]
             for benchmark, cfg in params["probe"]["benchmarks"].items()
-            for kind in cfg.get("kinds", KIND_ORDER)]
+            for kind in cfg.get("kinds", KIND_ORDER)
+            if model not in floor or kind in FLOOR_KINDS]
 
 
 def _read_model_dir(folder: Path) -> tuple[list[dict], list[dict], dict]:
@@ -218,7 +253,8 @@ def _missing_row(job: tuple[str, str, str, str], probe_dir: Path, failures: dict
     else:
         status, reason = "missing", f"{path}: not found"
     return {"model": model, "benchmark": benchmark, "kind": kind, "protocol": protocol,
-            "status": status, "reason": reason, "file": str(path) if status == "partial" else ""}
+            "lr_edge": "", "lr_grid": "", "status": status, "reason": reason,
+            "file": str(path) if status == "partial" else ""}
 
 
 def collect_results(params: dict) -> Collected:
@@ -242,7 +278,8 @@ def collect_results(params: dict) -> Collected:
     sweep[list(_HEAD_NUMBERS)] = sweep[list(_HEAD_NUMBERS)].astype(float)
     sweep["selected"] = sweep["selected"].astype(bool)
     sweep = _sort(sweep, models, benchmarks, extra=["weight_decay", "lr"])
-    return Collected(results=results, sweep=sweep, models=models, benchmarks=benchmarks)
+    return Collected(results=results, sweep=sweep, models=models, benchmarks=benchmarks,
+                     floor_models=[m for m in pixel_floor_models(params) if m in models])
 
 
 def _sort(frame: pd.DataFrame, models: list[str], benchmarks: list[str],

@@ -3,14 +3,19 @@ numbers, and the differences, as one frame rendered to CSV, Markdown and LaTeX (
 
 Rows (column `row`):
 - `run`: one per (model, kind, protocol) of this run;
+- `floor`: the same for each pixel-floor model (`init: pixels`: the flattened normalised pixels,
+  linear probe), what a pre-trained encoder has to beat;
 - `published`: one per (published series, kind), its `source` column saying where each cell is from;
-- `difference`: this run minus a published series of the same kind, only where both exist.
+- `difference`: this run minus a published series of the same kind, only where both exist; and each
+  run row minus the pixel floor of the same kind and protocol (`reference` `<floor> (pixel floor)`).
 
 Columns: `row, model, kind, protocol, reference`, one per benchmark (the 15, then the others),
 `mean15` (defined only when all 15 are present), `mean_present` and `n_present` (the mean over the
-benchmarks present and their count), `source`. A missing number is NaN (empty in CSV, `—` in
+benchmarks present and their count), `lr_at_edge` (`benchmark:high|low;...`: the selected lr is the
+largest or smallest of its sweep), `source`. A missing number is NaN (empty in CSV, `—` in
 Markdown, `--` in LaTeX), never 0. For a difference row, `mean_present` compares the means over the
-benchmarks this run has, and exists only if the published series has all of them.
+benchmarks this run has, and exists only if the reference has all of them. Markdown by tabulate,
+LaTeX by pandas' Styler.
 """
 
 from __future__ import annotations
@@ -18,15 +23,21 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+from tabulate import tabulate
 
 from xtra.report.reference import BENCHMARKS, KIND_ORDER, MEAN15, PUBLISHED_IMAGES_SEEN
 
 __all__ = [
     "ID_COLUMNS",
     "MEAN_COLUMNS",
+    "OWN_ROWS",
+    "EDGE_MARK",
     "run_rows",
     "published_rows",
     "difference_rows",
+    "floor_difference_rows",
+    "missing_lines",
+    "edge_lines",
     "results_table",
     "format_number",
     "to_csv",
@@ -38,6 +49,9 @@ __all__ = [
 
 ID_COLUMNS: tuple[str, ...] = ("row", "model", "kind", "protocol", "reference")
 MEAN_COLUMNS: tuple[str, ...] = ("mean15", "mean_present", "n_present")
+# The rows holding this run's own results (the models probed, the pixel floor among them).
+OWN_ROWS: tuple[str, ...] = ("run", "floor")
+FLOOR_LABEL = "pixel floor"
 
 
 def _means(values: pd.Series) -> dict:
@@ -55,21 +69,34 @@ def _empty_row(benchmarks: list[str], **ids: str) -> dict:
     row = {c: "" for c in ID_COLUMNS}
     row.update(ids)
     row.update({b: math.nan for b in benchmarks})
-    row.update({"mean15": math.nan, "mean_present": math.nan, "n_present": pd.NA, "source": ""})
+    row.update({"mean15": math.nan, "mean_present": math.nan, "n_present": pd.NA,
+                "lr_at_edge": "", "source": ""})
     return row
 
 
-def run_rows(results: pd.DataFrame, benchmarks: list[str]) -> pd.DataFrame:
-    """One row per (model, kind, protocol) of the tidy results; only `ok` results give numbers."""
+def _edge_text(ok: pd.DataFrame) -> str:
+    """`benchmark:high;...` of the results whose selected lr is at an edge of its grid."""
+    edge = ok[ok["lr_edge"].fillna("") != ""] if "lr_edge" in ok.columns else ok.iloc[:0]
+    return ";".join(f"{b}:{e}" for b, e in zip(edge["benchmark"], edge["lr_edge"]))
+
+
+def run_rows(results: pd.DataFrame, benchmarks: list[str],
+             floor_models: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per (model, kind, protocol) of the tidy results (`floor` for the pixel-floor
+    models, `run` for the others); only `ok` results give numbers."""
     rows = []
     for (model, kind, protocol), group in results.groupby(["model", "kind", "protocol"],
                                                           sort=False):
-        row = _empty_row(benchmarks, row="run", model=model, kind=kind, protocol=protocol)
+        row = _empty_row(benchmarks, row="floor" if model in floor_models else "run",
+                         model=model, kind=kind, protocol=protocol)
         ok = group[group["status"] == "ok"]
         row.update(dict(zip(ok["benchmark"], ok["top1"].astype(float))))
         row.update(_means(pd.Series({b: row[b] for b in benchmarks}, dtype=float)))
+        row["lr_at_edge"] = _edge_text(ok)
         rows.append(row)
-    return _frame(rows, benchmarks)
+    frame = _frame(rows, benchmarks)
+    order = frame["row"].map({r: i for i, r in enumerate(OWN_ROWS)})
+    return frame.loc[order.sort_values(kind="mergesort").index].reset_index(drop=True)
 
 
 def _source_text(cells: pd.DataFrame) -> str:
@@ -103,9 +130,10 @@ def published_rows(reference: pd.DataFrame, models: list[str], kinds: list[str],
     return _frame(rows, benchmarks)
 
 
-def _difference(run: pd.Series, pub: pd.Series, benchmarks: list[str]) -> dict | None:
+def _difference(run: pd.Series, pub: pd.Series, benchmarks: list[str],
+                reference: str | None = None) -> dict | None:
     row = _empty_row(benchmarks, row="difference", model=run["model"], kind=run["kind"],
-                     protocol=run["protocol"], reference=pub["model"])
+                     protocol=run["protocol"], reference=reference or pub["model"])
     row.update({b: run[b] - pub[b] for b in benchmarks})
     row["mean15"] = run["mean15"] - pub["mean15"]
     present = [b for b in benchmarks if pd.notna(run[b])]
@@ -128,8 +156,21 @@ def difference_rows(run: pd.DataFrame, published: pd.DataFrame,
     return _frame(rows, benchmarks)
 
 
+def floor_difference_rows(run: pd.DataFrame, floor: pd.DataFrame,
+                          benchmarks: list[str]) -> pd.DataFrame:
+    """Each run row minus the pixel floor of the same kind and protocol, where both exist."""
+    rows = []
+    for _, r in run.iterrows():
+        same = floor[(floor["kind"] == r["kind"]) & (floor["protocol"] == r["protocol"])]
+        for _, f in same.iterrows():
+            diff = _difference(r, f, benchmarks, f"{f['model']} ({FLOOR_LABEL})")
+            if diff is not None:
+                rows.append(diff)
+    return _frame(rows, benchmarks)
+
+
 def _frame(rows: list[dict], benchmarks: list[str]) -> pd.DataFrame:
-    columns = [*ID_COLUMNS, *benchmarks, *MEAN_COLUMNS, "source"]
+    columns = [*ID_COLUMNS, *benchmarks, *MEAN_COLUMNS, "lr_at_edge", "source"]
     frame = pd.DataFrame(rows, columns=columns)
     frame[[*benchmarks, "mean15", "mean_present"]] = frame[
         [*benchmarks, "mean15", "mean_present"]].astype(float)
@@ -138,14 +179,18 @@ def _frame(rows: list[dict], benchmarks: list[str]) -> pd.DataFrame:
 
 
 def results_table(results: pd.DataFrame, reference: pd.DataFrame, benchmarks: list[str],
-                  references: list[str]) -> pd.DataFrame:
-    """The whole table: run rows, then published rows, then difference rows."""
-    run = run_rows(results, benchmarks)
+                  references: list[str],
+                  floor_models: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """The whole table: run rows, floor rows, published rows, then difference rows (against the
+    published series, then against the pixel floor)."""
+    own = run_rows(results, benchmarks, floor_models)
+    run, floor = own[own["row"] == "run"], own[own["row"] == "floor"]
     kinds = [k for k in KIND_ORDER if k in set(run["kind"])] + sorted(
         set(run["kind"]) - set(KIND_ORDER))
     published = published_rows(reference, references, kinds, benchmarks)
     diff = difference_rows(run, published, benchmarks)
-    parts = [p for p in (run, published, diff) if len(p)]
+    floor_diff = floor_difference_rows(run, floor, benchmarks)
+    parts = [p for p in (own, published, diff, floor_diff) if len(p)]
     if not parts:
         return _frame([], benchmarks)
     return pd.concat(parts, ignore_index=True)
@@ -223,85 +268,119 @@ def images_seen_frame(run: pd.DataFrame, images_seen: dict[str, float | None],
     return frame
 
 
-_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                "^": r"\textasciicircum{}"}
 _PROTOCOL_NOTE = ("Top-1 (%). Protocol `paper`: learning rate selected on the split it reports "
                   "(the public protocol, and that of every published number); `heldout`: selected "
                   "on a held-out part of the training set, the test split reported once. `mean15` "
                   "needs all 15 benchmarks; `mean_present` is over the `n_present` present.")
+_FLOOR_NOTE = ("Row `floor`: the pixel floor, a linear probe on the flattened normalised pixels "
+               "(no encoder, no training) under the same protocol, splits and selection; a "
+               "`difference` row whose reference says `(pixel floor)` is a model minus it.")
+EDGE_MARK = {"md": "†", "tex": r"$^\dagger$"}
 
 
-def _cell(row: pd.Series, col: str, numeric: set[str], missing: str) -> str | None:
-    """A numeric cell as text (one decimal; signed on difference rows), or None for text cells."""
-    if col not in numeric:
-        return None
+def _numeric_columns(table: pd.DataFrame) -> list[str]:
+    """The numeric columns of a results table: benchmarks and means."""
+    return [c for c in table.columns if c not in (*ID_COLUMNS, "source", "lr_at_edge")]
+
+
+def _cell(row: pd.Series, col: str, missing: str, mark: str, math_signs: bool) -> str:
+    """A numeric cell as text: one decimal (signed on difference rows, in `$...$` when
+    `math_signs`: a typeset minus, not a hyphen), `mark` appended."""
     value = row[col]
     if value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return missing
     if col == "n_present":
         return str(int(value))
-    return f"{value:+.1f}" if row["row"] == "difference" else f"{value:.1f}"
+    if row["row"] == "difference":
+        return f"${value:+.1f}$" if math_signs else f"{value:+.1f}"
+    return f"{value:.1f}" + mark
 
 
-def _text_rows(table: pd.DataFrame, missing: str, escape) -> list[list[str]]:
-    numeric = set(table.columns[len(ID_COLUMNS):-1])
-    out = []
-    for _, row in table.iterrows():
-        cells = []
-        for col in table.columns:
-            text = _cell(row, col, numeric, missing)
-            cells.append(escape(str(row[col])) if text is None else text)
-        out.append(cells)
+def _edges(table: pd.DataFrame) -> set[tuple[str, str, str, str]]:
+    """(model, kind, protocol, benchmark) of every cell whose selected lr is at its grid's edge."""
+    out = set()
+    for _, row in table[table["row"].isin(list(OWN_ROWS))].iterrows():
+        for item in filter(None, str(row.get("lr_at_edge", "") or "").split(";")):
+            out.add((row["model"], row["kind"], row["protocol"], item.split(":")[0]))
     return out
+
+
+def _display(table: pd.DataFrame, missing: str, mark: str,
+             math_signs: bool = False) -> pd.DataFrame:
+    """The table as text: numeric cells formatted, edge-of-grid cells marked; text cells as is."""
+    edges = _edges(table)
+    numeric = _numeric_columns(table)
+    rows = []
+    for _, row in table.iterrows():
+        key = (row["model"], row["kind"], row["protocol"])
+        rows.append({c: _cell(row, c, missing, mark if (*key, c) in edges else "", math_signs)
+                     if c in numeric else str(row[c]) for c in table.columns})
+    return pd.DataFrame(rows, columns=list(table.columns))
 
 
 def _md_escape(text: str) -> str:
     return text.replace("|", r"\|").replace("\n", " ")
 
 
-def _missing_lines(results: pd.DataFrame) -> list[str]:
-    lines = []
-    for _, r in results[results["status"] != "ok"].iterrows():
-        reason = _md_escape(str(r["reason"]))
-        reason = reason if len(reason) <= 200 else reason[:197] + "..."
-        lines.append(f"- {r['model']} / {r['benchmark']} / {r['kind']} / {r['protocol']}: "
-                     f"{r['status']} ({reason})")
-    return lines
+def _short(text: str, limit: int = 200) -> str:
+    text = _md_escape(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def missing_lines(results: pd.DataFrame) -> list[str]:
+    """One line per expected result that is missing, failed or partial, with its reason."""
+    return [f"- {r['model']} / {r['benchmark']} / {r['kind']} / {r['protocol']}: {r['status']} "
+            f"({_short(str(r['reason']))})"
+            for _, r in results[results["status"] != "ok"].iterrows()]
+
+
+def edge_lines(results: pd.DataFrame) -> list[str]:
+    """One warning per result whose selected lr is the largest or smallest of its sweep."""
+    ok = results[(results["status"] == "ok") & (results["lr_edge"].fillna("") != "")]
+    return [f"- {r['model']} / {r['benchmark']} / {r['kind']} / {r['protocol']}: lr {r['lr']:g} "
+            f"is the {'largest' if r['lr_edge'] == 'high' else 'smallest'} of the grid "
+            f"{r['lr_grid']}; the optimum may lie beyond it (extend "
+            f"`probe.benchmarks.{r['benchmark']}.lrs`)" for _, r in ok.iterrows()]
 
 
 def to_markdown(table: pd.DataFrame, results: pd.DataFrame) -> str:
-    """A GitHub Markdown table (missing cells `—`), the protocol note and the missing results."""
-    numeric = set(table.columns[len(ID_COLUMNS):-1])
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "|" + "|".join("---:" if c in numeric else "---" for c in table.columns) + "|"
-    body = ["| " + " | ".join(cells) + " |" for cells in _text_rows(table, "—", _md_escape)]
-    lines = [_PROTOCOL_NOTE, "", header, rule, *body]
-    missing = _missing_lines(results)
+    """A GitHub (pipe) Markdown table by tabulate (missing cells `—`, edge-of-grid lrs `†`), the
+    notes, the edge-of-grid warnings and the missing results with their reasons."""
+    text = _display(table, "—", EDGE_MARK["md"])
+    text[[c for c in text.columns if c not in _numeric_columns(table)]] = text[
+        [c for c in text.columns if c not in _numeric_columns(table)]].map(_md_escape)
+    align = ["right" if c in _numeric_columns(table) else "left" for c in table.columns]
+    body = tabulate(text.values.tolist(), headers=list(table.columns), tablefmt="pipe",
+                    colalign=align, disable_numparse=True)
+    lines = [_PROTOCOL_NOTE]
+    if (table["row"] == "floor").any():
+        lines += ["", _FLOOR_NOTE]
+    lines += ["", body]
+    edges = edge_lines(results)
+    if edges:
+        lines += ["", f"Warning: {EDGE_MARK['md']} the selected learning rate is at the edge of "
+                  "its grid (the sweep may be cut short):", "", *edges]
+    missing = missing_lines(results)
     if missing:
         lines += ["", "Missing or partial results (shown as —, not 0):", "", *missing]
     return "\n".join(lines) + "\n"
 
 
-def _tex_escape(text: str) -> str:
-    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
-
-
 def to_latex(table: pd.DataFrame) -> str:
-    """A booktabs tabular; missing cells `--`, a rule between run, published and difference rows."""
-    numeric = set(table.columns[len(ID_COLUMNS):-1])
+    """A booktabs tabular by pandas' Styler (missing cells `--`, edge-of-grid lrs a dagger), a
+    rule between the run, floor, published and difference rows."""
+    numeric = _numeric_columns(table)
+    text = _display(table, "--", EDGE_MARK["tex"], math_signs=True)
     spec = "".join("r" if c in numeric else "l" for c in table.columns)
-    lines = ["% Generated by `xtra report`; needs \\usepackage{booktabs}. Top-1 in %.",
-             f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
-             " & ".join(_tex_escape(c) for c in table.columns) + " \\\\", "\\midrule"]
-    previous = None
-    signed = [i for i, c in enumerate(table.columns) if c in numeric]
-    for kind, cells in zip(table["row"], _text_rows(table, "--", _tex_escape)):
-        for i in signed:  # a typeset minus (and plus) sign, not a hyphen
-            cells[i] = f"${cells[i]}$" if cells[i][:1] in "+-" and cells[i] != "--" else cells[i]
-        if previous is not None and kind != previous:
-            lines.append("\\midrule")
-        previous = kind
-        lines.append(" & ".join(cells) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    return "\n".join(lines) + "\n"
+    styler = (text.style.hide(axis="index").format_index(escape="latex", axis=1)
+              .format(escape="latex", subset=[c for c in table.columns if c not in numeric]))
+    lines = styler.to_latex(hrules=True, column_format=spec).splitlines()
+    body_start = lines.index("\\midrule") + 1
+    out = ["% Generated by `xtra report`; needs \\usepackage{booktabs}. Top-1 in %; "
+           "\\dagger: lr at the edge of its grid.", *lines[:body_start]]
+    for i, (kind, line) in enumerate(zip(table["row"], lines[body_start:])):
+        if i and kind != table["row"].iloc[i - 1]:
+            out.append("\\midrule")
+        out.append(line)
+    out += lines[body_start + len(table):]
+    return "\n".join(out) + "\n"

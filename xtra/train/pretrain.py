@@ -29,8 +29,9 @@ from xtra.atomic import write_json_atomic
 from xtra.config import load_params
 from xtra.errors import CheckpointError, ParamsError, writing_to
 from xtra.model.artifact import ARTIFACT_NAME, save_model_artifact
+from xtra.model.arch import ArchConfig
 from xtra.model.checkpoint import save_torch_atomic
-from xtra.model.xtra import XTRA, ArchConfig
+from xtra.model.xtra import XTRA
 from xtra.train import identity
 from xtra.train.data import PretrainData, batches_per_epoch, steps_per_epoch
 from xtra.train.pretrain_module import PretrainModule, RankDigest, StepLog, ValLog
@@ -95,6 +96,9 @@ def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
     L.seed_everything(params["seed"], verbose=False)
     model = XTRA(ArchConfig.from_dict(arch))
     _write_json(out / "metrics.json", {"init": "random", "steps": 0, "images_seen": 0, "seed": params["seed"]})
+    from xtra.reconstruct import write_model_reconstruction
+
+    write_model_reconstruction(params, name, model, out)  # the control is drawn like the trained models
     save_model_artifact(out / ARTIFACT_NAME, init="random", arch=arch, state_dict=model.state_dict(),
                         provenance={"seed": params["seed"], "steps": 0})
     print(f"{name}: wrote the random-init control to {out / ARTIFACT_NAME}")
@@ -346,12 +350,9 @@ def _finish(params: dict[str, Any], name: str, out: Path, module: PretrainModule
         if (run_dir / log).exists():
             shutil.copyfile(run_dir / log, out / f"{log}.tmp")
             (out / f"{log}.tmp").replace(out / log)
-    if model_cfg["train"]["reconstruct_images"] > 0:
-        from xtra.reconstruct import reconstruction_grid_from_dataset
+    from xtra.reconstruct import write_model_reconstruction
 
-        reconstruction_grid_from_dataset(module.model, Path(params["paths"]["prepared"]) / model_cfg["dataset"],
-                                         out / "reconstruction.png", model_cfg["train"]["reconstruct_images"],
-                                         model_cfg["eval_resize"])
+    write_model_reconstruction(params, name, module.model, out)
     _write_json(out / "metrics.json", metrics)
     provenance = {k: metrics[k] for k in ("steps", "images_seen", "run_id", "final_loss")}
     save_model_artifact(out / ARTIFACT_NAME, init="pretrain", arch=model_cfg["arch"],

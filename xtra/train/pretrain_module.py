@@ -15,7 +15,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from xtra.data.rng import derive_seed
 from xtra.errors import XtraError
-from xtra.model.xtra import XTRA, ArchConfig
+from xtra.model.arch import ArchConfig
+from xtra.model.xtra import XTRA
 from xtra.train.schedule import decay_groups, release_warmup_cosine
 
 __all__ = ["NonFiniteLossError", "PretrainModule", "StepLog", "ValLog", "RankDigest", "LOG_FIELDS", "VAL_FIELDS",
