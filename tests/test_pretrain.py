@@ -80,6 +80,7 @@ def test_run_writes_its_plan_logs_and_a_weights_only_model(small, tmp_path: Path
     assert list((out / "tb" / plan["run_id"]).glob("events.out.tfevents.*"))
     run_dir = Path(plan["run_dir"])
     assert sorted(p.name for p in run_dir.glob("step-*.ckpt")) == ["step-000006.ckpt"]  # keep_last_checkpoints 1
+    assert list(out.rglob("*.ckpt")) == [run_dir / "step-000006.ckpt"]  # and no other checkpoint anywhere
     artifact = read_model_artifact(out / "model.pt")
     assert artifact.init == "pretrain" and artifact.provenance["steps"] == 6
     encoder = build_arch_encoder(ArchConfig.from_dict(artifact.arch))
