@@ -315,3 +315,16 @@ def test_paper_b16_architecture_trains_resumes_and_its_model_file_loads(tmp_path
 @pytest.mark.timeout(7200)
 def test_paper_h14_architecture_trains_resumes_and_its_model_file_loads(tmp_path: Path) -> None:
     _paper_model_run(tmp_path, "xtra_h14", 224)
+
+
+def test_restart_moves_the_run_aside_and_never_deletes_it(tmp_path: Path) -> None:
+    from xtra.train.pretrain import _run_dir
+
+    old = tmp_path / "checkpoints" / "abc"
+    old.mkdir(parents=True)
+    (old / "step-000010.ckpt").write_bytes(b"weights")
+    assert _run_dir(tmp_path, "abc", restart=False, is_zero=True) == old and (old / "step-000010.ckpt").exists()
+    fresh = _run_dir(tmp_path, "abc", restart=True, is_zero=True)
+    assert fresh == old and not list(fresh.iterdir())
+    (aside,) = (tmp_path / "checkpoints").glob("abc.restarted-*")
+    assert (aside / "step-000010.ckpt").read_bytes() == b"weights"
