@@ -90,7 +90,8 @@ def test_run_writes_its_plan_logs_and_a_weights_only_model(small, tmp_path: Path
 
 
 def _sha(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*.ckpt"))}
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*.ckpt"))}
 
 
 @pytest.mark.slow
@@ -119,6 +120,7 @@ def test_non_trajectory_edits_resume_and_an_lr_edit_leaves_the_old_checkpoints_b
     assert "starting afresh" in stdout and "train.lr: 0.001 -> 0.0005" in stdout
     after = _sha(tmp_path / "models" / "m" / "checkpoints")
     assert {k: after[k] for k in before} == before  # the earlier run's checkpoints, byte for byte
+    assert len(after) > len(before)  # the new run's beside them
 
 
 def test_trajectory_keys_exclude_what_does_not_change_the_optimisation() -> None:
