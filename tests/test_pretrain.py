@@ -80,6 +80,7 @@ def test_run_writes_its_plan_logs_and_a_weights_only_model(small, tmp_path: Path
     assert list((out / "tb" / plan["run_id"]).glob("events.out.tfevents.*"))
     run_dir = Path(plan["run_dir"])
     assert sorted(p.name for p in run_dir.glob("step-*.ckpt")) == ["step-000006.ckpt"]  # keep_last_checkpoints 1
+    assert list(out.rglob("*.ckpt")) == [run_dir / "step-000006.ckpt"]  # and no other checkpoint anywhere
     artifact = read_model_artifact(out / "model.pt")
     assert artifact.init == "pretrain" and artifact.provenance["steps"] == 6
     encoder = build_arch_encoder(ArchConfig.from_dict(artifact.arch))
@@ -89,7 +90,8 @@ def test_run_writes_its_plan_logs_and_a_weights_only_model(small, tmp_path: Path
 
 
 def _sha(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*.ckpt"))}
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*.ckpt"))}
 
 
 @pytest.mark.slow
@@ -118,6 +120,7 @@ def test_non_trajectory_edits_resume_and_an_lr_edit_leaves_the_old_checkpoints_b
     assert "starting afresh" in stdout and "train.lr: 0.001 -> 0.0005" in stdout
     after = _sha(tmp_path / "models" / "m" / "checkpoints")
     assert {k: after[k] for k in before} == before  # the earlier run's checkpoints, byte for byte
+    assert len(after) > len(before)  # the new run's beside them
 
 
 def test_trajectory_keys_exclude_what_does_not_change_the_optimisation() -> None:
@@ -314,3 +317,16 @@ def test_paper_b16_architecture_trains_resumes_and_its_model_file_loads(tmp_path
 @pytest.mark.timeout(7200)
 def test_paper_h14_architecture_trains_resumes_and_its_model_file_loads(tmp_path: Path) -> None:
     _paper_model_run(tmp_path, "xtra_h14", 224)
+
+
+def test_restart_moves_the_run_aside_and_never_deletes_it(tmp_path: Path) -> None:
+    from xtra.train.pretrain import _run_dir
+
+    old = tmp_path / "checkpoints" / "abc"
+    old.mkdir(parents=True)
+    (old / "step-000010.ckpt").write_bytes(b"weights")
+    assert _run_dir(tmp_path, "abc", restart=False, is_zero=True) == old and (old / "step-000010.ckpt").exists()
+    fresh = _run_dir(tmp_path, "abc", restart=True, is_zero=True)
+    assert fresh == old and not list(fresh.iterdir())
+    (aside,) = (tmp_path / "checkpoints").glob("abc.restarted-*")
+    assert (aside / "step-000010.ckpt").read_bytes() == b"weights"

@@ -214,7 +214,8 @@ def _trainer(train: dict[str, Any]) -> L.Trainer:
         accelerator=train["accelerator"], devices=train["devices"], num_nodes=train["num_nodes"],
         strategy=train["strategy"], precision=train["precision"], max_epochs=train["epochs"],
         gradient_clip_val=train["grad_clip"] or None, accumulate_grad_batches=train["accumulate_grad_batches"],
-        logger=False, use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False,  # no default ModelCheckpoint: RetainedCheckpoint is added later
+        use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=train["log_every_n_steps"], plugins=[_SameFolderCheckpointIO()],
         val_check_interval=val * train["accumulate_grad_batches"] if val > 0 else None,
         check_val_every_n_epoch=None if val > 0 else 1, limit_val_batches=1.0 if val > 0 else 0,

@@ -198,15 +198,21 @@ class ValLog(L.Callback):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._last_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             _truncate_csv(self.path, VAL_FIELDS, trainer.global_step)
+            with self.path.open(newline="") as handle:
+                self._last_step = max((int(r["step"]) for r in csv.DictReader(handle)), default=-1)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loss = trainer.callback_metrics.get("val/loss")  # the epoch value, reduced over ranks
         if trainer.sanity_checking or loss is None or not trainer.is_global_zero:
             return
+        if trainer.global_step == self._last_step:  # a resumed run may validate its resumed step again
+            return
+        self._last_step = trainer.global_step
         _append_csv(self.path, VAL_FIELDS, {"step": trainer.global_step, "epoch": trainer.current_epoch,
                                             "val_loss": f"{float(loss):.6f}"})
 
