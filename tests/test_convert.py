@@ -166,3 +166,30 @@ def test_files_are_loaded_weights_only(tmp_path: Path, source_model: XTRA) -> No
     torch.save({"state_dict": official_state(source_model), "callbacks": _Payload()}, tmp_path / "pickled.ckpt")
     with pytest.raises(CheckpointError, match="weights-only loader.*allow-list.*_Payload"):
         convert_official(tmp_path / "pickled.ckpt", tmp_path / "m.pt", _arch())
+
+
+def test_pretrain_stage_of_an_official_model_goes_through_the_converter(tmp_path: Path, source_model: XTRA) -> None:
+    """`init: official`: `xtra pretrain M` writes model.pt by convert_official (so a wrong stored
+    hyper-parameter is refused there too) and metrics.json with what was mapped."""
+    import json
+
+    from xtra.config import validate_params
+    from xtra.train.pretrain import pretrain_model
+
+    src = tmp_path / "release.ckpt"
+    torch.save({"state_dict": official_state(source_model, "model."),
+                "hyper_parameters": {"predictor_heads": SMALL_ARCH["predictor_heads"]}}, src)
+    params = validate_params({
+        "profile": "t", "paths": {"models": str(tmp_path / "models"), "prepared": str(tmp_path / "p"),
+                                  "results": str(tmp_path / "r")},
+        "datasets": {"digits": {"kind": "digits"}},
+        "models": {"rel": {"init": "official", "checkpoint": str(src), "arch": _arch()}},
+        "probe": {"benchmarks": {"digits": {"dataset": "digits", "eval_split": "test"}}},
+    }, check_paths=False)
+    out = pretrain_model(params, "rel")
+    converted = read_model_artifact(out / "model.pt")
+    assert converted.init == "official" and converted.provenance["converted_from"] == str(src)
+    for key, value in source_model.state_dict().items():
+        torch.testing.assert_close(converted.state_dict[key], value, rtol=0, atol=0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["init"] == "official" and metrics["mapped"] == len(source_model.state_dict())

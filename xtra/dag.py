@@ -44,11 +44,12 @@ DVC_YAML = "dvc.yaml"
 # CLI does not re-run a 100-epoch pre-training (a params change is what changes a result).
 PLUMBING = frozenset({"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.profiles", "xtra.dag"})
 # Keys of each schema section that change no result (the shards do not depend on num_workers;
-# the pre-training is the same for any number of loader workers, log or checkpoint cadence, or
-# checkpoints kept).
+# the pre-training is the same for any log or checkpoint cadence or checkpoints kept). The train
+# loader's num_workers is a result key: the streaming reader splits each rank's share of an epoch
+# into one run per worker, so the batch order depends on it (xtra.train.identity).
 NOT_RESULT_KEYS = {
     "dataset": frozenset({"num_workers", "resources"}),
-    "train": frozenset({"num_workers", "log_every_n_steps", "checkpoint_every_n_steps", "keep_last_checkpoints",
+    "train": frozenset({"log_every_n_steps", "checkpoint_every_n_steps", "keep_last_checkpoints",
                         "keep_every_n_steps"}),
     "probe": frozenset({"benchmarks", "models", "num_workers", "resources", "ray"}),
     "benchmark": frozenset({"resources"}),

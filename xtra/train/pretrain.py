@@ -106,21 +106,14 @@ def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
 
 
 def _write_official(params: dict[str, Any], name: str, out: Path) -> Path:
-    """A released checkpoint, mapped onto this model and checked key by key, as a weights-only file."""
-    from xtra.model.checkpoint import load_strict, read_checkpoint
-    from xtra.model.convert import map_official_keys, official_state_dict
+    """A released checkpoint through the hardened converter (`xtra.model.convert.convert_official`):
+    weights-only loading, stored hyper_parameters checked, wrapper prefixes stripped, every key
+    checked; an encoder-only release file becomes an encoder artifact that probing accepts."""
+    from xtra.model.convert import convert_official
 
-    model_cfg = params["models"][name]
-    src = model_cfg["checkpoint"]
-    cfg = ArchConfig.from_dict(model_cfg["arch"])
-    state = official_state_dict(read_checkpoint(src), str(src))
-    mapped = map_official_keys(state, (), str(src))
-    model = XTRA(cfg)
-    load_strict(model, mapped, str(src))
-    save_model_artifact(out / ARTIFACT_NAME, init="official", arch=model_cfg["arch"], state_dict=model.state_dict(),
-                        provenance={"source": str(src)})
-    _write_json(out / "metrics.json", {"init": "official", "source": str(src), "mapped": len(mapped), "dropped": []})
-    print(f"{name}: converted {src} -> {out / ARTIFACT_NAME} ({len(mapped)} tensors)")
+    src = params["models"][name]["checkpoint"]
+    report = convert_official(src, out / ARTIFACT_NAME, params["models"][name]["arch"])
+    _write_json(out / "metrics.json", {"init": "official", "source": str(src), **report})
     return out
 
 
