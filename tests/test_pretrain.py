@@ -279,8 +279,7 @@ def _paper_model_run(tmp_path: Path, preset: str, img_size: int) -> None:
     from xtra.data.prepare import prepare_dataset
     from xtra.model.arch import MODEL_PRESETS
     from xtra.model.artifact import read_model_artifact
-    from xtra.model.checkpoint import load_strict
-    from xtra.model.xtra import ArchConfig, build_arch_encoder
+    from xtra.model.checkpoint import load_artifact_encoder
 
     info = make_imagenet1k(tmp_path / "raw")
     params = demo_params()
@@ -300,8 +299,9 @@ def _paper_model_run(tmp_path: Path, preset: str, img_size: int) -> None:
     assert "resuming from" in second and "step-000001.ckpt" in second
     artifact = read_model_artifact(tmp_path / "models" / "m" / "model.pt")
     assert artifact.provenance["steps"] == 2
-    encoder = build_arch_encoder(ArchConfig.from_dict(artifact.arch))  # what a probe job builds
-    load_strict(encoder, {k[8:]: v for k, v in artifact.state_dict.items() if k.startswith("encoder.")}, "model.pt")
+    # the probe job's own loader (weights-only, mmap), with the params' arch as the expected one
+    encoder, _, init = load_artifact_encoder(tmp_path / "models" / "m" / "model.pt", params["models"]["m"]["arch"])
+    assert init == "pretrain"
     with torch.no_grad():
         tokens = encoder.eval()(torch.zeros(1, 3, img_size, img_size))
     assert tokens.shape == (1, (img_size // artifact.arch["patch_size"]) ** 2, encoder.width)

@@ -7,13 +7,14 @@ disk-full kind into a message that names the output folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Union
 
-__all__ = ["write_atomic", "write_json_atomic"]
+__all__ = ["write_atomic", "write_json_atomic", "save_torch_atomic"]
 
 Data = Union[str, bytes, memoryview]
 
@@ -40,3 +41,43 @@ def write_atomic(path: str | Path, data: Data) -> Path:
 def write_json_atomic(path: str | Path, payload: Any, indent: int = 2, sort_keys: bool = False) -> Path:
     """`payload` as JSON (with a final newline), written atomically."""
     return write_atomic(path, json.dumps(payload, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def save_torch_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save `obj` to a temporary file beside `path`, then rename; nothing is left on failure.
+
+    The object is streamed into the file, never serialised in memory first: a ViT-H/14 training
+    checkpoint (weights, gradients' AdamW moments: ~10 GB) would otherwise take its size again in
+    host memory at every save. torch's writer reports a failed write as a RuntimeError; one whose
+    cause is a full disk is raised as the OSError(ENOSPC) it is, which `xtra.errors.writing_to`
+    turns into a message naming the output folder.
+    """
+    import torch  # here, so that the torch-free users of this module do not import it
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(obj, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except RuntimeError as exc:
+            if _disk_full(tmp):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc
+            raise
+        if path.exists():
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system holding `path` has no room left (the cause of a failed torch.save)."""
+    try:
+        stats = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < (1 << 20)

@@ -14,7 +14,6 @@ state. Layout:
 
 from __future__ import annotations
 
-import io
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
-from xtra.atomic import write_atomic
+from xtra.atomic import save_torch_atomic
 from xtra.errors import CheckpointError
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_NAME", "ModelArtifact", "save_model_artifact", "read_model_artifact"]
@@ -53,9 +52,7 @@ def save_model_artifact(path: str | Path, *, init: str, arch: Mapping[str, Any],
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
         "provenance": dict(provenance or {}),
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_atomic(path, buffer.getbuffer())
+    save_torch_atomic(payload, path)  # streamed to the file: no second copy of the weights in memory
 
 
 def read_model_artifact(path: str | Path) -> ModelArtifact:

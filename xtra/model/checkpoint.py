@@ -7,7 +7,6 @@ whose `state_dict` keys are `model.encoder.*`, `model.proj.*`, `model.predictor.
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -15,14 +14,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from xtra.atomic import write_atomic
+from xtra.atomic import save_torch_atomic
 from xtra.errors import CheckpointError
 from xtra.model.vit import Encoder
 from xtra.model.arch import ArchConfig
 from xtra.model.xtra import XTRA, build_arch_encoder
 
 __all__ = ["read_checkpoint", "load_strict", "load_encoder", "load_xtra", "file_sha256", "save_model_checkpoint",
-           "save_torch_atomic", "load_artifact_encoder"]
+           "load_artifact_encoder"]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -134,15 +133,3 @@ def save_model_checkpoint(model: XTRA, path: str | Path, arch: dict[str, Any], e
     ckpt = {"state_dict": state, "hyper_parameters": {"arch": arch}, "global_step": 0, "epoch": 0,
             **(extra or {})}
     save_torch_atomic(ckpt, path)
-
-
-def save_torch_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` to a temporary file beside `path`, then rename; nothing is left on failure.
-
-    The object is serialised in memory first (as Lightning does): torch's file writer reports a full
-    disk as a RuntimeError, the Python write of `write_atomic` as the OSError it is
-    (`xtra.errors.writing_to`).
-    """
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_atomic(path, buffer.getbuffer())

@@ -20,7 +20,7 @@ import torch
 from xtra.atomic import write_atomic
 from xtra.config import params_hash
 from xtra.errors import CheckpointError, writing_to
-from xtra.model.checkpoint import save_torch_atomic
+from xtra.atomic import save_torch_atomic
 from xtra.probe.config import ProbeConfig
 
 __all__ = ["STATE_DIR", "state_path", "job_fingerprint", "save_state", "load_state", "log_progress"]
