@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -205,6 +206,10 @@ class _SameResumeOnEveryRank(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(chosen == self.resume, all=True):
             raise CheckpointError(f"rank {trainer.global_rank} resumes from {self.resume or 'nothing'!r}, rank 0 "
                                   f"from {chosen or 'nothing'!r}: the ranks do not see the same checkpoint folder")
+
+
+# The run folder holds the run's trajectory.json and logs before its first checkpoint, by design.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def _trainer(train: dict[str, Any]) -> L.Trainer:
