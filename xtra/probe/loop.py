@@ -262,26 +262,32 @@ class HeadScores:
 @torch.no_grad()
 def evaluate_bank(bank: HeadBank, batches: Iterable[Batch], num_classes: int,
                   device: torch.device, precision: str = "32-true") -> HeadScores:
-    """Accuracy of every head on (features, labels) batches (normalisation in eval mode)."""
+    """Top-1 (and top-5, from 5 classes up) of every head on (features, labels) batches, in %
+    (torchmetrics' micro-averaged MulticlassAccuracy; normalisation in eval mode)."""
+    from torchmetrics.classification import MulticlassAccuracy
+
     bank.to(device).eval()
-    k = 5 if num_classes >= 5 else 1
-    correct1 = torch.zeros(len(bank), dtype=torch.long, device=device)
-    correct5 = torch.zeros(len(bank), dtype=torch.long, device=device)
+    ks = (1, 5) if num_classes >= 5 else (1,)
+    metrics = [{k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in ks}
+               for _ in range(len(bank))]
     count = 0
     for feats, labels in batches:
         feats = feats[bank.kind] if isinstance(feats, dict) else feats
         labels = labels.to(device)
         with autocast_for(device, precision):
             logits = bank(feats.to(device))
-        for h, out in enumerate(logits):
-            hit = out.float().topk(k, dim=1).indices == labels.unsqueeze(1)  # (B, k)
-            correct1[h] += hit[:, 0].sum()
-            correct5[h] += hit.any(dim=1).sum()
+        for head, out in zip(metrics, logits):
+            for metric in head.values():
+                metric.update(out.float(), labels)  # (B, C) logits, (B,) labels
         count += int(labels.numel())
     if count == 0:
         raise ParamsError("the evaluation split is empty")
-    top1 = (correct1.double() * 100.0 / count).tolist()
-    top5 = (correct5.double() * 100.0 / count).tolist() if num_classes >= 5 else [None] * len(bank)
+
+    def percent(metric: MulticlassAccuracy) -> float:
+        return round(float(metric.compute()) * 100.0, 4)
+
+    top1 = [percent(head[1]) for head in metrics]
+    top5 = [percent(head[5]) if 5 in head else None for head in metrics]
     return HeadScores(top1=top1, top5=top5, count=count)
 
 
