@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 import psutil
+
+from tests.cluster.procs import terminate
 
 __all__ = ["RayCluster"]
 
@@ -128,13 +129,7 @@ class RayCluster:
                 children = psutil.Process(proc.pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 children = []
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout)
+            terminate(proc, timeout)
             _, alive = psutil.wait_procs(children, timeout=10)
             for child in alive:
                 try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -26,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from tests.cluster.procs import terminate
 
 __all__ = ["SlurmCluster", "unavailable_reason", "NODE", "PARTITION"]
 
@@ -200,12 +201,6 @@ class SlurmCluster:
             SYSTEM_CONF.unlink()
         for name in reversed(DAEMONS):
             proc = self.procs.get(name)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+            if proc is not None:
+                terminate(proc, timeout)
         shutil.rmtree(self.root, ignore_errors=True)
