@@ -19,7 +19,7 @@ import yaml
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.demo
+pytestmark = [pytest.mark.demo, pytest.mark.timeout(1800)]  # the whole demo: ~10 minutes on 2 cores
 
 
 def _copy_repo(dst: Path) -> None:
