@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test test-all demo-check snakemake-demo clean-outputs
+.PHONY: setup repro test test-all lint snakemake-demo clean-outputs
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ repro: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the house style: ruff's formatter and linter (configured in pyproject.toml); `ruff format .` fixes the layout
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 # the default suite plus the slow and demo-pipeline tests (what CI runs when its budget allows)
 test-all: setup

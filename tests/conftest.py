@@ -6,8 +6,9 @@ import copy
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -16,8 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 XTRA = [sys.executable, "-m", "xtra.cli"]
 
 # a small, fast model for stage tests: same structure as the demo, fewer blocks
-SMALL_ARCH = {"preset": "tiny", "width": 64, "depth": 2, "heads": 2, "img_size": 32, "patch_size": 4,
-              "block_size": 2, "predictor_depth": 1, "predictor_width": 32, "predictor_heads": 2}
+SMALL_ARCH = {
+    "preset": "tiny",
+    "width": 64,
+    "depth": 2,
+    "heads": 2,
+    "img_size": 32,
+    "patch_size": 4,
+    "block_size": 2,
+    "predictor_depth": 1,
+    "predictor_width": 32,
+    "predictor_heads": 2,
+}
 
 
 def demo_params() -> dict[str, Any]:
@@ -27,8 +38,11 @@ def demo_params() -> dict[str, Any]:
 def write_params(directory: Path, params: dict[str, Any], prepared: Path | None = None) -> Path:
     """Write `params` to directory/params.yaml with every path inside `directory` (prepared may be shared)."""
     params = copy.deepcopy(params)
-    params["paths"] = {"prepared": str(prepared or directory / "data" / "prepared"),
-                       "models": str(directory / "models"), "results": str(directory / "results")}
+    params["paths"] = {
+        "prepared": str(prepared or directory / "data" / "prepared"),
+        "models": str(directory / "models"),
+        "results": str(directory / "results"),
+    }
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -68,9 +82,22 @@ def prepared_demo(tmp_path_factory) -> Path:
 
 def small_model(**train: Any) -> dict[str, Any]:
     """A model entry of params.yaml with SMALL_ARCH pre-trained on mnist5k."""
-    return {"init": "pretrain", "dataset": "mnist5k", "eval_resize": 32, "arch": dict(SMALL_ARCH),
-            "train": {"epochs": 1, "batch_size": 32, "accelerator": "cpu", "num_workers": 0,
-                      "checkpoint_every_n_steps": 10, "log_every_n_steps": 5, "reconstruct_images": 2, **train}}
+    return {
+        "init": "pretrain",
+        "dataset": "mnist5k",
+        "eval_resize": 32,
+        "arch": dict(SMALL_ARCH),
+        "train": {
+            "epochs": 1,
+            "batch_size": 32,
+            "accelerator": "cpu",
+            "num_workers": 0,
+            "checkpoint_every_n_steps": 10,
+            "log_every_n_steps": 5,
+            "reconstruct_images": 2,
+            **train,
+        },
+    }
 
 
 # ---- a wall-clock budget for long runs (CI) --------------------------------------------------------

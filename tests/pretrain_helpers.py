@@ -15,13 +15,25 @@ from tests.fixtures.base import write_image
 
 # a very small XTRA at 16 px (4 x 4 patches, 2 x 2 blocks): drop path and pseudo-random orders on,
 # so that every source of randomness takes part in the resume tests
-TINY_ARCH = {"preset": "tiny", "width": 32, "depth": 2, "heads": 2, "img_size": 16, "patch_size": 4,
-             "block_size": 2, "predictor_depth": 1, "predictor_width": 16, "predictor_heads": 2,
-             "drop_path_rate": 0.2, "block_order": "pseudo_random", "attn_impl": "sdpa"}
+TINY_ARCH = {
+    "preset": "tiny",
+    "width": 32,
+    "depth": 2,
+    "heads": 2,
+    "img_size": 16,
+    "patch_size": 4,
+    "block_size": 2,
+    "predictor_depth": 1,
+    "predictor_width": 16,
+    "predictor_heads": 2,
+    "drop_path_rate": 0.2,
+    "block_order": "pseudo_random",
+    "attn_impl": "sdpa",
+}
 
 # SIGKILL every rank right after the checkpoint of step KILL_AFTER_STEP is on disk (Lightning's
 # launcher re-runs this file for rank 1, so every rank is patched the same way)
-KILLER = '''
+KILLER = """
 import os, signal, sys
 from xtra.train import pretrain
 step = int(os.environ["KILL_AFTER_STEP"])
@@ -33,7 +45,7 @@ def save_then_die(self, trainer, filepath):
 pretrain.RetainedCheckpoint._save_checkpoint = save_then_die
 from xtra.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 def make_small_folder_dataset(root: Path, train: int = 24, val: int = 4) -> Path:
@@ -47,12 +59,33 @@ def make_small_folder_dataset(root: Path, train: int = 24, val: int = 4) -> Path
 def tiny_params(tmp: Path, prepared: Path, **train: Any) -> dict[str, Any]:
     """A params dict with one model `m` (TINY_ARCH) pre-trained on the small dataset `small`."""
     params = demo_params()
-    params["datasets"]["small"] = {"kind": "custom", "root": str(tmp / "raw_small"), "image_size": 16,
-                                   "size_check": "warn", "num_workers": 1}
-    params["models"] = {"m": {"init": "pretrain", "dataset": "small", "eval_resize": 16, "arch": dict(TINY_ARCH),
-                              "train": {"epochs": 2, "batch_size": 4, "accelerator": "cpu", "num_workers": 0,
-                                        "lr": 1e-3, "warmup_epochs": 0.5, "checkpoint_every_n_steps": 2,
-                                        "log_every_n_steps": 1, "reconstruct_images": 0, **train}}}
+    params["datasets"]["small"] = {
+        "kind": "custom",
+        "root": str(tmp / "raw_small"),
+        "image_size": 16,
+        "size_check": "warn",
+        "num_workers": 1,
+    }
+    params["models"] = {
+        "m": {
+            "init": "pretrain",
+            "dataset": "small",
+            "eval_resize": 16,
+            "arch": dict(TINY_ARCH),
+            "train": {
+                "epochs": 2,
+                "batch_size": 4,
+                "accelerator": "cpu",
+                "num_workers": 0,
+                "lr": 1e-3,
+                "warmup_epochs": 0.5,
+                "checkpoint_every_n_steps": 2,
+                "log_every_n_steps": 1,
+                "reconstruct_images": 0,
+                **train,
+            },
+        }
+    }
     return params
 
 
@@ -71,8 +104,14 @@ def env_one_thread() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def run_pretrain(directory: Path, params: dict[str, Any], prepared: Path, kill_after: int | None = None,
-                 timeout: float = 240, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run_pretrain(
+    directory: Path,
+    params: dict[str, Any],
+    prepared: Path,
+    kill_after: int | None = None,
+    timeout: float = 240,
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
     """`xtra pretrain m` in `directory` (killed right after step `kill_after`'s checkpoint if given)."""
     path = write_params(directory, params, prepared)
     env = env_one_thread()

@@ -14,8 +14,14 @@ def _run_probe_test(deadline: str | None) -> str:
     if deadline is not None:
         env["XTRA_TEST_DEADLINE"] = deadline
     test = "tests/test_params.py::test_bad_params_table_is_large_enough"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc.stdout
 
 

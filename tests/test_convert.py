@@ -11,10 +11,10 @@ import torch
 
 from tests.conftest import SMALL_ARCH, run_xtra
 from xtra.errors import CheckpointError
+from xtra.model.arch import ArchConfig
 from xtra.model.artifact import read_model_artifact
 from xtra.model.checkpoint import load_artifact_encoder
 from xtra.model.convert import PREFIX_MAP, convert_official
-from xtra.model.arch import ArchConfig
 from xtra.model.xtra import XTRA
 
 OURS_TO_OFFICIAL = {ours: official for official, ours in PREFIX_MAP.items()}
@@ -25,7 +25,7 @@ def official_state(model: XTRA, wrapper: str = "") -> dict[str, torch.Tensor]:
     state = {}
     for key, value in model.state_dict().items():
         prefix = next(p for p in OURS_TO_OFFICIAL if key.startswith(p))
-        state[wrapper + OURS_TO_OFFICIAL[prefix] + key[len(prefix):]] = value.clone()
+        state[wrapper + OURS_TO_OFFICIAL[prefix] + key[len(prefix) :]] = value.clone()
     return state
 
 
@@ -41,10 +41,20 @@ def _arch() -> dict:
 
 def test_release_keys_cover_the_documented_names(source_model: XTRA) -> None:
     keys = set(official_state(source_model))
-    for expected in ("enc.patch_embed.proj.weight", "enc.pos_embed", "enc.blocks.0.attn.qkv.weight",
-                     "enc.blocks.1.mlp.fc2.bias", "enc.norm.weight", "proj.mlp.0.weight", "proj.mlp.2.weight",
-                     "predictor.pos_embed", "predictor.blocks.0.norm1.weight", "predictor.norm.bias",
-                     "aim_proj.0.mlp.0.weight", "aim_proj.1.mlp.2.bias"):
+    for expected in (
+        "enc.patch_embed.proj.weight",
+        "enc.pos_embed",
+        "enc.blocks.0.attn.qkv.weight",
+        "enc.blocks.1.mlp.fc2.bias",
+        "enc.norm.weight",
+        "proj.mlp.0.weight",
+        "proj.mlp.2.weight",
+        "predictor.pos_embed",
+        "predictor.blocks.0.norm1.weight",
+        "predictor.norm.bias",
+        "aim_proj.0.mlp.0.weight",
+        "aim_proj.1.mlp.2.bias",
+    ):
         assert expected in keys, expected
 
 
@@ -94,28 +104,46 @@ def test_unknown_missing_and_misshaped_keys_are_named(tmp_path: Path, source_mod
 
 def test_cli_converts_with_a_preset_architecture_error(tmp_path: Path, source_model: XTRA) -> None:
     torch.save({"state_dict": official_state(source_model)}, tmp_path / "small.ckpt")
-    proc = run_xtra("convert-checkpoint", str(tmp_path / "small.ckpt"), str(tmp_path / "o.ckpt"),
-                    "--preset", "xtra_b16", cwd=tmp_path, check=False)
+    proc = run_xtra(
+        "convert-checkpoint",
+        str(tmp_path / "small.ckpt"),
+        str(tmp_path / "o.ckpt"),
+        "--preset",
+        "xtra_b16",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and "does not match the architecture" in proc.stderr
     assert not (tmp_path / "o.ckpt").exists()
 
 
 def test_stored_hyper_parameters_are_checked_naming_the_key(tmp_path: Path, source_model: XTRA) -> None:
-    hparams = {"model": {"enc": {"embed_dim": 64, "num_heads": 2, "depth": 2},
-                         "predictor": {"embed_dim": 32, "num_heads": 2, "depth": 1}}, "lr": 1e-3, "use_bf16": True}
+    hparams = {
+        "model": {
+            "enc": {"embed_dim": 64, "num_heads": 2, "depth": 2},
+            "predictor": {"embed_dim": 32, "num_heads": 2, "depth": 1},
+        },
+        "lr": 1e-3,
+        "use_bf16": True,
+    }
     torch.save({"state_dict": official_state(source_model, "model."), "hyper_parameters": hparams}, tmp_path / "h.ckpt")
     report = convert_official(tmp_path / "h.ckpt", tmp_path / "ok.pt", _arch())
     assert "model.predictor.num_heads" in report["checked"] and len(report["checked"]) == 6
     # a wrong head count has the same tensor shapes: only the stored hyper_parameters can catch it
-    with pytest.raises(CheckpointError, match=r"'model.predictor.num_heads' = 2 but arch.predictor_heads = 4 "
-                                              r"\(set arch.predictor_heads=2\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model.predictor.num_heads' = 2 but arch.predictor_heads = 4 "
+        r"\(set arch.predictor_heads=2\)",
+    ):
         convert_official(tmp_path / "h.ckpt", tmp_path / "bad.pt", {**_arch(), "predictor_heads": 4})
     assert not (tmp_path / "bad.pt").exists()
 
 
 def test_forward_module_prefix_is_stripped(tmp_path: Path, source_model: XTRA) -> None:
     torch.save({"state_dict": official_state(source_model, "_forward_module.model.")}, tmp_path / "ds.ckpt")
-    assert convert_official(tmp_path / "ds.ckpt", tmp_path / "m.pt", _arch())["mapped"] == len(source_model.state_dict())
+    assert convert_official(tmp_path / "ds.ckpt", tmp_path / "m.pt", _arch())["mapped"] == len(
+        source_model.state_dict()
+    )
 
 
 def test_an_encoder_only_file_becomes_a_probe_able_encoder(tmp_path: Path, source_model: XTRA) -> None:
@@ -134,8 +162,11 @@ def test_an_encoder_only_file_becomes_a_probe_able_encoder(tmp_path: Path, sourc
 
 def test_errors_name_the_release_keys_and_the_fixing_param(tmp_path: Path, source_model: XTRA) -> None:
     torch.save({"state_dict": official_state(source_model)}, tmp_path / "two.ckpt")  # 2 pixel heads
-    with pytest.raises(CheckpointError, match=r"in the file, not in the arch: aim_proj\.1\.mlp\.0\.bias "
-                                              r"\(check arch.num_heads_ahead"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"in the file, not in the arch: aim_proj\.1\.mlp\.0\.bias "
+        r"\(check arch.num_heads_ahead",
+    ):
         convert_official(tmp_path / "two.ckpt", tmp_path / "m.pt", {**_arch(), "num_heads_ahead": 1})
     with pytest.raises(CheckpointError, match=r"enc\.blocks\.1\.\S+ \(check arch.depth"):
         convert_official(tmp_path / "two.ckpt", tmp_path / "m.pt", {**_arch(), "depth": 1})
@@ -177,15 +208,27 @@ def test_pretrain_stage_of_an_official_model_goes_through_the_converter(tmp_path
     from xtra.train.pretrain import pretrain_model
 
     src = tmp_path / "release.ckpt"
-    torch.save({"state_dict": official_state(source_model, "model."),
-                "hyper_parameters": {"predictor_heads": SMALL_ARCH["predictor_heads"]}}, src)
-    params = validate_params({
-        "profile": "t", "paths": {"models": str(tmp_path / "models"), "prepared": str(tmp_path / "p"),
-                                  "results": str(tmp_path / "r")},
-        "datasets": {"digits": {"kind": "digits"}},
-        "models": {"rel": {"init": "official", "checkpoint": str(src), "arch": _arch()}},
-        "probe": {"benchmarks": {"digits": {"dataset": "digits", "eval_split": "test"}}},
-    }, check_paths=False)
+    torch.save(
+        {
+            "state_dict": official_state(source_model, "model."),
+            "hyper_parameters": {"predictor_heads": SMALL_ARCH["predictor_heads"]},
+        },
+        src,
+    )
+    params = validate_params(
+        {
+            "profile": "t",
+            "paths": {
+                "models": str(tmp_path / "models"),
+                "prepared": str(tmp_path / "p"),
+                "results": str(tmp_path / "r"),
+            },
+            "datasets": {"digits": {"kind": "digits"}},
+            "models": {"rel": {"init": "official", "checkpoint": str(src), "arch": _arch()}},
+            "probe": {"benchmarks": {"digits": {"dataset": "digits", "eval_split": "test"}}},
+        },
+        check_paths=False,
+    )
     out = pretrain_model(params, "rel")
     converted = read_model_artifact(out / "model.pt")
     assert converted.init == "official" and converted.provenance["converted_from"] == str(src)

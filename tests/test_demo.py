@@ -23,8 +23,13 @@ pytestmark = [pytest.mark.demo, pytest.mark.timeout(1800)]  # the whole demo: ~1
 
 
 def _copy_repo(dst: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for name in filter(None, files):
         src = REPO / name
         if src.is_file() and not src.is_symlink():
@@ -33,16 +38,20 @@ def _copy_repo(dst: Path) -> None:
         elif src.is_symlink():
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(os.readlink(src), dst / name)
-    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.email=ci@example.invalid", "-c", "user.name=ci",
-                                                 "commit", "-qm", "demo"]):
+    for args in (
+        ["init", "-q"],
+        ["add", "-A"],
+        ["-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qm", "demo"],
+    ):
         subprocess.run(["git", *args], cwd=dst, check=True)
 
 
 def _dvc(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([str(Path(bin_dir) / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(Path(bin_dir) / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _top1(results: Path, model: str, bench: str, kind: str, grid: int) -> float:
@@ -65,8 +74,12 @@ def test_demo_pipeline_runs_and_a_second_run_is_a_noop(tmp_path: Path) -> None:
     results = work / "results"
     benchmarks = yaml.safe_load((work / "params.yaml").read_text())["probe"]["benchmarks"]
     for bench, cfg in benchmarks.items():
-        kinds = {"xtra_k2": ("linear", "attentive"), "xtra_k1": ("linear", "attentive"),
-                 "random_k2": ("linear", "attentive"), "pixels": ("linear",)}  # the floor: linear only
+        kinds = {
+            "xtra_k2": ("linear", "attentive"),
+            "xtra_k1": ("linear", "attentive"),
+            "random_k2": ("linear", "attentive"),
+            "pixels": ("linear",),
+        }  # the floor: linear only
         for model, model_kinds in kinds.items():
             for kind in model_kinds:
                 _top1(results, model, bench, kind, len(cfg["lrs"]))
@@ -76,8 +89,9 @@ def test_demo_pipeline_runs_and_a_second_run_is_a_noop(tmp_path: Path) -> None:
     for bench in benchmarks:  # the pixel floor has a number on every demo benchmark
         assert floor[bench].notna().any(), bench
     assert (results / "tables" / "top1.md").read_text().count("|") > 20
-    assert (results / "tables" / "top1.tex").read_text().startswith("\\begin{tabular}") or \
-        "\\toprule" in (results / "tables" / "top1.tex").read_text()
+    assert (results / "tables" / "top1.tex").read_text().startswith("\\begin{tabular}") or "\\toprule" in (
+        results / "tables" / "top1.tex"
+    ).read_text()
     for figure in ("top1_bars", "paper_comparison", "lr_sweep", "pretrain_loss", "images_seen", "reconstruction"):
         assert (results / "figures" / f"{figure}.png").stat().st_size > 1000
     json.loads((results / "metrics.json").read_text())
@@ -96,6 +110,7 @@ def test_demo_pipeline_runs_and_a_second_run_is_a_noop(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Running stage" not in second.stdout, second.stdout
     # the pipeline writes only untracked, git-ignored outputs: no tracked file changed (README included)
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=work,
-                             capture_output=True, text=True, check=True).stdout
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=work, capture_output=True, text=True, check=True
+    ).stdout
     assert changed == "", changed

@@ -20,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,8 +38,18 @@ from xtra.data.source import RawDataset, Sample
 pytestmark = pytest.mark.faults
 
 # the probed model: a random-init encoder for 16 px images, trained for nothing, checked for everything
-ARCH = {"preset": "tiny", "width": 32, "depth": 2, "heads": 2, "img_size": 16, "patch_size": 4, "block_size": 2,
-        "predictor_depth": 1, "predictor_width": 16, "predictor_heads": 1}
+ARCH = {
+    "preset": "tiny",
+    "width": 32,
+    "depth": 2,
+    "heads": 2,
+    "img_size": 16,
+    "patch_size": 4,
+    "block_size": 2,
+    "predictor_depth": 1,
+    "predictor_width": 16,
+    "predictor_heads": 1,
+}
 NUM_CLASSES = 5
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 
@@ -108,32 +119,52 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     root = tmp_path_factory.mktemp("faults")
     (root / "raw").mkdir()
     dataset = {"kind": "custom", "root": str(root / "raw"), "image_size": 16, "size_check": "warn", "num_workers": 0}
-    pretrained = small_model(max_steps=4, batch_size=16, checkpoint_every_n_steps=2, log_every_n_steps=1,
-                             reconstruct_images=0)
+    pretrained = small_model(
+        max_steps=4, batch_size=16, checkpoint_every_n_steps=2, log_every_n_steps=1, reconstruct_images=0
+    )
     params = {
-        "profile": "test", "seed": 0,
+        "profile": "test",
+        "seed": 0,
         "paths": {"prepared": str(root / "prepared"), "models": str(root / "models"), "results": str(root / "unused")},
         "datasets": {"set_a": dict(dataset), "set_b": dict(dataset)},
-        "models": {"rand": {"init": "random", "eval_resize": 16, "arch": dict(ARCH)},
-                   "m": {**pretrained, "dataset": "set_a", "arch": dict(SMALL_ARCH)}},
+        "models": {
+            "rand": {"init": "random", "eval_resize": 16, "arch": dict(ARCH)},
+            "m": {**pretrained, "dataset": "set_a", "arch": dict(SMALL_ARCH)},
+        },
         "probe": {
             "benchmarks": {
-                "bench_a": {"dataset": "set_a", "eval_split": "test", "epochs": 2, "batch_size": 16, "lrs": [1e-3],
-                            "kinds": ["linear"]},
-                "bench_b": {"dataset": "set_b", "eval_split": "test", "epochs": 2, "batch_size": 16, "lrs": [1e-3],
-                            "kinds": ["linear"]},
+                "bench_a": {
+                    "dataset": "set_a",
+                    "eval_split": "test",
+                    "epochs": 2,
+                    "batch_size": 16,
+                    "lrs": [1e-3],
+                    "kinds": ["linear"],
+                },
+                "bench_b": {
+                    "dataset": "set_b",
+                    "eval_split": "test",
+                    "epochs": 2,
+                    "batch_size": 16,
+                    "lrs": [1e-3],
+                    "kinds": ["linear"],
+                },
             },
-            "num_last_blocks": 2, "attn_heads": 4, "augment": False, "num_workers": 0,
+            "num_last_blocks": 2,
+            "attn_heads": 4,
+            "augment": False,
+            "num_workers": 0,
             "ray": {"max_retries": 1, "cpus_per_job": 1},
         },
-    }  # fmt: skip
+    }
     params = validate_params(params, "fault-test params")
     for seed, name in enumerate(("set_a", "set_b")):
         prepare_dataset(name, params["datasets"][name], root / "prepared", reader=_array_reader(40, 20, seed))
     torch.manual_seed(0)
     model_dir = root / "models" / "rand"
-    save_model_artifact(model_dir / "model.pt", init="random", arch=ARCH,
-                        state_dict=XTRA(ArchConfig.from_dict(ARCH)).state_dict())
+    save_model_artifact(
+        model_dir / "model.pt", init="random", arch=ARCH, state_dict=XTRA(ArchConfig.from_dict(ARCH)).state_dict()
+    )
     (model_dir / "metrics.json").write_text(json.dumps({"init": "random", "steps": 0, "images_seen": 0}))
     return Workspace(root, params)
 
@@ -206,13 +237,20 @@ def test_killed_prepare_leaves_no_finished_folder_and_a_rerun_matches(workspace:
 
     raw = tmp_path / "raw"
     _class_tree(raw, {"train": 600, "val": 20})
-    params = _with_dataset(workspace.params_for(tmp_path, prepared=tmp_path / "prepared"), "big",
-                           {"kind": "custom", "root": str(raw), "image_size": 16, "shard_size": 50})
+    params = _with_dataset(
+        workspace.params_for(tmp_path, prepared=tmp_path / "prepared"),
+        "big",
+        {"kind": "custom", "root": str(raw), "image_size": 16, "shard_size": 50},
+    )
     path = _write_params(tmp_path, params)
     prepared = tmp_path / "prepared"
     partial, final = prepared / ".big.partial", prepared / "big"
-    proc = subprocess.Popen([*XTRA, "prepare", "big", "--params", str(path)], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*XTRA, "prepare", "big", "--params", str(path)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(lambda: (partial / "train-000001.tar").exists(), proc, "a second shard")  # the first is done
     finally:
@@ -228,8 +266,9 @@ def test_killed_prepare_leaves_no_finished_folder_and_a_rerun_matches(workspace:
     assert manifest["splits"]["train"]["count"] == 600 and manifest["splits"]["val"]["count"] == 20
     for file, digest in _shard_digests(manifest).items():
         assert sha256_file(final / file) == digest
-    reference = prepare_dataset("big", validate_params(copy.deepcopy(params), check_paths=False)["datasets"]["big"],
-                                tmp_path / "uninterrupted")
+    reference = prepare_dataset(
+        "big", validate_params(copy.deepcopy(params), check_paths=False)["datasets"]["big"], tmp_path / "uninterrupted"
+    )
     assert _shard_digests(manifest) == _shard_digests(reference)
     assert len(_shard_digests(reference)) == 13
 
@@ -249,11 +288,19 @@ def test_killed_probe_leaves_only_whole_results_and_a_rerun_completes(workspace:
     out = tmp_path / "results" / "probe" / "rand"
     command = [*XTRA, "probe", "rand", "--params", str(path), "--no-ray"]
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, ATTEMPT_LOG_ENV: str(attempts)})
+        proc = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, ATTEMPT_LOG_ENV: str(attempts)},
+        )
         try:
-            _wait_for(lambda: attempts.exists() and len(attempts.read_text().splitlines()) >= 2, proc,
-                      "the second job's start")
+            _wait_for(
+                lambda: attempts.exists() and len(attempts.read_text().splitlines()) >= 2,
+                proc,
+                "the second job's start",
+            )
             time.sleep(0.3)
         finally:
             _kill(proc)
@@ -279,9 +326,9 @@ def test_crashing_ray_job_is_retried_reported_and_marked_in_the_report(
 ) -> None:
     import pandas as pd
 
-    from xtra.report.cli import build_report
     from xtra.probe.cli import probe_model
     from xtra.probe.driver import ATTEMPT_LOG_ENV, FAIL_ENV
+    from xtra.report.cli import build_report
 
     params = workspace.params_for(tmp_path)
     attempts = tmp_path / "attempts.log"
@@ -338,8 +385,13 @@ def _bad_tree(root: Path) -> dict[str, tuple[str, str]]:
     Image.fromarray(rgba, "RGBA").save(b / "rgba.png")
     Image.new("L", (16, 16), 90).save(b / "grey.png")
     (root / "val" / "b").mkdir(parents=True)  # an empty class folder
-    odd = {"train/a/cmyk.jpg": "CMYK", "train/b/deep.png": "I;16", "train/b/palette.png": "P",
-           "train/b/rgba.png": "RGBA", "train/b/grey.png": "L"}
+    odd = {
+        "train/a/cmyk.jpg": "CMYK",
+        "train/b/deep.png": "I;16",
+        "train/b/palette.png": "P",
+        "train/b/rgba.png": "RGBA",
+        "train/b/grey.png": "L",
+    }
     return {file.replace("/", "_").replace(".", "_"): (file, mode) for file, mode in odd.items()}
 
 
@@ -358,8 +410,9 @@ def test_corrupt_images_are_skipped_with_reasons_or_fail_over_the_limit(
 
     def prepare(limit: float) -> tuple[int, str]:
         """`xtra prepare bad` through the CLI's entry point, in this process: (exit code, error line)."""
-        params = _with_dataset(workspace.params_for(tmp_path, prepared=prepared), "bad",
-                               {**section, "max_skipped_fraction": limit})
+        params = _with_dataset(
+            workspace.params_for(tmp_path, prepared=prepared), "bad", {**section, "max_skipped_fraction": limit}
+        )
         capsys.readouterr()
         code = main(["prepare", "bad", "--params", str(_write_params(tmp_path, params))])
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
@@ -515,8 +568,14 @@ def _run_small_disk(spec: dict[str, Any]) -> SmallDiskRun:
             shutil.copytree(spec["seed"], place, dirs_exist_ok=True)
         if spec["free_kb"] is not None:
             _fill(place, spec["free_kb"])
-        proc = subprocess.run(spec["command"], cwd=spec["cwd"], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(
+            spec["command"],
+            cwd=spec["cwd"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         files = {name: size for name, size in _files(place).items() if name != FILLER}
         return SmallDiskRun(proc.returncode, proc.stdout, proc.stderr, files)
     finally:
@@ -529,14 +588,22 @@ def _run_small_disk_from_file(spec_file: str) -> None:
     Path(spec["result"]).write_text(json.dumps(_run_small_disk(spec).__dict__))
 
 
-def run_on_small_disk(args: Sequence[str], cwd: Path, place: Path, size_kb: int, free_kb: Optional[int] = None,
-                      seed: Optional[Path] = None) -> SmallDiskRun:
+def run_on_small_disk(
+    args: Sequence[str], cwd: Path, place: Path, size_kb: int, free_kb: int | None = None, seed: Path | None = None
+) -> SmallDiskRun:
     """`xtra ARGS` with `place` on a `size_kb` tmpfs holding a copy of `seed`, filled to `free_kb` free."""
     mode, why = _tmpfs_mode()
     if not mode:
         pytest.skip(f"cannot mount a tmpfs here, directly or in a user namespace: {why}")
-    spec = {"place": str(place), "size_kb": size_kb, "free_kb": free_kb, "seed": str(seed) if seed else None,
-            "command": [*XTRA, *args], "cwd": str(cwd), "result": str(cwd / "small-disk-result.json")}
+    spec = {
+        "place": str(place),
+        "size_kb": size_kb,
+        "free_kb": free_kb,
+        "seed": str(seed) if seed else None,
+        "command": [*XTRA, *args],
+        "cwd": str(cwd),
+        "result": str(cwd / "small-disk-result.json"),
+    }
     if mode == "mount":
         try:
             return _run_small_disk(spec)
@@ -546,8 +613,9 @@ def run_on_small_disk(args: Sequence[str], cwd: Path, place: Path, size_kb: int,
     spec_file = cwd / "small-disk-spec.json"
     spec_file.write_text(json.dumps(spec))
     code = f"import sys; from tests.test_faults import _run_small_disk_from_file as run; run({str(spec_file)!r})"
-    inner = subprocess.run(["unshare", "-rm", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                           timeout=600)
+    inner = subprocess.run(
+        ["unshare", "-rm", sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert inner.returncode == 0, f"the unshare -rm runner failed:\n{inner.stdout}\n{inner.stderr}"
     return SmallDiskRun(**json.loads(Path(spec["result"]).read_text()))
 
@@ -571,10 +639,14 @@ def test_full_disk_during_prepare(workspace: Workspace, tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     _class_tree(raw, {"train": 60, "val": 10}, size=32)  # ~3 KB a PNG: ~210 KB of shards
     prepared = tmp_path / "prepared"
-    params = _with_dataset(workspace.params_for(tmp_path, prepared=prepared), "full",
-                           {"kind": "custom", "root": str(raw), "image_size": 32, "shard_size": 20, "num_workers": 2})
-    run = run_on_small_disk(["prepare", "full", "--params", str(_write_params(tmp_path, params))], tmp_path,
-                            prepared, size_kb=128)
+    params = _with_dataset(
+        workspace.params_for(tmp_path, prepared=prepared),
+        "full",
+        {"kind": "custom", "root": str(raw), "image_size": 32, "shard_size": 20, "num_workers": 2},
+    )
+    run = run_on_small_disk(
+        ["prepare", "full", "--params", str(_write_params(tmp_path, params))], tmp_path, prepared, size_kb=128
+    )
     _assert_clean_failure(run, prepared / "full")
     assert run.files == {}, "a failed prepare left files behind"
 
@@ -583,12 +655,14 @@ def test_full_disk_during_prepare(workspace: Workspace, tmp_path: Path) -> None:
 # log; rand is the random-init control, whose one checkpoint (about 360 KB) does not fit
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "size_kb", "left"), [("m", 512, {"m/log.csv"}), ("rand", 128, set())])
-def test_full_disk_during_pretrain(workspace: Workspace, tmp_path: Path, model: str, size_kb: int,
-                                   left: set[str]) -> None:
+def test_full_disk_during_pretrain(
+    workspace: Workspace, tmp_path: Path, model: str, size_kb: int, left: set[str]
+) -> None:
     models = tmp_path / "models"
     params = workspace.params_for(tmp_path, models=models)
-    run = run_on_small_disk(["pretrain", model, "--params", str(_write_params(tmp_path, params))], tmp_path, models,
-                            size_kb=size_kb)
+    run = run_on_small_disk(
+        ["pretrain", model, "--params", str(_write_params(tmp_path, params))], tmp_path, models, size_kb=size_kb
+    )
     _assert_clean_failure(run, models / model)
     _no_tmp(run.files)
     assert set(run.files) == left, f"a failed pretrain left {sorted(run.files)}"

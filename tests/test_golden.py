@@ -67,7 +67,7 @@ def test_prepared_shards_are_the_golden_bytes(golden_run, prepared_demo) -> None
     values = {}
     for root in (tmp / "prepared" / "small", prepared_demo / "digits"):
         manifest = json.loads((root / "manifest.json").read_text())
-        for split, entry in sorted(manifest["splits"].items()):
+        for _split, entry in sorted(manifest["splits"].items()):
             for shard in entry["shards"]:
                 values[f"{root.name}/{shard['file']}"] = shard["sha256"]
                 values[f"{root.name}/{shard['index']}"] = shard["index_sha256"]
@@ -80,9 +80,13 @@ def test_pretraining_is_the_golden_trajectory(golden_run) -> None:
     _, run_dir, _ = golden_run
     with (run_dir / "models" / "m" / "log.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    values = {"steps": [int(r["step"]) for r in rows], "loss": [r["loss"] for r in rows],
-              "lr": [r["lr"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows],
-              "weights": tensor_digests(read_model_artifact(run_dir / "models" / "m" / "model.pt").state_dict)}
+    values = {
+        "steps": [int(r["step"]) for r in rows],
+        "loss": [r["loss"] for r in rows],
+        "lr": [r["lr"] for r in rows],
+        "grad_norm": [r["grad_norm"] for r in rows],
+        "weights": tensor_digests(read_model_artifact(run_dir / "models" / "m" / "model.pt").state_dict),
+    }
     check("pretrain", values)
 
 
@@ -91,10 +95,21 @@ def test_probing_is_the_golden_sweep(golden_run) -> None:
 
     tmp, run_dir, params = golden_run
     params = json.loads(json.dumps(params))
-    params["paths"] = {"prepared": str(tmp / "prepared"), "models": str(run_dir / "models"),
-                       "results": str(run_dir / "results")}
-    params["probe"]["benchmarks"] = {"small": {"dataset": "small", "train_split": "train", "eval_split": "val",
-                                               "epochs": 2, "batch_size": 8, "lrs": [0.001, 0.03]}}
+    params["paths"] = {
+        "prepared": str(tmp / "prepared"),
+        "models": str(run_dir / "models"),
+        "results": str(run_dir / "results"),
+    }
+    params["probe"]["benchmarks"] = {
+        "small": {
+            "dataset": "small",
+            "train_split": "train",
+            "eval_split": "val",
+            "epochs": 2,
+            "batch_size": 8,
+            "lrs": [0.001, 0.03],
+        }
+    }
     params["probe"].update(augment=True, num_workers=0, num_last_blocks=2, attn_heads=2)
     from xtra.config import validate_params
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from xtra.data.bench import run_data_bench
 from xtra.data.images import resize_shorter
 from xtra.data.loaders import PreparedDataset, make_loader
 from xtra.data.prepare import prepare_dataset
 from xtra.data.source import RawDataset, Sample
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from xtra.data.transforms import eval_transform, pretrain_transform, probe_train_transform
 from xtra.errors import DataError
 

@@ -6,15 +6,25 @@ import pytest
 import torch
 
 from xtra.errors import ParamsError
+from xtra.model.arch import MODEL_PRESETS, ArchConfig
 from xtra.model.mask import block_causal_mask, block_ids, block_ranks
 from xtra.model.vit import build_encoder
-from xtra.model.arch import MODEL_PRESETS, ArchConfig
 from xtra.model.xtra import XTRA, concat_blocks, patchify_blocks, xtra_loss
 
 
 def tiny_arch(**kw) -> ArchConfig:
-    base = dict(width=32, depth=2, heads=2, img_size=32, patch_size=4, block_size=2, predictor_depth=2,
-                predictor_width=16, predictor_heads=2, attn_impl="sdpa")
+    base = dict(
+        width=32,
+        depth=2,
+        heads=2,
+        img_size=32,
+        patch_size=4,
+        block_size=2,
+        predictor_depth=2,
+        predictor_width=16,
+        predictor_heads=2,
+        attn_impl="sdpa",
+    )
     return ArchConfig(**{**base, **kw})
 
 
@@ -77,8 +87,7 @@ def test_changing_block_m_changes_nothing_before_it(k: int, order: str) -> None:
     assert (enc_x[:, at] - enc_y[:, at]).abs().max() > 1e-3  # the test can fail: block m itself changes
 
 
-def _attention_by_definition(attn, x: torch.Tensor, grid: int, k: int,
-                             order: tuple[int, ...] | None) -> torch.Tensor:
+def _attention_by_definition(attn, x: torch.Tensor, grid: int, k: int, order: tuple[int, ...] | None) -> torch.Tensor:
     """The attention layer written out from METHOD.md, query by query: token q attends to the
     tokens of every block predicted no later than its own (no mask builder of the project)."""
     b, n, d = x.shape
@@ -90,7 +99,7 @@ def _attention_by_definition(attn, x: torch.Tensor, grid: int, k: int,
     out = torch.empty_like(q)
     for query in range(n):
         keys = [t for t in range(n) if rank[blocks[t]] <= rank[blocks[query]]]
-        scores = q[:, :, query:query + 1] @ kk[:, :, keys].transpose(-1, -2) / (d // h) ** 0.5
+        scores = q[:, :, query : query + 1] @ kk[:, :, keys].transpose(-1, -2) / (d // h) ** 0.5
         out[:, :, query] = (scores.softmax(-1) @ v[:, :, keys])[:, :, 0]
     return attn.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -137,8 +146,9 @@ def test_concat_blocks_is_channel_major() -> None:
     out = concat_blocks(tokens, grid, k)  # (1, 4, d*k*k)
     for block in range(4):
         br, bc = divmod(block, grid // k)
-        expected = [tokens[0, (br * k + r) * grid + (bc * k + c), ch]
-                    for ch in range(d) for r in range(k) for c in range(k)]
+        expected = [
+            tokens[0, (br * k + r) * grid + (bc * k + c), ch] for ch in range(d) for r in range(k) for c in range(k)
+        ]
         assert out[0, block].tolist() == torch.stack(expected).tolist()
 
 
@@ -152,17 +162,17 @@ def test_loss_equals_a_direct_computation_of_the_formula() -> None:
     targets = []
     for blk in range(m):
         r, col = divmod(blk, s // c)
-        t = images[:, :, r * c:(r + 1) * c, col * c:(col + 1) * c].reshape(b, -1)
+        t = images[:, :, r * c : (r + 1) * c, col * c : (col + 1) * c].reshape(b, -1)
         targets.append((t - t.mean(1, keepdim=True)) / torch.sqrt(t.var(1, keepdim=True) + 1e-6))
     target = torch.stack(targets, 1)
-    direct = sum(((preds[j][:, : m - 1 - j] - target[:, 1 + j:]) ** 2).mean() for j in range(2)) / 2
+    direct = sum(((preds[j][:, : m - 1 - j] - target[:, 1 + j :]) ** 2).mean() for j in range(2)) / 2
     model_target = patchify_blocks(images, c)
     from xtra.model.xtra import normalize_blocks
 
     ours = xtra_loss(preds, normalize_blocks(model_target))
     torch.testing.assert_close(ours, direct)
     l1 = xtra_loss(preds, normalize_blocks(model_target), loss="l1")
-    direct_l1 = sum((preds[j][:, : m - 1 - j] - target[:, 1 + j:]).abs().mean() for j in range(2)) / 2
+    direct_l1 = sum((preds[j][:, : m - 1 - j] - target[:, 1 + j :]).abs().mean() for j in range(2)) / 2
     torch.testing.assert_close(l1, direct_l1)
 
 
@@ -225,8 +235,9 @@ def test_encoder_flex_path_forward_equals_dense_path(order: str) -> None:
 def test_attention_bench_reports_every_cpu_path(capsys: pytest.CaptureFixture) -> None:
     from xtra.model.bench import run_attention_bench
 
-    rows = run_attention_bench("tiny", batch=2, steps=1, warmup=0, device="cpu",
-                               overrides={"depth": 1, "predictor_depth": 1})
+    rows = run_attention_bench(
+        "tiny", batch=2, steps=1, warmup=0, device="cpu", overrides={"depth": 1, "predictor_depth": 1}
+    )
     assert [r.impl for r in rows] == ["sdpa", "reference"]
     assert all(r.images_per_s > 0 and r.step_ms > 0 and r.peak_mem_mb > 0 for r in rows)
     assert "vs reference" in capsys.readouterr().out
@@ -275,12 +286,29 @@ def test_gpu_bench_plumbing_on_cpu(capsys: pytest.CaptureFixture, one_thread) ->
     """`xtra bench gpu`'s table on CPU with shrunken models (FlexAttention rows need CUDA): plumbing only."""
     from xtra.model.bench import run_gpu_bench, train_flops_per_image
 
-    shrink = {"preset": "tiny", "width": 32, "depth": 1, "heads": 2, "img_size": 32, "patch_size": 8, "block_size": 2,
-              "predictor_depth": 1, "predictor_width": 16, "predictor_heads": 2, "proj_hidden": 32, "head_hidden": 32}
-    rows = run_gpu_bench(("xtra_b16", "xtra_h14"), {"xtra_b16": 2, "xtra_h14": 2}, steps=1, warmup=0, device="cpu",
-                         overrides=shrink)
-    assert [(r.model, r.recipe) for r in rows] == [("xtra_b16", "bf16 sdpa"), ("xtra_b16", "fp16 release"),
-                                                    ("xtra_h14", "bf16 sdpa"), ("xtra_h14", "fp16 release")]
+    shrink = {
+        "preset": "tiny",
+        "width": 32,
+        "depth": 1,
+        "heads": 2,
+        "img_size": 32,
+        "patch_size": 8,
+        "block_size": 2,
+        "predictor_depth": 1,
+        "predictor_width": 16,
+        "predictor_heads": 2,
+        "proj_hidden": 32,
+        "head_hidden": 32,
+    }
+    rows = run_gpu_bench(
+        ("xtra_b16", "xtra_h14"), {"xtra_b16": 2, "xtra_h14": 2}, steps=1, warmup=0, device="cpu", overrides=shrink
+    )
+    assert [(r.model, r.recipe) for r in rows] == [
+        ("xtra_b16", "bf16 sdpa"),
+        ("xtra_b16", "fp16 release"),
+        ("xtra_h14", "bf16 sdpa"),
+        ("xtra_h14", "fp16 release"),
+    ]
     assert all(r.images_per_s > 0 and r.mfu is None for r in rows)
     out = capsys.readouterr().out
     assert "vs bf16 sdpa" in out and "1.00x" in out

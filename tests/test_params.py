@@ -12,8 +12,9 @@ import copy
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -34,23 +35,27 @@ def profile(name: str) -> dict[str, Any]:
 
 def _set(path: str, value: Any) -> Callable[[dict], None]:
     """A mutation that sets a dotted key (creating mappings on the way)."""
+
     def mutate(params: dict) -> None:
         *parents, last = path.split(".")
         node = params
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
+
     return mutate
 
 
 def _rename(path: str, new: str) -> Callable[[dict], None]:
     """A mutation that renames the last key of a dotted path (a typo)."""
+
     def mutate(params: dict) -> None:
         *parents, last = path.split(".")
         node = params
         for part in parents:
             node = node[part]
         node[new] = node.pop(last)
+
     return mutate
 
 
@@ -61,6 +66,7 @@ def _delete(path: str) -> Callable[[dict], None]:
         for part in parents:
             node = node[part]
         del node[last]
+
     return mutate
 
 
@@ -87,8 +93,11 @@ BAD_PARAMS: list[tuple[str, Callable[[dict], None] | str, str]] = [
     ("unknown-kind", _set("probe.benchmarks.mnist.kinds", ["linear", "knn"]), "probe.benchmarks.mnist.kinds"),
     ("unknown-preset", _set("models.xtra_k2.arch.preset", "giant"), "models.xtra_k2.arch.preset"),
     ("missing-root", _set("datasets.cifar", {"kind": "cifar10"}), "datasets.cifar.root"),
-    ("absent-root-path", _set("datasets.cifar", {"kind": "cifar10", "root": "/nonexistent/cifar10"}),
-     "datasets.cifar.root"),
+    (
+        "absent-root-path",
+        _set("datasets.cifar", {"kind": "cifar10", "root": "/nonexistent/cifar10"}),
+        "datasets.cifar.root",
+    ),
     ("model-unknown-dataset", _set("models.xtra_k2.dataset", "imagenet1k"), "models.xtra_k2.dataset"),
     ("benchmark-unknown-dataset", _set("probe.benchmarks.digits.dataset", "svhn"), "probe.benchmarks.digits.dataset"),
     ("probe-unknown-model", _set("probe.models", ["xtra_k9"]), "probe.models"),
@@ -123,8 +132,11 @@ def _write_bad(tmp_path: Path, mutation: Callable[[dict], None] | str) -> Path:
 def test_bad_params_fail_fast_naming_the_key(name, mutation, key, tmp_path, monkeypatch, capsys):
     bad = _write_bad(tmp_path, mutation)
     monkeypatch.chdir(tmp_path)  # params paths are relative: any output would appear here
-    for argv in (["validate", "--params", str(bad)], ["prepare", "mnist5k", "--params", str(bad)],
-                 ["probe", "xtra_k2", "--params", str(bad), "--no-ray"]):
+    for argv in (
+        ["validate", "--params", str(bad)],
+        ["prepare", "mnist5k", "--params", str(bad)],
+        ["probe", "xtra_k2", "--params", str(bad), "--no-ray"],
+    ):
         code = xtra_main(argv)  # "fast": it fails before any job starts (no output folder below)
         err = capsys.readouterr().err
         assert code == 2, f"xtra {' '.join(argv)} exited {code}: {err}"
@@ -141,8 +153,13 @@ def test_bad_params_table_is_large_enough():
 def test_console_script_exit_code_and_message(tmp_path):
     """The installed `xtra` entry point itself: exit code 2, one `error:` line, no traceback."""
     bad = _write_bad(tmp_path, _rename("models.xtra_k2.arch.block_size", "blok_size"))
-    proc = subprocess.run([sys.executable, "-m", "xtra.cli", "validate", "--params", str(bad)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "xtra.cli", "validate", "--params", str(bad)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "blok_size" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -155,8 +172,7 @@ def test_profiles_have_no_plain_yaml_alias(name):
     when DVC writes the others back (DVC 3.67 merges its result into the loaded YAML). Merge keys
     (`<<: *anchor`) make separate mappings and are safe."""
     lines = (PROFILES / f"{name}.yaml").read_text().splitlines()
-    aliases = [line for line in lines if re.search(r"(:|^\s*-)\s+\*\w+", line.split("#")[0])
-               and "<<:" not in line]
+    aliases = [line for line in lines if re.search(r"(:|^\s*-)\s+\*\w+", line.split("#")[0]) and "<<:" not in line]
     assert not aliases
 
 
@@ -213,22 +229,59 @@ def test_paper_b16_recipe():
     assert probe["models"] == ["xtra_b16", "pixels"] and p["models"]["pixels"]["init"] == "pixels"
 
 
-H14_BATCH = {"in1k": (1024, 4), "inat18": (1024, 4), "pcam": (1024, 4), "dtd": (128, 1), "pets": (128, 1),
-             "cars": (128, 1), "infograph": (256, 1)}
+H14_BATCH = {
+    "in1k": (1024, 4),
+    "inat18": (1024, 4),
+    "pcam": (1024, 4),
+    "dtd": (128, 1),
+    "pets": (128, 1),
+    "cars": (128, 1),
+    "infograph": (256, 1),
+}
 
 
 def test_paper_h14_recipe():
     p = validate_params(profile("paper_h14"), check_paths=False)
     m = p["models"]["xtra_h14"]
     a, t = m["arch"], m["train"]
-    assert (m["dataset"], m["eval_resize"], a["preset"], a["img_size"], a["patch_size"]) == ("imagenet21k", 256, "huge", 224, 14)
-    assert (a["block_size"], a["proj_hidden"], a["predictor_width"], a["predictor_heads"], a["head_hidden"]) == (4, 5120, 640, 8, 9408)
+    assert (m["dataset"], m["eval_resize"], a["preset"], a["img_size"], a["patch_size"]) == (
+        "imagenet21k",
+        256,
+        "huge",
+        224,
+        14,
+    )
+    assert (a["block_size"], a["proj_hidden"], a["predictor_width"], a["predictor_heads"], a["head_hidden"]) == (
+        4,
+        5120,
+        640,
+        8,
+        9408,
+    )
     assert (a["drop_path_rate"], t["epochs"], t["warmup_epochs"], _global_batch(t)) == (0.2, 100, 3, 2048)
     assert (m["resources"]["nodes"], m["resources"]["gpus"]) == (t["num_nodes"], t["devices"])
     benchmarks = p["probe"]["benchmarks"]
-    assert list(benchmarks) == ["in1k", "inat18", "cifar10", "cifar100", "food101", "dtd", "pets", "cars", "iwildcam",
-                                "camelyon17", "pcam", "rxrx1", "eurosat", "fmow", "infograph"]
-    assert sum(len(b["kinds"]) for b in benchmarks.values()) == 16 and benchmarks["in1k"]["kinds"] == ["linear", "attentive"]
+    assert list(benchmarks) == [
+        "in1k",
+        "inat18",
+        "cifar10",
+        "cifar100",
+        "food101",
+        "dtd",
+        "pets",
+        "cars",
+        "iwildcam",
+        "camelyon17",
+        "pcam",
+        "rxrx1",
+        "eurosat",
+        "fmow",
+        "infograph",
+    ]
+    assert sum(len(b["kinds"]) for b in benchmarks.values()) == 16 and benchmarks["in1k"]["kinds"] == [
+        "linear",
+        "attentive",
+    ]
     for name, bench in benchmarks.items():
         assert "attentive" in bench["kinds"] and bench["epochs"] == 100
         assert (bench["batch_size"], bench["accum_steps"]) == H14_BATCH.get(name, (512, 1)), name
@@ -254,7 +307,7 @@ def ablation_commands() -> list[tuple[str, str, list[str]]]:
     heads = list(_SECTION.finditer(text))
     found = []
     for head, nxt in zip(heads, heads[1:] + [None]):
-        body = text[head.end(): nxt.start() if nxt else len(text)]
+        body = text[head.end() : nxt.start() if nxt else len(text)]
         for line in body.splitlines():
             if line.startswith("dvc exp run"):
                 found.append((head.group(1), line, _OVERRIDE.findall(line)))
@@ -265,15 +318,25 @@ def test_ablations_cover_method_switches():
     commands = ablation_commands()
     assert {p for p, _, _ in commands} == {"demo", "paper_b16", "paper_h14"}
     keys = {o.split("=")[0].split(".")[-1] for _, _, overrides in commands for o in overrides}
-    assert {"block_size", "num_heads_ahead", "predictor_depth", "predictor_width", "loss", "block_order",
-            "img_size"} <= keys
+    assert {
+        "block_size",
+        "num_heads_ahead",
+        "predictor_depth",
+        "predictor_width",
+        "loss",
+        "block_order",
+        "img_size",
+    } <= keys
     for name in ("paper_b16", "paper_h14"):
         sizes = {o.split("=")[1] for p, _, ov in commands if p == name for o in ov if ".block_size=" in o}
         assert sizes | {"4"} == {"1", "2", "4", "8"}, (name, sizes)
 
 
-@pytest.mark.parametrize("name,command,overrides", ablation_commands(), ids=lambda v: v if isinstance(v, str) and
-                         v.startswith("dvc") else None)
+@pytest.mark.parametrize(
+    "name,command,overrides",
+    ablation_commands(),
+    ids=lambda v: v if isinstance(v, str) and v.startswith("dvc") else None,
+)
 def test_ablation_is_valid(name, command, overrides):
     assert overrides, f"no -S override in {command!r}"
     base = profile(name)
@@ -346,8 +409,11 @@ def test_validate_refuses_multi_node_outside_a_scheduler_job(tmp_path, monkeypat
 
 def test_a_key_given_twice_is_an_error_naming_it(tmp_path):
     """PyYAML would keep the second silently (a text merge can leave a key twice)."""
-    text = (PROFILES / "demo.yaml").read_text().replace("    heldout_fraction: 0.2\n",
-                                                         "    heldout_fraction: 0.2\n    heldout_fraction: 0.3\n", 1)
+    text = (
+        (PROFILES / "demo.yaml")
+        .read_text()
+        .replace("    heldout_fraction: 0.2\n", "    heldout_fraction: 0.2\n    heldout_fraction: 0.3\n", 1)
+    )
     path = tmp_path / "params.yaml"
     path.write_text(text)
     with pytest.raises(ParamsError, match=r"key 'heldout_fraction' appears twice .*lines \d+ and \d+"):

@@ -78,12 +78,14 @@ def test_changed_param_or_input_reprepares(tmp_path: Path) -> None:
     kept = prep.prepare_dataset("toy", params(image_size=10, keep_original=True), tmp_path, reader=array_reader())
     with tarfile.open(tmp_path / "toy" / "val-000000.tar") as tar:
         assert "va020.orig.png" in tar.getnames()
-    other_pixels = prep.prepare_dataset("toy", params(image_size=10, keep_original=True), tmp_path,
-                                        reader=array_reader(seed=1))  # fmt: skip
+    other_pixels = prep.prepare_dataset(
+        "toy", params(image_size=10, keep_original=True), tmp_path, reader=array_reader(seed=1)
+    )
     assert other_pixels["params_hash"] != kept["params_hash"]
     # num_workers does not change the output, so it does not re-prepare
-    same = prep.prepare_dataset("toy", params(image_size=10, keep_original=True, num_workers=2), tmp_path,
-                                reader=array_reader(seed=1))  # fmt: skip
+    same = prep.prepare_dataset(
+        "toy", params(image_size=10, keep_original=True, num_workers=2), tmp_path, reader=array_reader(seed=1)
+    )
     assert same["params_hash"] == other_pixels["params_hash"]
 
 
@@ -207,7 +209,9 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
     ds = PreparedDataset(tmp_path / "out" / "tree", "train")
     images = {ds.key(i): ds.image(i) for i in range(len(ds))}
     assert all(img.mode == "RGB" for img in images.values())
-    assert images["a_big"].size == (96, 72) and ds._reader.index.is_jpeg.sum() == 2  # big, cmyk: JPEG sources stored > 64 px
+    assert (
+        images["a_big"].size == (96, 72) and ds._reader.index.is_jpeg.sum() == 2
+    )  # big, cmyk: JPEG sources stored > 64 px
     assert images["b_rgba"].getpixel((0, 0))[0] > 240 and images["b_rgba"].getpixel((0, 71)) == (255, 255, 255)
     assert images["b_la"].getpixel((5, 5)) == (255, 255, 255)  # alpha composited on white
     r, g, b = images["b_cmyk"].getpixel((8, 8))
@@ -221,8 +225,9 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
 def test_too_many_bad_files_is_a_data_error(tmp_path: Path) -> None:
     save_bad_tree(tmp_path / "raw")
     with pytest.raises(DataError, match=r"tree.*skipped.*max_skipped_fraction.*(truncated|random|empty)"):
-        prep.prepare_dataset("tree", params(max_skipped_fraction=0.2), tmp_path / "out",
-                             reader=tree_reader(tmp_path / "raw"))  # fmt: skip
+        prep.prepare_dataset(
+            "tree", params(max_skipped_fraction=0.2), tmp_path / "out", reader=tree_reader(tmp_path / "raw")
+        )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 

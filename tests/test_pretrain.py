@@ -41,8 +41,11 @@ def small(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_loss_falls_on_the_demo_data(tmp_path: Path, prepared_demo: Path) -> None:
-    params = _params_with(small_model(epochs=2, batch_size=32, lr=2e-3, warmup_epochs=0.1, max_steps=200,
-                                      val_every_n_steps=100, val_batches=2))
+    params = _params_with(
+        small_model(
+            epochs=2, batch_size=32, lr=2e-3, warmup_epochs=0.1, max_steps=200, val_every_n_steps=100, val_batches=2
+        )
+    )
     path = write_params(tmp_path, params, prepared_demo)
     run_xtra("pretrain", "m", "--params", str(path), cwd=tmp_path)
     out = tmp_path / "models" / "m"
@@ -61,11 +64,12 @@ def test_run_writes_its_plan_logs_and_a_weights_only_model(small, tmp_path: Path
     """run.json + the printed summary, log/val CSVs with the visibility columns, TensorBoard, model.pt."""
     from xtra.model.artifact import read_model_artifact
     from xtra.model.checkpoint import load_strict
-    from xtra.model.xtra import build_arch_encoder, ArchConfig
+    from xtra.model.xtra import ArchConfig, build_arch_encoder
 
     tmp, prepared = small
-    params = tiny_params(tmp, prepared, epochs=1, val_every_n_steps=3, val_batches=1, keep_last_checkpoints=1,
-                         checkpoint_every_n_steps=2)
+    params = tiny_params(
+        tmp, prepared, epochs=1, val_every_n_steps=3, val_batches=1, keep_last_checkpoints=1, checkpoint_every_n_steps=2
+    )
     stdout = _ok(run_pretrain(tmp_path, params, prepared))
     out = tmp_path / "models" / "m"
     plan = json.loads((out / "run.json").read_text())
@@ -84,33 +88,45 @@ def test_run_writes_its_plan_logs_and_a_weights_only_model(small, tmp_path: Path
     artifact = read_model_artifact(out / "model.pt")
     assert artifact.init == "pretrain" and artifact.provenance["steps"] == 6
     encoder = build_arch_encoder(ArchConfig.from_dict(artifact.arch))
-    load_strict(encoder, {k[len("encoder."):]: v for k, v in artifact.state_dict.items()
-                          if k.startswith("encoder.")}, "model.pt")
+    load_strict(
+        encoder,
+        {k[len("encoder.") :]: v for k, v in artifact.state_dict.items() if k.startswith("encoder.")},
+        "model.pt",
+    )
     assert not any(k.startswith("optimizer") for k in artifact.state_dict)
 
 
 def _sha(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*.ckpt"))}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*.ckpt"))
+    }
 
 
 @pytest.mark.slow
 def test_non_trajectory_edits_resume_and_an_lr_edit_leaves_the_old_checkpoints_byte_for_byte(
-        small, tmp_path: Path) -> None:
+    small, tmp_path: Path
+) -> None:
     from xtra.data.prepare import prepare_dataset
 
     tmp, prepared = small
     base = tiny_params(tmp, prepared, epochs=1, max_steps=2)
     _ok(run_pretrain(tmp_path, base, prepared))
     plan = json.loads((tmp_path / "models" / "m" / "run.json").read_text())
-    edited = tiny_params(tmp, prepared, epochs=1, max_steps=4, log_every_n_steps=2,
-                         checkpoint_every_n_steps=1, reconstruct_images=1)
+    edited = tiny_params(
+        tmp, prepared, epochs=1, max_steps=4, log_every_n_steps=2, checkpoint_every_n_steps=1, reconstruct_images=1
+    )
     edited["models"]["m"]["arch"]["attn_impl"] = "reference"
     edited["datasets"]["small"].update(num_workers=2, resources={"cpus": 3})
     reprepared = tmp_path / "prepared-again"  # the dataset's num_workers / resources edited: the same bytes
     prepare_dataset("small", validate_params(edited, check_paths=False)["datasets"]["small"], reprepared)
-    shards = [[(s["file"], s["sha256"]) for s in json.loads((root / "small" / "manifest.json").read_text())
-               ["splits"]["train"]["shards"]] for root in (prepared, reprepared)]
+    shards = [
+        [
+            (s["file"], s["sha256"])
+            for s in json.loads((root / "small" / "manifest.json").read_text())["splits"]["train"]["shards"]
+        ]
+        for root in (prepared, reprepared)
+    ]
     assert shards[0] == shards[1]
     stdout = _ok(run_pretrain(tmp_path, edited, reprepared))
     assert "resuming from" in stdout and "step-000002.ckpt" in stdout and f"run {plan['run_id']}" in stdout
@@ -129,23 +145,32 @@ def test_trajectory_keys_exclude_what_does_not_change_the_optimisation() -> None
     params = validate_params(_params_with(small_model()), check_paths=False)
     base = trajectory(params, "m", 2, "data")
     train = params["models"]["m"]["train"]
-    for key, value in (("log_every_n_steps", 3), ("checkpoint_every_n_steps", 9),
-                       ("reconstruct_images", 0), ("epochs", 40), ("max_steps", 10), ("val_every_n_steps", 5)):
+    for key, value in (
+        ("log_every_n_steps", 3),
+        ("checkpoint_every_n_steps", 9),
+        ("reconstruct_images", 0),
+        ("epochs", 40),
+        ("max_steps", 10),
+        ("val_every_n_steps", 5),
+    ):
         edited = dict(params, models={"m": {**params["models"]["m"], "train": {**train, key: value}}})
         assert run_id(trajectory(edited, "m", 2, "data")) == run_id(base), key
     arch = {**params["models"]["m"]["arch"], "attn_impl": "reference"}
-    assert run_id(trajectory(dict(params, models={"m": {**params["models"]["m"], "arch": arch}}), "m", 2, "data")) \
-        == run_id(base)
+    assert run_id(
+        trajectory(dict(params, models={"m": {**params["models"]["m"], "arch": arch}}), "m", 2, "data")
+    ) == run_id(base)
     lr = dict(params, models={"m": {**params["models"]["m"], "train": {**train, "lr": 0.5}}})
     assert changed_keys(base, trajectory(lr, "m", 2, "data")) == ["train.lr: 0.001 -> 0.5"]
     assert run_id(trajectory(params, "m", 4, "data")) != run_id(base)  # the world size is part of the run
     workers = {**train, "num_workers": 7}  # the stream's order depends on its workers, random access's not
-    assert run_id(trajectory(dict(params, models={"m": {**params["models"]["m"], "train": workers}}), "m", 2,
-                             "data")) != run_id(base)
+    assert run_id(
+        trajectory(dict(params, models={"m": {**params["models"]["m"], "train": workers}}), "m", 2, "data")
+    ) != run_id(base)
     rand = {**train, "loader": "random"}
     rand_base = trajectory(dict(params, models={"m": {**params["models"]["m"], "train": rand}}), "m", 2, "data")
-    rand_workers = trajectory(dict(params, models={"m": {**params["models"]["m"], "train": {**rand, "num_workers": 7}}}),
-                              "m", 2, "data")
+    rand_workers = trajectory(
+        dict(params, models={"m": {**params["models"]["m"], "train": {**rand, "num_workers": 7}}}), "m", 2, "data"
+    )
     assert run_id(rand_workers) == run_id(rand_base) != run_id(base)
 
 
@@ -159,9 +184,19 @@ def test_schedule_runs_from_warmup_start_to_lr_to_min_lr(small, tmp_path: Path, 
     from xtra.train.schedule import release_warmup_cosine
 
     tmp, prepared = small
-    params = tiny_params(tmp, prepared, devices=devices, strategy="ddp" if devices > 1 else "auto", epochs=4,
-                         batch_size=batch, accumulate_grad_batches=2, warmup_epochs=1, lr=1e-3, warmup_start_lr=1e-4,
-                         min_lr=1e-5)
+    params = tiny_params(
+        tmp,
+        prepared,
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        epochs=4,
+        batch_size=batch,
+        accumulate_grad_batches=2,
+        warmup_epochs=1,
+        lr=1e-3,
+        warmup_start_lr=1e-4,
+        min_lr=1e-5,
+    )
     _ok(run_pretrain(tmp_path, params, prepared, timeout=300))
     plan = json.loads((tmp_path / "models" / "m" / "run.json").read_text())
     assert plan["world_size"] == devices and plan["global_batch"] == 16
@@ -247,7 +282,8 @@ def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.faults
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
-        small, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread) -> None:
+    small, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread
+) -> None:
     import yaml
 
     from xtra.model import xtra as xtra_module
@@ -284,11 +320,28 @@ def _paper_model_run(tmp_path: Path, preset: str, img_size: int) -> None:
     info = make_imagenet1k(tmp_path / "raw")
     params = demo_params()
     params["datasets"] = {"imagenet1k": {**info.params, "image_size": img_size}}
-    train = {"epochs": 1, "batch_size": 2, "accelerator": "cpu", "num_workers": 0, "warmup_epochs": 0,
-             "checkpoint_every_n_steps": 1, "keep_last_checkpoints": 1, "log_every_n_steps": 1,
-             "reconstruct_images": 0, "precision": "32-true", "max_steps": 1}
-    params["models"] = {"m": {"init": "pretrain", "dataset": "imagenet1k", "eval_resize": img_size,
-                              "arch": {**MODEL_PRESETS[preset], "attn_impl": "sdpa"}, "train": train}}
+    train = {
+        "epochs": 1,
+        "batch_size": 2,
+        "accelerator": "cpu",
+        "num_workers": 0,
+        "warmup_epochs": 0,
+        "checkpoint_every_n_steps": 1,
+        "keep_last_checkpoints": 1,
+        "log_every_n_steps": 1,
+        "reconstruct_images": 0,
+        "precision": "32-true",
+        "max_steps": 1,
+    }
+    params["models"] = {
+        "m": {
+            "init": "pretrain",
+            "dataset": "imagenet1k",
+            "eval_resize": img_size,
+            "arch": {**MODEL_PRESETS[preset], "attn_impl": "sdpa"},
+            "train": train,
+        }
+    }
     params["probe"]["benchmarks"] = {"in1k": {"dataset": "imagenet1k", "eval_split": "val", "kinds": ["linear"]}}
     prepared = tmp_path / "prepared"
     prepare_dataset("imagenet1k", validate_params(params, check_paths=False)["datasets"]["imagenet1k"], prepared)

@@ -88,9 +88,25 @@ def test_one_job_for_both_kinds_equals_separate_jobs_and_repeats_with_augmentati
 
 
 def _cli(params_file: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "xtra.cli", "probe", "rand", "--params", str(params_file),
-                           "--benchmark", "bench_b", "--no-ray"], cwd=REPO, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xtra.cli",
+            "probe",
+            "rand",
+            "--params",
+            str(params_file),
+            "--benchmark",
+            "bench_b",
+            "--no-ray",
+        ],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow  # two CLI runs in subprocesses: about 45 s on 2 cores
@@ -181,8 +197,9 @@ def _bolts_rates(base: float, start: float, eta_min: float, warmup: int, total: 
             lr = base
         else:
             span = total - warmup
-            lr = (1 + math.cos(math.pi * (t - warmup) / span)) / (1 + math.cos(math.pi * (t - warmup - 1) / span)) \
-                * (lr - eta_min) + eta_min
+            lr = (1 + math.cos(math.pi * (t - warmup) / span)) / (1 + math.cos(math.pi * (t - warmup - 1) / span)) * (
+                lr - eta_min
+            ) + eta_min
         rates.append(lr)
     return rates
 
@@ -197,10 +214,10 @@ def test_release_schedule_of_the_h14_profile(benchmark, num_train):
         trainer = BankTrainer(HeadBank(sweep.kind, 32, 2, sweep.settings[:2], 4), sweep, batches, torch.device("cpu"))
         for lr in (sweep.settings[0][0], sweep.settings[1][0]):
             steps_per_epoch = math.ceil(batches / bench["accum_steps"])
-            expected = _bolts_rates(lr, lr * 0.1, 1e-5, bench["warmup_epochs"] * steps_per_epoch,
-                                    steps_per_epoch * bench["epochs"])
-            got = [trainer.lrs(t)[2 * sweep.settings.index((lr, sweep.settings[0][1]))]
-                   for t in range(len(expected))]
+            expected = _bolts_rates(
+                lr, lr * 0.1, 1e-5, bench["warmup_epochs"] * steps_per_epoch, steps_per_epoch * bench["epochs"]
+            )
+            got = [trainer.lrs(t)[2 * sweep.settings.index((lr, sweep.settings[0][1]))] for t in range(len(expected))]
             assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
             if bench["warmup_epochs"] == 0:  # the release's zero warm-up: never above lr/10
                 assert max(got) == pytest.approx(lr / 10)
@@ -226,12 +243,19 @@ def test_accumulation_divides_a_short_last_group_as_the_release():
 def _toy_params(rule: str) -> dict:
     from xtra.config import validate_params
 
-    return validate_params({
-        "profile": "t", "datasets": {"d": {"kind": "digits"}},
-        "models": {"rand": {"init": "random"}},
-        "probe": {"benchmarks": {"bench_b": {"dataset": "d", "eval_split": "test", "accum_steps": 2}},
-                  "last_group_loss": rule, "grad_clip": 0.0},
-    }, check_paths=False)
+    return validate_params(
+        {
+            "profile": "t",
+            "datasets": {"d": {"kind": "digits"}},
+            "models": {"rand": {"init": "random"}},
+            "probe": {
+                "benchmarks": {"bench_b": {"dataset": "d", "eval_split": "test", "accum_steps": 2}},
+                "last_group_loss": rule,
+                "grad_clip": 0.0,
+            },
+        },
+        check_paths=False,
+    )
 
 
 def test_cached_features_give_each_rank_its_share():

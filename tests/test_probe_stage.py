@@ -14,16 +14,26 @@ from xtra.config import validate_params
 from xtra.data.prepare import prepare_dataset
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import CheckpointError, DataError, ParamsError
+from xtra.model.arch import ArchConfig
 from xtra.model.artifact import save_model_artifact
 from xtra.model.checkpoint import file_sha256
-from xtra.model.arch import ArchConfig
 from xtra.model.xtra import XTRA
 from xtra.probe.cli import configure_parser, probe_model, run
 from xtra.probe.driver import ATTEMPT_LOG_ENV, FAIL_ENV, init_ray
 from xtra.probe.job import ProbeJob, plan_jobs, preflight, stratified_split
 
-ARCH = {"preset": "tiny", "width": 32, "depth": 2, "heads": 2, "img_size": 16, "patch_size": 4, "block_size": 2,
-        "predictor_depth": 1, "predictor_width": 16, "predictor_heads": 1}
+ARCH = {
+    "preset": "tiny",
+    "width": 32,
+    "depth": 2,
+    "heads": 2,
+    "img_size": 16,
+    "patch_size": 4,
+    "block_size": 2,
+    "predictor_depth": 1,
+    "predictor_width": 16,
+    "predictor_heads": 1,
+}
 CLASSES = ["a", "b", "c", "d", "e"]
 
 
@@ -53,19 +63,37 @@ def make_params(tmp: Path, lrs=(1e-3, 1e-2), epochs: int = 2, protocol: str = "p
     """A validated params dict: two datasets, one random-init model, two benchmarks x two kinds."""
     (tmp / "raw").mkdir(exist_ok=True)
     params = {
-        "profile": "test", "seed": 0,
+        "profile": "test",
+        "seed": 0,
         "paths": {"prepared": str(tmp / "prepared"), "models": str(tmp / "models"), "results": str(tmp / "results")},
-        "datasets": {name: {"kind": "custom", "root": str(tmp / "raw"), "image_size": 16, "size_check": "warn",
-                            "num_workers": 0} for name in ("set_a", "set_b")},
+        "datasets": {
+            name: {"kind": "custom", "root": str(tmp / "raw"), "image_size": 16, "size_check": "warn", "num_workers": 0}
+            for name in ("set_a", "set_b")
+        },
         "models": {"rand": {"init": "random", "eval_resize": 16, "arch": dict(ARCH)}},
         "probe": {
             "benchmarks": {
-                "bench_a": {"dataset": "set_a", "eval_split": "test", "epochs": epochs, "batch_size": 16,
-                            "lrs": list(lrs)},
-                "bench_b": {"dataset": "set_b", "eval_split": "test", "epochs": epochs, "batch_size": 16,
-                            "lrs": list(lrs), "kinds": ["linear", "attentive"]},
+                "bench_a": {
+                    "dataset": "set_a",
+                    "eval_split": "test",
+                    "epochs": epochs,
+                    "batch_size": 16,
+                    "lrs": list(lrs),
+                },
+                "bench_b": {
+                    "dataset": "set_b",
+                    "eval_split": "test",
+                    "epochs": epochs,
+                    "batch_size": 16,
+                    "lrs": list(lrs),
+                    "kinds": ["linear", "attentive"],
+                },
             },
-            "protocol": protocol, "num_last_blocks": 2, "attn_heads": 4, "augment": False, "num_workers": 0,
+            "protocol": protocol,
+            "num_last_blocks": 2,
+            "attn_heads": 4,
+            "augment": False,
+            "num_workers": 0,
             "ray": {"max_retries": 1, "cpus_per_job": 1},
         },
     }
@@ -78,7 +106,9 @@ def build_inputs(params: dict, datasets=("set_a", "set_b")) -> None:
         prepare_dataset(name, params["datasets"][name], Path(params["paths"]["prepared"]), reader=_reader(40, 20, i))
     torch.manual_seed(0)
     out = Path(params["paths"]["models"]) / "rand"
-    save_model_artifact(out / "model.pt", init="random", arch=ARCH, state_dict=XTRA(ArchConfig.from_dict(ARCH)).state_dict())
+    save_model_artifact(
+        out / "model.pt", init="random", arch=ARCH, state_dict=XTRA(ArchConfig.from_dict(ARCH)).state_dict()
+    )
     (out / "metrics.json").write_text(json.dumps({"images_seen": 1234}))
 
 
@@ -185,7 +215,9 @@ def test_ray_runs_four_jobs_and_reports_a_failing_one(workspace, ray_session, tm
     report = json.loads(failures.read_text())["failures"]
     assert [(f["job"], f["attempts"]) for f in report] == [("bench_b-linear", 2), ("bench_b-attentive", 2)]
     assert "InjectedFailure" in report[0]["error"]
-    assert not (stale.parent / "bench_b-linear.json").exists() and not (stale.parent / "bench_b-attentive.json").exists()
+    assert (
+        not (stale.parent / "bench_b-linear.json").exists() and not (stale.parent / "bench_b-attentive.json").exists()
+    )
 
     monkeypatch.delenv(FAIL_ENV)
     assert probe_model(workspace, "rand", ["bench_b"], use_ray=False) == 0

@@ -16,7 +16,13 @@ from xtra.model.probes import AttentiveProbe, HeadBank, LinearProbe, probe_block
 from xtra.model.vit import Encoder
 from xtra.probe.bench import run_sweep_bench
 from xtra.probe.loop import (
-    CachedFeatures, LiveFeatures, SweepConfig, cache_features, evaluate_bank, settings_grid, train_bank,
+    CachedFeatures,
+    LiveFeatures,
+    SweepConfig,
+    cache_features,
+    evaluate_bank,
+    settings_grid,
+    train_bank,
 )
 
 CPU = torch.device("cpu")
@@ -96,16 +102,27 @@ def test_probe_shape_errors():
 def _live_source(encoder: Encoder, cfg: SweepConfig) -> LiveFeatures:
     torch.manual_seed(123)
     data = TensorDataset(torch.randn(40, 3, 8, 8), torch.arange(40) % 4)
-    return LiveFeatures(encoder, make_loader(data, 8, shuffle=True, seed=7, rank=0, world_size=1, drop_last=True),
-                        cfg, CPU)
+    return LiveFeatures(
+        encoder, make_loader(data, 8, shuffle=True, seed=7, rank=0, world_size=1, drop_last=True), cfg, CPU
+    )
 
 
 @pytest.mark.parametrize("kind", ["linear", "attentive"])
 def test_a_head_of_a_bank_trains_exactly_as_a_standalone_run(kind):
     encoder = tiny_encoder()
     lrs = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
-    cfg = SweepConfig(kind=kind, settings=settings_grid(lrs, [0.05]), epochs=3, warmup_epochs=1, accum_steps=2,
-                      grad_clip=0.5, min_lr=1e-4, num_last_blocks=2, attn_heads=4, seed=3)
+    cfg = SweepConfig(
+        kind=kind,
+        settings=settings_grid(lrs, [0.05]),
+        epochs=3,
+        warmup_epochs=1,
+        accum_steps=2,
+        grad_clip=0.5,
+        min_lr=1e-4,
+        num_last_blocks=2,
+        attn_heads=4,
+        seed=3,
+    )
     bank = HeadBank(kind, 16, 4, cfg.settings, cfg.attn_heads, cfg.seed)
     history = train_bank(bank, _live_source(encoder, cfg), cfg, CPU)
     assert len(history) == 3 and len(history[0]) == 5
@@ -166,8 +183,18 @@ def test_evaluate_reports_top1_and_top5():
 
 @pytest.mark.timeout(120)
 def test_sweep_bench_reports_the_one_pass_ratio_of_both_kinds(capsys):
-    rows = run_sweep_bench(lrs=(1e-3, 1e-2), epochs=1, num_samples=32, batch_size=16,
-                           img_size=16, width=32, depth=4, heads=2, num_last_blocks=2, num_threads=1)
+    rows = run_sweep_bench(
+        lrs=(1e-3, 1e-2),
+        epochs=1,
+        num_samples=32,
+        batch_size=16,
+        img_size=16,
+        width=32,
+        depth=4,
+        heads=2,
+        num_last_blocks=2,
+        num_threads=1,
+    )
     assert [(r.kind, r.heads) for r in rows] == [("linear", 2), ("attentive", 2), ("linear+attentive", 4)]
     assert rows[2].separate_s == rows[0].separate_s + rows[1].separate_s and rows[2].one_pass_s > 0
     assert "goal 0.8xheads" in capsys.readouterr().out  # reported, never asserted: a shared machine

@@ -63,7 +63,7 @@ def test_reader_matches_fixture(kind: str, tmp_path: Path) -> None:
         assert found[key][:2] == (split, label), key
     for key, path in info.files.items():
         assert Path(found[key][2]) == path
-    for split, samples in dataset.splits.items():
+    for samples in dataset.splits.values():
         for sample in samples:
             assert KEY.match(sample.key), sample.key
             assert 0 <= sample.label < len(dataset.classes)

@@ -12,9 +12,19 @@ from xtra.reconstruct import _denormalize, distinct_class_indices, reconstructio
 
 
 def _arch(**kw) -> ArchConfig:
-    base = dict(width=32, depth=1, heads=2, img_size=16, patch_size=4, block_size=2,
-                predictor_depth=1, predictor_width=16, predictor_heads=2, attn_impl="sdpa",
-                norm_pix_loss=False)
+    base = dict(
+        width=32,
+        depth=1,
+        heads=2,
+        img_size=16,
+        patch_size=4,
+        block_size=2,
+        predictor_depth=1,
+        predictor_width=16,
+        predictor_heads=2,
+        attn_impl="sdpa",
+        norm_pix_loss=False,
+    )
     return ArchConfig(**{**base, **kw})
 
 
@@ -30,7 +40,7 @@ def _block(grid_images: torch.Tensor, row: int, block: int, c: int) -> torch.Ten
     """(3, c, c) pixels of raster block `block` of grid image `row`."""
     per_side = grid_images.shape[-1] // c
     r, col = divmod(block, per_side)
-    return grid_images[row, :, r * c:(r + 1) * c, col * c:(col + 1) * c]
+    return grid_images[row, :, r * c : (r + 1) * c, col * c : (col + 1) * c]
 
 
 @pytest.mark.parametrize("order_kind", ["raster", "pseudo_random"])
@@ -54,9 +64,8 @@ def test_grid_follows_the_models_own_block_order(order_kind: str) -> None:
         torch.testing.assert_close(_block(grid, drawn, order[0], c), grey)
         # the block of rank r+1 shows the prediction made at the block of rank r
         for r in (0, m // 2, m - 2):
-            expected = _denormalize(pred[i:i + 1, order[r]].view(1, 3, c, c))[0]
+            expected = _denormalize(pred[i : i + 1, order[r]].view(1, 3, c, c))[0]
             torch.testing.assert_close(_block(grid, drawn, order[r + 1], c), expected)
-        blocks = patchify_blocks(images[i:i + 1], c)[0]  # (M, 3c^2)
+        blocks = patchify_blocks(images[i : i + 1], c)[0]  # (M, 3c^2)
         other = order[1]  # a predicted block of the target row is the image itself
-        torch.testing.assert_close(_block(grid, target, other, c),
-                                   _denormalize(blocks[other].view(1, 3, c, c))[0])
+        torch.testing.assert_close(_block(grid, target, other, c), _denormalize(blocks[other].view(1, 3, c, c))[0])

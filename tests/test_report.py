@@ -32,30 +32,56 @@ AIM = load_reference().query("series == 'AIM-0.6B (DFN-2B+)' and benchmark != 'm
 AIM_TOP1 = dict(zip(AIM["benchmark"], AIM["top1"]))
 
 
-def _params(tmp: Path, benchmarks: dict, models=("xtra", "random"),
-            protocol: str = "paper") -> dict:
+def _params(tmp: Path, benchmarks: dict, models=("xtra", "random"), protocol: str = "paper") -> dict:
     return {
         "paths": {"results": str(tmp / "results"), "models": str(tmp / "models")},
-        "models": {m: {"init": "random" if m == "random" else "pretrain", "dataset": "mnist5k",
-                       "arch": {}, "train": {}} for m in models},
-        "probe": {"protocol": protocol,
-                  "benchmarks": {b: {"dataset": b, "kinds": kinds, "lrs": [1e-3, 3e-3]}
-                                 for b, kinds in benchmarks.items()}},
-        "report": {"reference_dir": "xtra/report/reference",
-                   "reference_models": ["XTRA-B/16", "XTRA-H/14", "AIM-0.6B"]},
+        "models": {
+            m: {"init": "random" if m == "random" else "pretrain", "dataset": "mnist5k", "arch": {}, "train": {}}
+            for m in models
+        },
+        "probe": {
+            "protocol": protocol,
+            "benchmarks": {b: {"dataset": b, "kinds": kinds, "lrs": [1e-3, 3e-3]} for b, kinds in benchmarks.items()},
+        },
+        "report": {
+            "reference_dir": "xtra/report/reference",
+            "reference_models": ["XTRA-B/16", "XTRA-H/14", "AIM-0.6B"],
+        },
     }
 
 
-def _result(model: str, benchmark: str, kind: str, top1: float | None,
-            protocol: str = "paper", selected: float = 1e-3) -> dict:
+def _result(
+    model: str, benchmark: str, kind: str, top1: float | None, protocol: str = "paper", selected: float = 1e-3
+) -> dict:
     """A result as the probe writes it: a sweep of 3e-4, 1e-3 and 3e-3, the `selected` head
     (default 1e-3, inside the grid) at `top1`, the others 5 points below."""
-    heads = [] if top1 is None else [
-        {"lr": lr, "weight_decay": 0.1, "top1": top1 if lr == selected else top1 - 5,
-         "top5": 99.0, "heldout_top1": None} for lr in (3e-4, 1e-3, 3e-3)]
-    return {"model": model, "benchmark": benchmark, "kind": kind, "protocol": protocol,
-            "selected": {"lr": selected, "weight_decay": 0.1}, "top1": top1, "top5": 99.0,
-            "heads": heads, "heldout": None, "epochs": 1, "seed": 0}
+    heads = (
+        []
+        if top1 is None
+        else [
+            {
+                "lr": lr,
+                "weight_decay": 0.1,
+                "top1": top1 if lr == selected else top1 - 5,
+                "top5": 99.0,
+                "heldout_top1": None,
+            }
+            for lr in (3e-4, 1e-3, 3e-3)
+        ]
+    )
+    return {
+        "model": model,
+        "benchmark": benchmark,
+        "kind": kind,
+        "protocol": protocol,
+        "selected": {"lr": selected, "weight_decay": 0.1},
+        "top1": top1,
+        "top5": 99.0,
+        "heads": heads,
+        "heldout": None,
+        "epochs": 1,
+        "seed": 0,
+    }
 
 
 def _squeeze(text: str) -> str:
@@ -72,10 +98,15 @@ def _write_models(tmp: Path) -> None:
     xtra = tmp / "models" / "xtra"
     xtra.mkdir(parents=True)
     # Lightning's CSVLogger: loss and lr on separate rows, NaN elsewhere, extra columns.
-    pd.DataFrame({"epoch": [0, 0, 0, 0, 1], "step": [0, 0, 1, 1, 2],
-                  "train/loss": [2.0, np.nan, 1.5, np.nan, 1.0],
-                  "lr-AdamW": [np.nan, 1e-4, np.nan, 5e-4, np.nan],
-                  "val/loss": [np.nan] * 5}).to_csv(xtra / "log.csv", index=False)
+    pd.DataFrame(
+        {
+            "epoch": [0, 0, 0, 0, 1],
+            "step": [0, 0, 1, 1, 2],
+            "train/loss": [2.0, np.nan, 1.5, np.nan, 1.0],
+            "lr-AdamW": [np.nan, 1e-4, np.nan, 5e-4, np.nan],
+            "val/loss": [np.nan] * 5,
+        }
+    ).to_csv(xtra / "log.csv", index=False)
     _write_json(xtra / "metrics.json", {"images_seen": 50_000, "final_loss": 1.0})
     grid = (np.arange(48 * 64 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
     Image.fromarray(grid).save(xtra / "reconstruction.png")
@@ -84,19 +115,31 @@ def _write_models(tmp: Path) -> None:
 
 def make_demo(tmp_path: Path) -> dict:
     """Two models, three benchmarks: 5 results, one partial (no top1), one failed, one missing."""
-    params = _params(tmp_path, {"in1k": ["attentive", "linear"], "cifar10": ["attentive"],
-                                "digits": ["attentive"]})
+    params = _params(tmp_path, {"in1k": ["attentive", "linear"], "cifar10": ["attentive"], "digits": ["attentive"]})
     probe = tmp_path / "results" / "probe"
     for model, benchmark, kind, top1 in [
-        ("xtra", "in1k", "attentive", 80.0), ("xtra", "in1k", "linear", 70.0),
-        ("xtra", "cifar10", "attentive", 97.0), ("xtra", "digits", "attentive", None),
-        ("random", "in1k", "attentive", 10.0), ("random", "digits", "attentive", 20.0),
+        ("xtra", "in1k", "attentive", 80.0),
+        ("xtra", "in1k", "linear", 70.0),
+        ("xtra", "cifar10", "attentive", 97.0),
+        ("xtra", "digits", "attentive", None),
+        ("random", "in1k", "attentive", 10.0),
+        ("random", "digits", "attentive", 20.0),
     ]:
-        _write_json(probe / model / f"{benchmark}-{kind}.json",
-                    _result(model, benchmark, kind, top1))
-    _write_json(probe / "random" / "failures.json", {"failures": [
-        {"job": "in1k-linear", "benchmark": "in1k", "kind": "linear",
-         "error": "RuntimeError: CUDA out of memory", "attempts": 2}]})
+        _write_json(probe / model / f"{benchmark}-{kind}.json", _result(model, benchmark, kind, top1))
+    _write_json(
+        probe / "random" / "failures.json",
+        {
+            "failures": [
+                {
+                    "job": "in1k-linear",
+                    "benchmark": "in1k",
+                    "kind": "linear",
+                    "error": "RuntimeError: CUDA out of memory",
+                    "attempts": 2,
+                }
+            ]
+        },
+    )
     _write_models(tmp_path)
     return params
 
@@ -119,14 +162,13 @@ def built(tmp_path_factory) -> dict:
 
 
 def _outputs(out: Path) -> list[Path]:
-    return sorted(p for sub in ("tables", "figures", "plots") for p in (out / sub).iterdir()) + [
-        out / "metrics.json"]
+    return sorted(p for sub in ("tables", "figures", "plots") for p in (out / sub).iterdir()) + [out / "metrics.json"]
 
 
-def _row(table: pd.DataFrame, row: str, model: str, kind: str, protocol: str = "paper",
-         reference: str | None = None) -> pd.Series:
-    sel = (table["row"] == row) & (table["model"] == model) & (table["kind"] == kind) & (
-        table["protocol"] == protocol)
+def _row(
+    table: pd.DataFrame, row: str, model: str, kind: str, protocol: str = "paper", reference: str | None = None
+) -> pd.Series:
+    sel = (table["row"] == row) & (table["model"] == model) & (table["kind"] == kind) & (table["protocol"] == protocol)
     if reference is not None:
         sel &= table["reference"] == reference
     assert sel.sum() == 1, (row, model, kind, protocol, reference)
@@ -171,8 +213,7 @@ def test_collect_marks_missing_failed_and_partial(demo):
 
 
 def test_protocol_is_a_column(tmp_path):
-    params = _params(tmp_path, {"digits": ["linear"], "mnist": ["linear"]}, models=("m",),
-                     protocol="heldout")
+    params = _params(tmp_path, {"digits": ["linear"], "mnist": ["linear"]}, models=("m",), protocol="heldout")
     probe = tmp_path / "results" / "probe" / "m"
     _write_json(probe / "digits-linear.json", _result("m", "digits", "linear", 91.0, "heldout"))
     # a stale file of the other protocol: its own row, and the expected row says why it is absent
@@ -231,11 +272,14 @@ def test_table_holds_expected_numbers(built):
 def test_mean_over_15_and_differences(tmp_path):
     params = _params(tmp_path, {b: ["attentive"] for b in BENCHMARKS}, models=("h14",))
     for b in BENCHMARKS:
-        _write_json(tmp_path / "results" / "probe" / "h14" / f"{b}-attentive.json",
-                    _result("h14", b, "attentive", AIM_TOP1[b] + 1.0))
+        _write_json(
+            tmp_path / "results" / "probe" / "h14" / f"{b}-attentive.json",
+            _result("h14", b, "attentive", AIM_TOP1[b] + 1.0),
+        )
     collected = collect_results(params)
-    table = results_table(collected.results, load_reference(), collected.benchmarks,
-                          ["XTRA-B/16", "XTRA-H/14", "AIM-0.6B"])
+    table = results_table(
+        collected.results, load_reference(), collected.benchmarks, ["XTRA-B/16", "XTRA-H/14", "AIM-0.6B"]
+    )
     run_row = _row(table, "run", "h14", "attentive")
     assert run_row["mean15"] == pytest.approx(75.64 + 1.0)
     assert run_row["mean_present"] == pytest.approx(76.64) and run_row["n_present"] == 15
@@ -253,8 +297,7 @@ def test_mean_over_15_and_differences(tmp_path):
     collected = collect_results(params)
     run_row = run_rows(collected.results, collected.benchmarks).iloc[0]
     assert math.isnan(run_row["mean15"]) and run_row["n_present"] == 14
-    assert run_row["mean_present"] == pytest.approx(
-        np.mean([AIM_TOP1[b] + 1 for b in BENCHMARKS if b != "rxrx1"]))
+    assert run_row["mean_present"] == pytest.approx(np.mean([AIM_TOP1[b] + 1 for b in BENCHMARKS if b != "rxrx1"]))
 
 
 def test_markdown_and_latex_show_missing_with_reason(built):
@@ -276,7 +319,11 @@ def test_metrics_and_plot_data(built):
     out = built["out"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["xtra"]["attentive"]["paper"] == {
-        "in1k": 80.0, "cifar10": 97.0, "mean_present": 88.5, "n_present": 2}
+        "in1k": 80.0,
+        "cifar10": 97.0,
+        "mean_present": 88.5,
+        "n_present": 2,
+    }
     assert metrics["random"]["linear"]["paper"] == {"n_present": 0}
     top1 = pd.read_csv(out / "plots" / "top1.csv")
     assert len(top1) == 5 and "xtra/attentive/paper/in1k" in set(top1["key"])
@@ -286,7 +333,10 @@ def test_metrics_and_plot_data(built):
     assert loss["loss"].tolist() == [2.0, 1.5, 1.0] and loss["lr"].tolist()[:2] == [1e-4, 5e-4]
     seen = pd.read_csv(out / "plots" / "images_seen.csv")
     assert set(seen.loc[seen["origin"] == "published", "series"]) == {
-        "XTRA-B/16 (IN-1k)", "XTRA-H/14 (IN-21k)", "AIM-0.6B (DFN-2B+)"}
+        "XTRA-B/16 (IN-1k)",
+        "XTRA-H/14 (IN-21k)",
+        "AIM-0.6B (DFN-2B+)",
+    }
     run_points = seen[seen["origin"] == "run"]
     assert set(run_points["images_seen"]) == {50_000} and len(run_points) == 4
 
@@ -341,9 +391,15 @@ def test_figures_have_expected_panels_and_series(built):
 
 
 def test_bars_figure_counts_series_per_kind():
-    table = pd.DataFrame({"row": ["run", "run", "floor"], "model": ["a", "a", "px"],
-                          "kind": ["linear", "attentive", "linear"],
-                          "protocol": ["paper"] * 3, "x": [1.0, np.nan, 3.0]})
+    table = pd.DataFrame(
+        {
+            "row": ["run", "run", "floor"],
+            "model": ["a", "a", "px"],
+            "kind": ["linear", "attentive", "linear"],
+            "protocol": ["paper"] * 3,
+            "x": [1.0, np.nan, 3.0],
+        }
+    )
     fig = bars_figure(table, ["x"], {"a/x/attentive": "missing: not found"})
     assert [len(ax.containers) for ax in fig.axes] == [1, 1]
     # the pixel floor: a dashed segment in every panel, labelled as the floor
@@ -355,16 +411,25 @@ def test_bars_figure_counts_series_per_kind():
 
 def _floor_demo(tmp_path: Path, k2_mnist: float = 64.7) -> dict:
     """A demo-shaped run: a pre-trained model, its random control, and the pixel floor."""
-    params = _params(tmp_path, {"mnist": ["linear", "attentive"], "digits": ["linear", "attentive"]},
-                     models=("xtra_k2", "random", "pixels"))
+    params = _params(
+        tmp_path,
+        {"mnist": ["linear", "attentive"], "digits": ["linear", "attentive"]},
+        models=("xtra_k2", "random", "pixels"),
+    )
     params["models"]["pixels"]["init"] = "pixels"
     probe = tmp_path / "results" / "probe"
     for model, bench, kind, top1 in [
-            ("xtra_k2", "mnist", "linear", k2_mnist), ("xtra_k2", "mnist", "attentive", 62.0),
-            ("xtra_k2", "digits", "linear", 83.8), ("xtra_k2", "digits", "attentive", 84.4),
-            ("random", "mnist", "linear", 44.1), ("random", "mnist", "attentive", 54.5),
-            ("random", "digits", "linear", 69.6), ("random", "digits", "attentive", 71.6),
-            ("pixels", "mnist", "linear", 89.9), ("pixels", "digits", "linear", 95.0)]:
+        ("xtra_k2", "mnist", "linear", k2_mnist),
+        ("xtra_k2", "mnist", "attentive", 62.0),
+        ("xtra_k2", "digits", "linear", 83.8),
+        ("xtra_k2", "digits", "attentive", 84.4),
+        ("random", "mnist", "linear", 44.1),
+        ("random", "mnist", "attentive", 54.5),
+        ("random", "digits", "linear", 69.6),
+        ("random", "digits", "attentive", 71.6),
+        ("pixels", "mnist", "linear", 89.9),
+        ("pixels", "digits", "linear", 95.0),
+    ]:
         _write_json(probe / model / f"{bench}-{kind}.json", _result(model, bench, kind, top1))
     return params
 
@@ -404,14 +469,15 @@ def test_pixel_floor_row_and_gap_to_it(tmp_path):
 def test_lr_at_the_edge_of_its_grid_is_marked_and_warned(tmp_path, capsys):
     params = _floor_demo(tmp_path)
     probe = tmp_path / "results" / "probe"
-    _write_json(probe / "xtra_k2" / "mnist-linear.json",
-                _result("xtra_k2", "mnist", "linear", 64.7, selected=3e-3))  # the largest lr
-    _write_json(probe / "random" / "digits-attentive.json",
-                _result("random", "digits", "attentive", 71.6, selected=3e-4))  # the smallest
+    _write_json(
+        probe / "xtra_k2" / "mnist-linear.json", _result("xtra_k2", "mnist", "linear", 64.7, selected=3e-3)
+    )  # the largest lr
+    _write_json(
+        probe / "random" / "digits-attentive.json", _result("random", "digits", "attentive", 71.6, selected=3e-4)
+    )  # the smallest
     report = build_report(params, tmp_path / "results")
     res = report.collected.results.set_index(["model", "benchmark", "kind"])
-    assert res.loc[("xtra_k2", "mnist", "linear"), ["lr_edge", "lr_grid"]].tolist() == [
-        "high", "0.0003..0.003"]
+    assert res.loc[("xtra_k2", "mnist", "linear"), ["lr_edge", "lr_grid"]].tolist() == ["high", "0.0003..0.003"]
     assert res.loc[("random", "digits", "attentive"), "lr_edge"] == "low"
     assert (res["lr_edge"] != "").sum() == 2
     table = pd.read_csv(tmp_path / "results" / "tables" / "top1.csv", keep_default_na=False)
@@ -420,8 +486,10 @@ def test_lr_at_the_edge_of_its_grid_is_marked_and_warned(tmp_path, capsys):
     md = _squeeze((tmp_path / "results" / "tables" / "top1.md").read_text())
     assert "| run | xtra_k2 | linear | paper | | — |" in md
     assert "| 64.7† |" in md and "| 71.6† |" in md and md.count("†") == 3  # 2 cells + the note
-    assert ("- xtra_k2 / mnist / linear / paper: lr 0.003 is the largest of the grid "
-            "0.0003..0.003; the optimum may lie beyond it") in md
+    assert (
+        "- xtra_k2 / mnist / linear / paper: lr 0.003 is the largest of the grid "
+        "0.0003..0.003; the optimum may lie beyond it"
+    ) in md
     assert "- random / digits / attentive / paper: lr 0.0003 is the smallest" in md
     tex = (tmp_path / "results" / "tables" / "top1.tex").read_text()
     assert "64.7$^\\dagger$" in tex
@@ -454,8 +522,7 @@ def test_paper_figure_says_when_the_run_has_none_of_its_benchmarks(tmp_path):
         assert "mnist" not in [t.get_text() for t in ax.get_xticklabels()]
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"top1": "high"}',
-                                     '{"top1": 1.0, "heads": {"lr": 1}}'])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"top1": "high"}', '{"top1": 1.0, "heads": {"lr": 1}}'])
 def test_malformed_result_names_the_file(demo, content):
     bad = Path(demo["paths"]["results"]) / "probe" / "xtra" / "digits-attentive.json"
     bad.write_text(content)
@@ -502,8 +569,9 @@ def test_readme_table_between_markers(tmp_path):
 def _cli_params(tmp_path: Path) -> dict:
     params = _params(tmp_path, {"digits": ["linear"]}, models=("xtra",))
     params["report"].update({"figure_formats": ["png"], "dpi": 40})
-    _write_json(tmp_path / "results" / "probe" / "xtra" / "digits-linear.json",
-                _result("xtra", "digits", "linear", 88.0))
+    _write_json(
+        tmp_path / "results" / "probe" / "xtra" / "digits-linear.json", _result("xtra", "digits", "linear", 88.0)
+    )
     return params
 
 

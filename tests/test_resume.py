@@ -50,11 +50,18 @@ def reference_random(small, tmp_path_factory) -> dict:
     return final_weights(directory)
 
 
-@pytest.mark.parametrize("step, where, loader", [(4, "mid-epoch", "stream"), (6, "epoch boundary", "stream"),
-                                                 pytest.param(4, "mid-epoch", "random", marks=pytest.mark.slow),
-                                                 pytest.param(6, "epoch boundary", "random", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "step, where, loader",
+    [
+        (4, "mid-epoch", "stream"),
+        (6, "epoch boundary", "stream"),
+        pytest.param(4, "mid-epoch", "random", marks=pytest.mark.slow),
+        pytest.param(6, "epoch boundary", "random", marks=pytest.mark.slow),
+    ],
+)
 def test_one_process_kill_and_rerun_ends_with_the_uninterrupted_weights(
-        small, request, tmp_path: Path, step: int, where: str, loader: str) -> None:
+    small, request, tmp_path: Path, step: int, where: str, loader: str
+) -> None:
     tmp, prepared = small
     reference_1 = request.getfixturevalue("reference_1" if loader == "stream" else "reference_random")
     out = _killed_then_resumed(tmp_path, tiny_params(tmp, prepared, loader=loader), prepared, step)
@@ -66,8 +73,7 @@ def test_one_process_kill_and_rerun_ends_with_the_uninterrupted_weights(
     assert steps == list(range(1, 13))  # the log has no gap and no duplicate step
 
 
-def test_two_process_ddp_kill_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(
-        small, tmp_path: Path) -> None:
+def test_two_process_ddp_kill_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(small, tmp_path: Path) -> None:
     tmp, prepared = small
     params = tiny_params(tmp, prepared, devices=2, strategy="ddp", batch_size=2)
     reference = tmp_path / "reference"

@@ -26,8 +26,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
@@ -41,8 +41,11 @@ PROBES = {f"probe-{m}-{b}" for m in MODELS for b in ("mnist", "digits")}
 
 
 def probes(benchmark: str | None = None, model: str | None = None) -> set[str]:
-    return {p for p in PROBES if (benchmark is None or p.endswith(f"-{benchmark}"))
-            and (model is None or p.startswith(f"probe-{model}-"))}
+    return {
+        p
+        for p in PROBES
+        if (benchmark is None or p.endswith(f"-{benchmark}")) and (model is None or p.startswith(f"probe-{model}-"))
+    }
 
 
 # ---------------------------------------------------------------- the edits and what they make stale
@@ -56,6 +59,7 @@ def _set(key: str, value) -> Callable[[Path], None]:
 
         params = yaml.safe_load((path / "params.yaml").read_text())
         (path / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, [f"{key}={json.dumps(value)}"])))
+
     return edit
 
 
@@ -63,6 +67,7 @@ def _code_line(name: str) -> Callable[[Path], None]:
     def edit(path: Path) -> None:
         with open(path / name, "a") as handle:
             handle.write("# a changed line (staleness test)\n")
+
     return edit
 
 
@@ -74,8 +79,10 @@ def _schema(old: str, new: str, refill: bool = False) -> Callable[[Path], None]:
         schema.write_text(text.replace(old, new, 1))
         if refill:  # what a maintainer does after adding a key: fill the params files, rewrite dvc.yaml
             for args in (["profile", "--fill"], ["dag"]):
-                subprocess.run([sys.executable, "-m", "xtra.cli", *args], cwd=path, env=_env(path), check=True,
-                               capture_output=True)
+                subprocess.run(
+                    [sys.executable, "-m", "xtra.cli", *args], cwd=path, env=_env(path), check=True, capture_output=True
+                )
+
     return edit
 
 
@@ -84,16 +91,14 @@ _NUM_LAST = "      num_last_blocks: {type: integer, minimum: 1, default: 6}\n"
 EDITS: list[tuple[str, Callable[[Path], None], set[str]]] = [
     ("dataset num_workers", _set("datasets.mnist5k.num_workers", 3), set()),
     ("dataset image_size", _set("datasets.digits.image_size", 24), {"prepare-digits", *probes("digits"), "report"}),
-    ("model lr", _set("models.xtra_k1.train.lr", 0.002),
-     {"pretrain-xtra_k1", *probes(model="xtra_k1"), "report"}),
+    ("model lr", _set("models.xtra_k1.train.lr", 0.002), {"pretrain-xtra_k1", *probes(model="xtra_k1"), "report"}),
     ("benchmark lrs", _set("probe.benchmarks.mnist.lrs", [0.001, 0.01]), {*probes("mnist"), "report"}),
     ("probe.ray.max_retries", _set("probe.ray.max_retries", 3), set()),
     ("report.reference_models", _set("report.reference_models", ["AIM-0.6B"]), {"report"}),
     ("model resources", _set("models.xtra_k2.resources.mem_mb", 64000), set()),
     ("probe resources", _set("probe.resources.runtime", 600), set()),
     ("logging cadence", _set("models.xtra_k2.train.log_every_n_steps", 7), set()),
-    ("xtra/model/xtra.py", _code_line("xtra/model/xtra.py"),
-     {*(f"pretrain-{m}" for m in MODELS), *PROBES, "report"}),
+    ("xtra/model/xtra.py", _code_line("xtra/model/xtra.py"), {*(f"pretrain-{m}" for m in MODELS), *PROBES, "report"}),
     ("xtra/report/figures.py", _code_line("xtra/report/figures.py"), {"report"}),
     # params.yaml spells out every key, so an existing default changes what no command sees ...
     ("schema default", _schema(_MIN_LR, _MIN_LR.replace("0.00001", "0.0001")), set()),
@@ -127,16 +132,19 @@ def _table_stale(before: dict, after: dict, changed_file: str | None = None) -> 
     return _downstream(new, direct)
 
 
-@pytest.mark.parametrize("name,key,value,expected", [
-    ("num_workers", "datasets.mnist5k.num_workers", 3, set()),
-    ("image_size", "datasets.digits.image_size", 24, {"prepare-digits", *probes("digits"), "report"}),
-    ("lr", "models.xtra_k1.train.lr", 0.002, {"pretrain-xtra_k1", *probes(model="xtra_k1"), "report"}),
-    ("lrs", "probe.benchmarks.mnist.lrs", [0.001], {*probes("mnist"), "report"}),
-    ("max_retries", "probe.ray.max_retries", 3, set()),
-    ("reference_models", "report.reference_models", ["AIM-0.6B"], {"report"}),
-    ("resources", "models.xtra_k2.resources.nodes", 2, set()),
-    ("probe num_workers", "probe.num_workers", 4, set()),
-])
+@pytest.mark.parametrize(
+    "name,key,value,expected",
+    [
+        ("num_workers", "datasets.mnist5k.num_workers", 3, set()),
+        ("image_size", "datasets.digits.image_size", 24, {"prepare-digits", *probes("digits"), "report"}),
+        ("lr", "models.xtra_k1.train.lr", 0.002, {"pretrain-xtra_k1", *probes(model="xtra_k1"), "report"}),
+        ("lrs", "probe.benchmarks.mnist.lrs", [0.001], {*probes("mnist"), "report"}),
+        ("max_retries", "probe.ray.max_retries", 3, set()),
+        ("reference_models", "report.reference_models", ["AIM-0.6B"], {"report"}),
+        ("resources", "models.xtra_k2.resources.nodes", 2, set()),
+        ("probe num_workers", "probe.num_workers", 4, set()),
+    ],
+)
 def test_params_identities_change_exactly(name, key, value, expected):
     from xtra.profiles import apply_overrides
 
@@ -145,12 +153,17 @@ def test_params_identities_change_exactly(name, key, value, expected):
     assert _table_stale(before, after) == expected, name
 
 
-@pytest.mark.parametrize("file,expected", [
-    ("xtra/model/xtra.py", {*(f"pretrain-{m}" for m in MODELS), *PROBES, "report"}),
-    ("xtra/report/figures.py", {"report"}),
-    ("xtra/data/readers/demo.py", {"prepare-mnist5k", "prepare-digits", *(f"pretrain-{m}" for m in MODELS[:2]),
-                                   *PROBES, "report"}),
-])
+@pytest.mark.parametrize(
+    "file,expected",
+    [
+        ("xtra/model/xtra.py", {*(f"pretrain-{m}" for m in MODELS), *PROBES, "report"}),
+        ("xtra/report/figures.py", {"report"}),
+        (
+            "xtra/data/readers/demo.py",
+            {"prepare-mnist5k", "prepare-digits", *(f"pretrain-{m}" for m in MODELS[:2]), *PROBES, "report"},
+        ),
+    ],
+)
 def test_code_lists_reach_exactly(file, expected):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert _table_stale(params, params, file) == expected
@@ -181,21 +194,31 @@ def test_report_is_keyed_on_its_section_and_the_reference_data():
 
 
 REAL = bool(os.environ.get("XTRA_STALENESS_REAL"))
-SHRINK = ["models.xtra_k2.train.epochs=1", "models.xtra_k1.train.epochs=1", "probe.benchmarks.mnist.epochs=2",
-          "probe.benchmarks.digits.epochs=2", "probe.benchmarks.mnist.lrs=[0.001, 0.01]",
-          "probe.benchmarks.digits.lrs=[0.001, 0.01]"]
+SHRINK = [
+    "models.xtra_k2.train.epochs=1",
+    "models.xtra_k1.train.epochs=1",
+    "probe.benchmarks.mnist.epochs=2",
+    "probe.benchmarks.digits.epochs=2",
+    "probe.benchmarks.mnist.lrs=[0.001, 0.01]",
+    "probe.benchmarks.digits.lrs=[0.001, 0.01]",
+]
 
 
 def _env(path: Path) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{path / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": str(path)}
+    env = {
+        **os.environ,
+        "PATH": f"{path / 'bin'}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(path),
+    }
     return {**env, "XTRA_REAL": str(BIN / "xtra")} if REAL else env
 
 
 def _run(args: list[str], path: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, cwd=path, env=_env(path), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -205,8 +228,10 @@ def copy_with_fake_xtra(dest: Path) -> Path:
     repo_copy(dest)
     (dest / "bin").mkdir()
     fake = dest / "bin" / "xtra"
-    fake.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.argv[0] = 'xtra'\n"
-                    f"runpy.run_path({str(dest / 'tests' / 'fixtures' / 'fake_xtra.py')!r}, run_name='__main__')\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport runpy, sys\nsys.argv[0] = 'xtra'\n"
+        f"runpy.run_path({str(dest / 'tests' / 'fixtures' / 'fake_xtra.py')!r}, run_name='__main__')\n"
+    )
     fake.chmod(0o755)
     return dest
 
@@ -251,8 +276,14 @@ def snakemake_stale(path: Path) -> set[str]:
 
 
 def _snapshot(path: Path) -> dict[Path, tuple[bytes, os.stat_result]]:
-    names = ["params.yaml", "dvc.yaml", "xtra/schema/params.schema.yaml", "xtra/model/xtra.py",
-             "xtra/report/figures.py", *(f"profiles/{p.name}" for p in (path / "profiles").glob("*.yaml"))]
+    names = [
+        "params.yaml",
+        "dvc.yaml",
+        "xtra/schema/params.schema.yaml",
+        "xtra/model/xtra.py",
+        "xtra/report/figures.py",
+        *(f"profiles/{p.name}" for p in (path / "profiles").glob("*.yaml")),
+    ]
     return {path / n: ((path / n).read_bytes(), (path / n).stat()) for n in names}
 
 
@@ -307,6 +338,7 @@ def _size(folder: Path) -> int:
 def test_scale_checkpoints_and_shards_cost_dvc_nothing(built):
     """50 step checkpoints of 20 MB beside a model, and 200 MB of shards beside a manifest:
     `dvc status` takes about as long (printed; no timing assertion), and nothing goes into the cache."""
+
     def timed_status() -> float:
         """The fastest of three `dvc status` runs (the machine may be shared)."""
         times = []
@@ -353,9 +385,12 @@ def test_make_repro_changes_no_tracked_file(tmp_path):
     (venv / "bin" / "xtra").symlink_to(path / "bin" / "xtra")
     (venv / ".installed").touch()  # newer than pyproject.toml and constraints.txt: no install
     _run(["make", "repro", f"VENV={venv}"], path)
-    assert len((path / "RAN").read_text().split()) == len(stage_table(yaml.safe_load((path / "params.yaml").read_text())))
-    status = [line for line in _run(["git", "status", "--porcelain"], path).stdout.splitlines()
-              if line != "?? RAN"]  # RAN: the stand-in's own record of what ran
+    assert len((path / "RAN").read_text().split()) == len(
+        stage_table(yaml.safe_load((path / "params.yaml").read_text()))
+    )
+    status = [
+        line for line in _run(["git", "status", "--porcelain"], path).stdout.splitlines() if line != "?? RAN"
+    ]  # RAN: the stand-in's own record of what ran
     assert status == ["?? dvc.lock"], status
     (path / "RAN").unlink()
     _run(["make", "repro", f"VENV={venv}"], path)

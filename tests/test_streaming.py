@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ N, SHARD = 206, 5  # 42 shards, the last one holding a single sample
 IMAGES = np.random.default_rng(1).integers(0, 256, (N, 6, 7, 3), dtype=np.uint8)
 
 # -- counting shard opens, in this process and in forked loader workers -------------------------
-_OPEN_LOG: Optional[int] = None  # fd of the log file while a test counts
+_OPEN_LOG: int | None = None  # fd of the log file while a test counts
 
 
 def _audit(event: str, args: tuple) -> None:

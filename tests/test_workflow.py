@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import posixpath
 import re
 import shutil
 import subprocess
@@ -37,8 +36,12 @@ STAGES = ("prepare", "pretrain", "probe", "report")
 
 def repo_copy(dest: Path, profile: str = "demo") -> Path:
     """A copy of the working tree's source files (a git repo, as DVC wants one), on `profile`."""
-    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, check=True).stdout.decode()
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     for name in filter(None, listing.split("\0")):
         src, dst = REPO / name, dest / name
         if not (src.exists() or src.is_symlink()):
@@ -94,7 +97,7 @@ def parse_dry_run(text: str) -> list[Job]:
 
 def command_of(shell: str) -> str:
     """The `xtra ...` command of a shell line, without its launcher prefix and log redirection."""
-    command = shell[shell.index("xtra "):]
+    command = shell[shell.index("xtra ") :]
     return re.sub(r"\s*>\s*\S+\s+2>&1\s*$", "", command)
 
 
@@ -103,8 +106,15 @@ def command_of(shell: str) -> str:
 
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory) -> dict[str, Path]:
-    made = {"demo": "demo", "b16": "paper_b16", "h14": "paper_h14", "h14_slurm": "paper_h14",
-            "h14_lsf": "paper_h14", "lint": "demo", "status": "demo"}
+    made = {
+        "demo": "demo",
+        "b16": "paper_b16",
+        "h14": "paper_h14",
+        "h14_slurm": "paper_h14",
+        "h14_lsf": "paper_h14",
+        "lint": "demo",
+        "status": "demo",
+    }
     return {key: repo_copy(tmp_path_factory.mktemp(key), profile) for key, profile in made.items()}
 
 
@@ -137,9 +147,15 @@ def dvc_stages(path: Path) -> dict[str, dict]:
     from dvc.repo import Repo
 
     with Repo(str(path)) as repo:
-        return {s.name: {"kind": s.name.split("-")[0], "cmd": s.cmd,
-                               "outs": sorted(o.def_path for o in s.outs), "deps": [d.def_path for d in s.deps]}
-                for s in repo.index.stages}
+        return {
+            s.name: {
+                "kind": s.name.split("-")[0],
+                "cmd": s.cmd,
+                "outs": sorted(o.def_path for o in s.outs),
+                "deps": [d.def_path for d in s.deps],
+            }
+            for s in repo.index.stages
+        }
 
 
 # ---------------------------------------------------------------- the two front-ends agree
@@ -174,8 +190,12 @@ def test_dvc_and_snakemake_plan_the_same_pipeline(key, copies, snakemake_runs):
     stages, jobs = dvc_stages(path), dry_run(snakemake_runs, key)
     assert_same_pipeline(stages, jobs, params)
     counts = {kind: sum(s["kind"] == kind for s in stages.values()) for kind in STAGES}
-    assert counts == {"prepare": len(params["datasets"]), "pretrain": len(params["models"]),
-                      "probe": n_probe_stages(params), "report": 1}
+    assert counts == {
+        "prepare": len(params["datasets"]),
+        "pretrain": len(params["models"]),
+        "probe": n_probe_stages(params),
+        "report": 1,
+    }
 
 
 def test_shipped_dvc_yaml_is_the_stage_table_of_params_yaml():
@@ -205,8 +225,13 @@ def _jobs_by_rule(jobs: list[Job]) -> dict[str, list[Job]]:
 def _check_h14_plan(jobs: list[Job]) -> dict[str, list[Job]]:
     by_rule = _jobs_by_rule(jobs)
     # 15 benchmarks of xtra_h14, and in1k linear for the pixel floor
-    assert {rule: len(js) for rule, js in by_rule.items()} == {"prepare": 16, "pretrain": 2, "probe": 16,
-                                                              "report": 1, "all": 1}
+    assert {rule: len(js) for rule, js in by_rule.items()} == {
+        "prepare": 16,
+        "pretrain": 2,
+        "probe": 16,
+        "report": 1,
+        "all": 1,
+    }
     by_rule["pretrain"].sort(key=lambda j: j.rule != "pretrain-xtra_h14")  # the trained model first
     inputs = by_rule["pretrain"][0].fields["input"].split(", ")
     assert inputs[0] == "data/prepared/imagenet21k/manifest.json" and "xtra/model/xtra.py" in inputs
@@ -220,11 +245,16 @@ def test_slurm_plan_of_the_h14_profile(snakemake_runs):
     by_rule = _check_h14_plan(dry_run(snakemake_runs, "h14_slurm"))
     pretrain = by_rule["pretrain"][0]
     # 8 nodes x 8 GPUs: one task per GPU, started by srun inside the allocation
-    assert {k: pretrain.resources.get(k) for k in ("nodes", "gres", "tasks_per_node", "cpus_per_task", "mpi",
-                                                  "mem_mb")} == {"nodes": "8", "gres": "gpu:8", "tasks_per_node": "8",
-                                                                 "cpus_per_task": "8",
-                                                                 "mpi": "srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8",
-                                                                 "mem_mb": "400000"}
+    assert {
+        k: pretrain.resources.get(k) for k in ("nodes", "gres", "tasks_per_node", "cpus_per_task", "mpi", "mem_mb")
+    } == {
+        "nodes": "8",
+        "gres": "gpu:8",
+        "tasks_per_node": "8",
+        "cpus_per_task": "8",
+        "mpi": "srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8",
+        "mem_mb": "400000",
+    }
     assert pretrain.shell.startswith("srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8 xtra pretrain xtra_h14 ")
     for job in by_rule["probe"]:
         if job.rule.endswith("-in1k"):  # one task with the 8 GPUs of one node: it starts a process per GPU itself
@@ -247,7 +277,11 @@ def test_lsf_plan_of_the_h14_profile(snakemake_runs):
     pretrain = by_rule["pretrain"][0]
     # bsub -n 512 (64 tasks x 8 cores), span[ptile=64] (8 hosts), -gpu num=8 per host, jsrun
     assert {k: pretrain.resources.get(k) for k in ("cpus_per_task", "ptile", "lsf_extra", "mem_mb")} == {
-        "cpus_per_task": "512", "ptile": "64", "lsf_extra": "-gpu num=8", "mem_mb": "3200000"}
+        "cpus_per_task": "512",
+        "ptile": "64",
+        "lsf_extra": "-gpu num=8",
+        "mem_mb": "3200000",
+    }
     assert pretrain.resources["mpi"].startswith("jsrun --nrs 64 ") and pretrain.shell.startswith("jsrun --nrs 64 ")
     for job in by_rule["probe"]:
         if job.rule.endswith("-in1k"):  # 8 GPUs of one host
@@ -318,17 +352,19 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
     assert _changed(path) == set(), "byte code changed a stage (see .dvcignore)"
     # `dvc status` names the stages whose own deps changed (tests/test_staleness.py adds the downstream ones)
     probes = {f"probe-{m}-{b}" for m in ("xtra_k2", "xtra_k1", "random_k2", "pixels") for b in ("mnist", "digits")}
-    cases = [("probe.benchmarks.mnist.lrs", [0.001, 0.01], {p for p in probes if p.endswith("-mnist")}),
-             ("probe.num_last_blocks", 2, probes),
-             ("probe.ray.max_retries", 4, set()),
-             ("probe.resources.mem_mb", 9000, set()),
-             ("models.xtra_k1.train.epochs", 5, {"pretrain-xtra_k1"}),
-             ("models.xtra_k1.train.num_workers", 0, {"pretrain-xtra_k1"}),  # the stream's order depends on it
-             ("models.random_k2.train.epochs", 5, set()),
-             ("models.pixels.arch.img_size", 48, {"pretrain-pixels", "probe-pixels-mnist", "probe-pixels-digits"}),
-             ("report.dpi", 100, {"report"}),
-             ("datasets.digits.heldout_fraction", 0.3, {"prepare-digits"}),
-             ("datasets.digits.num_workers", 1, set())]
+    cases = [
+        ("probe.benchmarks.mnist.lrs", [0.001, 0.01], {p for p in probes if p.endswith("-mnist")}),
+        ("probe.num_last_blocks", 2, probes),
+        ("probe.ray.max_retries", 4, set()),
+        ("probe.resources.mem_mb", 9000, set()),
+        ("models.xtra_k1.train.epochs", 5, {"pretrain-xtra_k1"}),
+        ("models.xtra_k1.train.num_workers", 0, {"pretrain-xtra_k1"}),  # the stream's order depends on it
+        ("models.random_k2.train.epochs", 5, set()),
+        ("models.pixels.arch.img_size", 48, {"pretrain-pixels", "probe-pixels-mnist", "probe-pixels-digits"}),
+        ("report.dpi", 100, {"report"}),
+        ("datasets.digits.heldout_fraction", 0.3, {"prepare-digits"}),
+        ("datasets.digits.num_workers", 1, set()),
+    ]
     for key, value, expected in cases:
         _edit(path, key, value)
         assert _changed(path) == expected, key
@@ -377,9 +413,12 @@ def test_dvc_code_deps_cover_every_imported_module(kind, copies):
     if _module_file(STAGE_MODULES[kind]) is None:
         pytest.skip(f"{STAGE_MODULES[kind]} is not written yet")
     stage = next(s for s in dvc_stages(copies["demo"]).values() if s["kind"] == kind)
-    missing = [f for f in sorted(imported_files(STAGE_MODULES[kind]))
-               if (REPO / f).stat().st_size  # an empty __init__.py changes nothing (and DVC warns on it)
-               and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in stage["deps"])]
+    missing = [
+        f
+        for f in sorted(imported_files(STAGE_MODULES[kind]))
+        if (REPO / f).stat().st_size  # an empty __init__.py changes nothing (and DVC warns on it)
+        and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in stage["deps"])
+    ]
     assert not missing, f"dvc.yaml stage {kind} lacks deps on {missing}"
 
 

@@ -12,11 +12,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 __all__ = ["write_atomic", "write_json_atomic", "save_torch_atomic"]
 
-Data = Union[str, bytes, memoryview]
+Data = str | bytes | memoryview
 
 
 def write_atomic(path: str | Path, data: Data) -> Path:

@@ -56,13 +56,25 @@ def run(args: argparse.Namespace) -> int:
         from xtra.model.bench import run_attention_bench
 
         overrides = {k: v for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size)) if v}
-        run_attention_bench(args.preset, args.batch, args.steps, block_size=args.block_size, device=args.device,
-                            bf16=args.bf16, overrides=overrides)
+        run_attention_bench(
+            args.preset,
+            args.batch,
+            args.steps,
+            block_size=args.block_size,
+            device=args.device,
+            bf16=args.bf16,
+            overrides=overrides,
+        )
     elif args.bench == "gpu":
         from xtra.model.bench import run_gpu_bench
 
-        run_gpu_bench(tuple(args.preset or ("xtra_b16", "xtra_h14")),
-                      {"xtra_b16": args.batch_b16, "xtra_h14": args.batch_h14}, args.steps, args.warmup, args.device)
+        run_gpu_bench(
+            tuple(args.preset or ("xtra_b16", "xtra_h14")),
+            {"xtra_b16": args.batch_b16, "xtra_h14": args.batch_h14},
+            args.steps,
+            args.warmup,
+            args.device,
+        )
     elif args.bench == "data":
         from xtra.config import load_params
         from xtra.data.bench import run_data_bench
@@ -72,11 +84,21 @@ def run(args: argparse.Namespace) -> int:
             from xtra.errors import ParamsError
 
             raise ParamsError(f"datasets.{args.dataset}: no such dataset in {args.params}")
-        run_data_bench(Path(params["paths"]["prepared"]) / args.dataset, split=args.split, img_size=args.img_size,
-                       num_images=args.num_images, batch_size=args.batch)
+        run_data_bench(
+            Path(params["paths"]["prepared"]) / args.dataset,
+            split=args.split,
+            img_size=args.img_size,
+            num_images=args.num_images,
+            batch_size=args.batch,
+        )
     else:
         from xtra.probe.bench import run_sweep_bench
 
-        run_sweep_bench(kinds=tuple(args.kind or ("linear", "attentive")), epochs=args.epochs,
-                        num_samples=args.samples, depth=args.depth, num_threads=args.threads)
+        run_sweep_bench(
+            kinds=tuple(args.kind or ("linear", "attentive")),
+            epochs=args.epochs,
+            num_samples=args.samples,
+            depth=args.depth,
+            num_threads=args.threads,
+        )
     return 0

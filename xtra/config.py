@@ -11,18 +11,29 @@ import argparse
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator, validators
 
 from xtra.errors import ParamsError
 
-__all__ = ["SCHEMA_PATH", "SCHEDULER_ENV", "load_params", "validate_params", "load_schema", "params_hash",
-           "model_arch", "launch_problems", "configure_parser", "run"]
+__all__ = [
+    "SCHEMA_PATH",
+    "SCHEDULER_ENV",
+    "load_params",
+    "validate_params",
+    "load_schema",
+    "params_hash",
+    "model_arch",
+    "launch_problems",
+    "configure_parser",
+    "run",
+]
 
 SCHEMA_PATH = Path(str(resources.files("xtra") / "schema" / "params.schema.yaml"))
 # Variables a Slurm or LSF job step sets: Lightning starts a multi-node run only inside one of them
@@ -141,8 +152,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise ParamsError(f"{key_node.start_mark.name}: key {key!r} appears twice in one mapping "
-                                  f"(lines {seen[key]} and {line})")
+                raise ParamsError(
+                    f"{key_node.start_mark.name}: key {key!r} appears twice in one mapping "
+                    f"(lines {seen[key]} and {line})"
+                )
             seen[key] = line
         return super().construct_mapping(node, deep)
 
@@ -177,8 +190,9 @@ def model_arch(params: dict[str, Any], model: str) -> dict[str, Any]:
     return params["models"][model]["arch"]
 
 
-def launch_problems(params: dict[str, Any], source: str = "params.yaml",
-                    environ: dict[str, str] | None = None) -> list[str]:
+def launch_problems(
+    params: dict[str, Any], source: str = "params.yaml", environ: dict[str, str] | None = None
+) -> list[str]:
     """Why a pre-training of `params` cannot start on this machine (num_nodes > 1 outside a
     scheduler job), each with the fix; empty when it can."""
     environ = dict(os.environ if environ is None else environ)
@@ -188,23 +202,30 @@ def launch_problems(params: dict[str, Any], source: str = "params.yaml",
     for name, model in params["models"].items():
         train = model.get("train") or {}
         nodes, devices = int(train.get("num_nodes", 1)), train.get("devices", 1)
-        waits = f"{nodes * devices} processes ({nodes} nodes x {devices})" if isinstance(devices, int) \
+        waits = (
+            f"{nodes * devices} processes ({nodes} nodes x {devices})"
+            if isinstance(devices, int)
             else f"the processes of {nodes} nodes"
+        )
         if model.get("init", "pretrain") == "pretrain" and nodes > 1:
             problems.append(
                 f"{source}: models.{name}.train.num_nodes is {nodes}, but this is no Slurm or LSF job "
                 f"({' / '.join(SCHEDULER_ENV)} unset): Lightning would wait for {waits} "
                 f"forever. Run it on the cluster with `snakemake --profile workflow/profiles/slurm` (or lsf), "
                 f"or on this one node with `xtra profile {params.get('profile', 'NAME')} --set "
-                f"models.{name}.train.num_nodes=1` (raise accumulate_grad_batches to keep the global batch)")
+                f"models.{name}.train.num_nodes=1` (raise accumulate_grad_batches to keep the global batch)"
+            )
     return problems
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--no-paths", action="store_true",
-                        help="check the file only, not this machine: no dataset/checkpoint paths, no scheduler "
-                             "environment for num_nodes > 1")
+    parser.add_argument(
+        "--no-paths",
+        action="store_true",
+        help="check the file only, not this machine: no dataset/checkpoint paths, no scheduler "
+        "environment for num_nodes > 1",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
     problems = [] if args.no_paths else launch_problems(params, args.params)
     if problems:
         raise ParamsError("\n".join(problems))
-    print(f"{args.params}: valid (profile {params['profile']!r}, {len(params['datasets'])} datasets, "
-          f"{len(params['models'])} models, {len(params['probe']['benchmarks'])} benchmarks)")
+    print(
+        f"{args.params}: valid (profile {params['profile']!r}, {len(params['datasets'])} datasets, "
+        f"{len(params['models'])} models, {len(params['probe']['benchmarks'])} benchmarks)"
+    )
     return 0

@@ -24,19 +24,37 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
 from xtra.errors import ParamsError
 
-__all__ = ["Stage", "PLUMBING", "NOT_RESULT_KEYS", "REPO", "DVC_YAML", "STAGE_COMMANDS", "code_files", "stage_table",
-           "probe_kinds", "probed_models",
-           "result_keys", "param_value", "identity", "render_dvc_yaml", "dvc_yaml_problem", "write_dvc_yaml",
-           "check_under_dvc", "configure_parser", "run"]
+__all__ = [
+    "Stage",
+    "PLUMBING",
+    "NOT_RESULT_KEYS",
+    "REPO",
+    "DVC_YAML",
+    "STAGE_COMMANDS",
+    "code_files",
+    "stage_table",
+    "probe_kinds",
+    "probed_models",
+    "result_keys",
+    "param_value",
+    "identity",
+    "render_dvc_yaml",
+    "dvc_yaml_problem",
+    "write_dvc_yaml",
+    "check_under_dvc",
+    "configure_parser",
+    "run",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 DVC_YAML = "dvc.yaml"
@@ -49,15 +67,20 @@ PLUMBING = frozenset({"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.pr
 # into one run per worker, so the batch order depends on it (xtra.train.identity).
 NOT_RESULT_KEYS = {
     "dataset": frozenset({"num_workers", "resources"}),
-    "train": frozenset({"log_every_n_steps", "checkpoint_every_n_steps", "keep_last_checkpoints",
-                        "keep_every_n_steps"}),
+    "train": frozenset(
+        {"log_every_n_steps", "checkpoint_every_n_steps", "keep_last_checkpoints", "keep_every_n_steps"}
+    ),
     "probe": frozenset({"benchmarks", "models", "num_workers", "resources", "ray"}),
     "benchmark": frozenset({"resources"}),
     "report": frozenset(),
 }
 # The command module of each stage kind, and the data files (not Python) each one reads.
-COMMAND_MODULES = {"prepare": "xtra.data.prepare", "pretrain": "xtra.train.pretrain",
-                   "probe": "xtra.probe.cli", "report": "xtra.report.cli"}
+COMMAND_MODULES = {
+    "prepare": "xtra.data.prepare",
+    "pretrain": "xtra.train.pretrain",
+    "probe": "xtra.probe.cli",
+    "report": "xtra.report.cli",
+}
 DATA_FILES = {"report": ("xtra/report/reference",)}
 
 
@@ -65,15 +88,15 @@ DATA_FILES = {"report": ("xtra/report/reference",)}
 class Stage:
     """One job of the pipeline: what it runs, reads and writes."""
 
-    name: str                      # DVC stage name == Snakemake rule name, e.g. probe-xtra_k2-mnist
-    kind: str                      # prepare | pretrain | probe | report
+    name: str  # DVC stage name == Snakemake rule name, e.g. probe-xtra_k2-mnist
+    kind: str  # prepare | pretrain | probe | report
     cmd: str
-    data: list[str] = field(default_factory=list)      # files written by other stages (or the user)
-    code: list[str] = field(default_factory=list)      # repository files
-    params: list[str] = field(default_factory=list)    # dotted keys of params.yaml
+    data: list[str] = field(default_factory=list)  # files written by other stages (or the user)
+    code: list[str] = field(default_factory=list)  # repository files
+    params: list[str] = field(default_factory=list)  # dotted keys of params.yaml
     outs: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
-    dirs: list[str] = field(default_factory=list)      # outs that are folders
+    dirs: list[str] = field(default_factory=list)  # outs that are folders
     item: dict[str, str] = field(default_factory=dict)  # dataset / model / benchmark of the stage
 
 
@@ -104,7 +127,7 @@ def _command_module(kind: str) -> str:
     return COMMANDS[kind][0] if kind in COMMANDS else COMMAND_MODULES[kind]
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_files(kind: str) -> tuple[str, ...]:
     """Repository files a stage kind's command runs (transitive imports) or reads, sorted.
 
@@ -170,9 +193,15 @@ def _manifest(params: dict[str, Any], dataset: str) -> str:
 
 
 def _prepare(params: dict[str, Any], name: str) -> Stage:
-    return Stage(f"prepare-{name}", "prepare", f"xtra prepare {name}", code=list(code_files("prepare")),
-                 params=[f"datasets.{name}.{k}" for k in result_keys("dataset")],
-                 outs=[_manifest(params, name)], item={"dataset": name})
+    return Stage(
+        f"prepare-{name}",
+        "prepare",
+        f"xtra prepare {name}",
+        code=list(code_files("prepare")),
+        params=[f"datasets.{name}.{k}" for k in result_keys("dataset")],
+        outs=[_manifest(params, name)],
+        item={"dataset": name},
+    )
 
 
 def _pretrain(params: dict[str, Any], name: str) -> Stage:
@@ -187,9 +216,17 @@ def _pretrain(params: dict[str, Any], name: str) -> Stage:
         keys += [f"{where}.checkpoint"]
         data = [str(model["checkpoint"])]
     folder = f"{params['paths']['models']}/{name}"
-    return Stage(f"pretrain-{name}", "pretrain", f"xtra pretrain {name}", data=data,
-                 code=list(code_files("pretrain")), params=keys, outs=[f"{folder}/model.pt"],
-                 metrics=[f"{folder}/metrics.json"], item={"model": name})
+    return Stage(
+        f"pretrain-{name}",
+        "pretrain",
+        f"xtra pretrain {name}",
+        data=data,
+        code=list(code_files("pretrain")),
+        params=keys,
+        outs=[f"{folder}/model.pt"],
+        metrics=[f"{folder}/metrics.json"],
+        item={"model": name},
+    )
 
 
 def probe_kinds(params: dict[str, Any], model: str, benchmark: str) -> list[str]:
@@ -200,15 +237,22 @@ def probe_kinds(params: dict[str, Any], model: str, benchmark: str) -> list[str]
 
 def _probe(params: dict[str, Any], model: str, bench: str) -> Stage:
     cfg = params["probe"]["benchmarks"][bench]
-    keys = (["seed", f"models.{model}.arch", f"models.{model}.eval_resize"]
-            + [f"probe.{k}" for k in result_keys("probe")]
-            + [f"probe.benchmarks.{bench}.{k}" for k in result_keys("benchmark")])
+    keys = (
+        ["seed", f"models.{model}.arch", f"models.{model}.eval_resize"]
+        + [f"probe.{k}" for k in result_keys("probe")]
+        + [f"probe.benchmarks.{bench}.{k}" for k in result_keys("benchmark")]
+    )
     folder = f"{params['paths']['results']}/probe/{model}"
-    return Stage(f"probe-{model}-{bench}", "probe", f"xtra probe {model} --benchmark {bench} --no-ray",
-                 data=[f"{params['paths']['models']}/{model}/model.pt", _manifest(params, cfg["dataset"])],
-                 code=list(code_files("probe")), params=keys,
-                 outs=[f"{folder}/{bench}-{kind}.json" for kind in probe_kinds(params, model, bench)],
-                 item={"model": model, "benchmark": bench})
+    return Stage(
+        f"probe-{model}-{bench}",
+        "probe",
+        f"xtra probe {model} --benchmark {bench} --no-ray",
+        data=[f"{params['paths']['models']}/{model}/model.pt", _manifest(params, cfg["dataset"])],
+        code=list(code_files("probe")),
+        params=keys,
+        outs=[f"{folder}/{bench}-{kind}.json" for kind in probe_kinds(params, model, bench)],
+        item={"model": model, "benchmark": bench},
+    )
 
 
 def probed_models(params: dict[str, Any]) -> list[str]:
@@ -221,24 +265,35 @@ def _report(params: dict[str, Any], probes: list[Stage]) -> Stage:
     plots = [f"{results}/plots/{name}.csv" for name in ("top1", "sweep", "loss", "images_seen")]
     ref = (params.get("report") or {}).get("reference_dir")
     code = [c for c in code_files("report") if not (ref and c == "xtra/report/reference")] + ([ref] if ref else [])
-    return Stage("report", "report", "xtra report", data=data, code=sorted(code),
-                 params=["probe.protocol"] + [f"report.{k}" for k in result_keys("report")],
-                 outs=[f"{results}/tables", f"{results}/figures", *plots], metrics=[f"{results}/metrics.json"],
-                 dirs=[f"{results}/tables", f"{results}/figures"])
+    return Stage(
+        "report",
+        "report",
+        "xtra report",
+        data=data,
+        code=sorted(code),
+        params=["probe.protocol"] + [f"report.{k}" for k in result_keys("report")],
+        outs=[f"{results}/tables", f"{results}/figures", *plots],
+        metrics=[f"{results}/metrics.json"],
+        dirs=[f"{results}/tables", f"{results}/figures"],
+    )
 
 
 def stage_table(params: dict[str, Any]) -> list[Stage]:
     """Every stage of a validated params dict, in pipeline order."""
     table = [_prepare(params, name) for name in params["datasets"]]
     table += [_pretrain(params, name) for name in params["models"]]
-    probes = [_probe(params, m, b) for m in probed_models(params) for b in params["probe"]["benchmarks"]
-              if probe_kinds(params, m, b)]
+    probes = [
+        _probe(params, m, b)
+        for m in probed_models(params)
+        for b in params["probe"]["benchmarks"]
+        if probe_kinds(params, m, b)
+    ]
     return table + probes + [_report(params, probes)]
 
 
 # ---------------------------------------------------------------- dvc.yaml
 
-_HEADER = '''\
+_HEADER = """\
 # dvc.yaml: WRITTEN BY `xtra dag` from params.yaml and xtra/dag.py (do not edit; `xtra profile NAME`
 # rewrites it, and `xtra dag --check` says whether it is current). The local front-end of the
 # pipeline; workflow/Snakefile makes one rule per stage of the same table (xtra/dag.py).
@@ -272,14 +327,16 @@ _HEADER = '''\
 #   the cache is what lets `dvc exp show` and `dvc metrics diff` read past runs).
 # Raw data (`datasets.*.root`) is not a dependency: hashing terabytes on every `dvc status` is not
 # affordable. After changing raw files, re-prepare with `dvc repro -f prepare-NAME`.
-'''
+"""
 
 _PLOTS = [
     {"{results}/plots/top1.csv": {"template": "bar_horizontal", "x": "top1", "y": "key"}},
     {"{results}/plots/sweep.csv": {"template": "scatter", "x": "lr", "y": "top1"}},
     {"{results}/plots/loss.csv": {"x": "step", "y": "loss"}},
     {"{results}/plots/images_seen.csv": {"template": "scatter", "x": "images_seen", "y": "top1"}},
-    "{results}/figures/top1_bars.png", "{results}/figures/lr_sweep.png", "{results}/figures/pretrain_loss.png",
+    "{results}/figures/top1_bars.png",
+    "{results}/figures/lr_sweep.png",
+    "{results}/figures/pretrain_loss.png",
 ]
 
 
@@ -298,8 +355,10 @@ def render_dvc_yaml(params: dict[str, Any]) -> str:
     """The text of dvc.yaml for a validated params dict."""
     stages = {s.name: _dvc_stage(s) for s in stage_table(params)}
     results = params["paths"]["results"]
-    plots = [{k.format(results=results): v for k, v in p.items()} if isinstance(p, dict) else p.format(results=results)
-             for p in _PLOTS]
+    plots = [
+        {k.format(results=results): v for k, v in p.items()} if isinstance(p, dict) else p.format(results=results)
+        for p in _PLOTS
+    ]
     body = yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)
     return _HEADER + "\n" + body
 
@@ -311,8 +370,10 @@ def dvc_yaml_problem(params: dict[str, Any], root: Path) -> str | None:
     if not path.is_file():
         return f"{path} is missing: run `xtra dag` to write it"
     if path.read_text() != expected:
-        return (f"{path} is not the stage table of the current params (a dataset, model, benchmark, kind "
-                f"or path changed, or the code's imports): run `xtra dag` to rewrite it")
+        return (
+            f"{path} is not the stage table of the current params (a dataset, model, benchmark, kind "
+            f"or path changed, or the code's imports): run `xtra dag` to rewrite it"
+        )
     return None
 
 
@@ -328,13 +389,14 @@ def check_under_dvc(command: str, params_file: str, environ: dict[str, str] | No
     if command not in STAGE_COMMANDS or "DVC_STAGE" not in environ:
         return
     from xtra.config import load_params
-
     from xtra.fill import missing_keys
 
     missing = missing_keys(Path(params_file).read_text())
     if missing:  # DVC would run the stage, then refuse to record it (MissingParamsError)
-        raise ParamsError(f"stage {environ['DVC_STAGE']}: {params_file} leaves out {missing[:6]}: DVC sees only what "
-                          f"the file spells out. Run `xtra profile --fill` to write every schema key into it")
+        raise ParamsError(
+            f"stage {environ['DVC_STAGE']}: {params_file} leaves out {missing[:6]}: DVC sees only what "
+            f"the file spells out. Run `xtra profile --fill` to write every schema key into it"
+        )
     root = Path(environ.get("DVC_ROOT") or Path(params_file).resolve().parent)
     problem = dvc_yaml_problem(load_params(params_file, check_paths=False), root)
     if problem:

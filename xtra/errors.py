@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-__all__ = ["XtraError", "ParamsError", "CheckpointError", "DataError", "OutputError", "WRITE_ERRNOS",
-           "writing_to"]
+__all__ = ["XtraError", "ParamsError", "CheckpointError", "DataError", "OutputError", "WRITE_ERRNOS", "writing_to"]
 
 # a full disk, an exceeded quota or file-size limit, a read-only file system
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})

@@ -14,8 +14,8 @@ order (then the second of each, and so on, when more images than classes are ask
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,15 @@ from torchvision.utils import save_image
 from xtra.errors import DataError
 from xtra.model.xtra import XTRA, patchify_blocks, unpatchify_blocks
 
-__all__ = ["reconstruction_grid", "reconstruction_grid_from_dataset", "distinct_class_indices",
-           "write_model_reconstruction", "load_model_file", "configure_parser", "run"]
+__all__ = [
+    "reconstruction_grid",
+    "reconstruction_grid_from_dataset",
+    "distinct_class_indices",
+    "write_model_reconstruction",
+    "load_model_file",
+    "configure_parser",
+    "run",
+]
 
 
 def _denormalize(x: torch.Tensor) -> torch.Tensor:
@@ -81,8 +88,9 @@ def distinct_class_indices(targets: np.ndarray, count: int) -> list[int]:
     return picked[:count]
 
 
-def reconstruction_grid_from_dataset(model: XTRA, prepared: Path, out: Path, count: int, resize: int,
-                                     split: str | None = None) -> Path:
+def reconstruction_grid_from_dataset(
+    model: XTRA, prepared: Path, out: Path, count: int, resize: int, split: str | None = None
+) -> Path:
     """Write the grid for `count` images of distinct classes of a prepared split (val if present,
     else test, else train)."""
     from xtra.data.loaders import PreparedDataset, load_manifest
@@ -107,8 +115,9 @@ def write_model_reconstruction(params: dict, name: str, model: XTRA, out_dir: Pa
     if not (prepared / "manifest.json").is_file():  # a control whose dataset is not prepared here
         print(f"{name}: no reconstruction.png: {prepared} is not a prepared dataset")
         return None
-    return reconstruction_grid_from_dataset(model, prepared, Path(out_dir) / "reconstruction.png",
-                                            count, cfg["eval_resize"])
+    return reconstruction_grid_from_dataset(
+        model, prepared, Path(out_dir) / "reconstruction.png", count, cfg["eval_resize"]
+    )
 
 
 def _save(model: XTRA, images: torch.Tensor, out: Path) -> Path:
@@ -166,8 +175,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model_file(args.checkpoint)
     resize = args.resize or model.cfg.img_size
     if args.dataset:
-        out = reconstruction_grid_from_dataset(model, Path(args.dataset), Path(args.out), args.count, resize,
-                                               args.split)
+        out = reconstruction_grid_from_dataset(
+            model, Path(args.dataset), Path(args.out), args.count, resize, args.split
+        )
     elif args.images:
         out = _save(model, _load_images(args.images, model.cfg.img_size, resize), Path(args.out))
     else:

@@ -7,7 +7,7 @@ Every test module here is marked `cluster` (pytestmark) (not in the default run;
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -39,15 +39,16 @@ def install_fake_lsf(root: Path) -> dict[str, str]:
     bin_dir, conf, share = root / "bin", root / "conf", root / "share"
     for folder in (bin_dir, conf / "lsbatch" / CLUSTER / "configdir", share / CLUSTER / "logdir"):
         folder.mkdir(parents=True, exist_ok=True)
-    (conf / "lsbatch" / CLUSTER / "configdir" / "lsb.params").write_text("Begin Parameters\nDEFAULT_QUEUE = normal\n"
-                                                                        "End Parameters\n")
+    (conf / "lsbatch" / CLUSTER / "configdir" / "lsb.params").write_text(
+        "Begin Parameters\nDEFAULT_QUEUE = normal\nEnd Parameters\n"
+    )
     (share / CLUSTER / "logdir" / "lsb.events").write_text("")
     log = root / "bsub.jsonl"
     scripts = {
         "bsub": _BSUB.format(python=sys.executable, log=str(log)),
         "bjobs": _BJOBS.format(python=sys.executable, log=str(log)),
         "badmin": f"#!/bin/sh\necho 'MBD configuration at now'\necho 'LSB_SHAREDIR = {share}'\n"
-                  f"echo 'LSF_CONFDIR = {conf}'\n",
+        f"echo 'LSF_CONFDIR = {conf}'\n",
         "lsclusters": f"#!/bin/sh\necho 'CLUSTER_NAME STATUS MASTER_HOST'\necho '{CLUSTER} ok localhost'\n",
         "bhist": "#!/bin/sh\nexit 0\n",
         "bkill": "#!/bin/sh\nexit 0\n",

@@ -24,7 +24,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import psutil
 
@@ -57,37 +56,60 @@ class RayCluster:
 
     def environ(self) -> dict[str, str]:
         """For the nodes and every driver: the cluster's own token (not the shared ~/.ray/auth_token)."""
-        return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(self.root), "RAY_AUTH_MODE": "token",
-                "RAY_AUTH_TOKEN_PATH": str(self.root / "auth_token")}
+        return {
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TMPDIR": str(self.root),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.root / "auth_token"),
+        }
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.root / f"{name}.out", "ab")
-        self.procs[name] = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], stdout=log,
-                                            stderr=subprocess.STDOUT, env={**os.environ, **self.environ()},
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.environ()},
+            start_new_session=True,
+        )
         log.close()
 
-    def start(self, timeout: float = 180) -> "RayCluster":
+    def start(self, timeout: float = 180) -> RayCluster:
         token = self.root / "auth_token"
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
-        common = ["--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus_per_node}", "--num-gpus=0",
-                  f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"]
-        self._start("head", ["--head", f"--port={self.port}", "--include-dashboard=false",
-                             f"--temp-dir={self.root}", *common])
+        common = [
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={self.cpus_per_node}",
+            "--num-gpus=0",
+            f"--object-store-memory={OBJECT_STORE_BYTES}",
+            "--disable-usage-stats",
+        ]
+        self._start(
+            "head", ["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.root}", *common]
+        )
         self._wait_for_log("head", timeout)
         self._start("worker", [f"--address={self.address}", *common])
         self._wait_for_log("worker", timeout)
         alive = self._alive_nodes()
         if alive != 2:
-            raise RuntimeError(f"the Ray cluster at {self.address} has {alive} live node(s), expected 2:\n{self.logs()}")
+            raise RuntimeError(
+                f"the Ray cluster at {self.address} has {alive} live node(s), expected 2:\n{self.logs()}"
+            )
         return self
 
     def _alive_nodes(self) -> int:
-        code = ("import ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-                "print(sum(n['Alive'] for n in ray.nodes()))") % self.address
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                              env={**os.environ, **self.environ()})
+        code = (
+            f"import ray; ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False); "
+            "print(sum(n['Alive'] for n in ray.nodes()))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **self.environ()},
+        )
         lines = proc.stdout.strip().splitlines()
         return int(lines[-1]) if proc.returncode == 0 and lines and lines[-1].isdigit() else 0
 
@@ -104,7 +126,9 @@ class RayCluster:
         raise RuntimeError(f"`ray start` ({node}) did not start in {timeout:.0f} s:\n{self.logs()}")
 
     def logs(self, tail: int = 3000) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in sorted(self.root.glob("*.out")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in sorted(self.root.glob("*.out"))
+        )
 
     def task_workers(self, node: str, task_name: str) -> list[psutil.Process]:
         """Worker processes of `node` ('head' or 'worker') now running a task of that function name."""
@@ -122,7 +146,7 @@ class RayCluster:
         """End the worker node, then the head: SIGTERM to each `ray start --block`; any process they
         started (raylet, workers, GCS) still alive after that is killed by pid."""
         for name in ("worker", "head"):
-            proc: Optional[subprocess.Popen] = self.procs.get(name)
+            proc: subprocess.Popen | None = self.procs.get(name)
             if proc is None:
                 continue
             try:

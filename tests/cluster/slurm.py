@@ -24,7 +24,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from tests.cluster.procs import terminate
 
@@ -38,7 +37,7 @@ PREFIX = "xtra-slurm-"
 CLIENTS = ("sbatch", "squeue", "srun", "scancel", "sinfo", "scontrol", "mungekey")
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason() -> str | None:
     """Why a Slurm cluster cannot be started here, or None."""
     if os.geteuid() != 0:
         return "the Slurm cluster tests need root (slurmd runs job steps as the submitting user)"
@@ -136,38 +135,50 @@ class SlurmCluster:
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.root / "logs" / f"{name}.out", "ab")
         env = {**os.environ, **self.environ()}
-        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         """Write the configuration, start the three daemons, wait for the node to be idle."""
         self.write_config()
         key = self.root / "munge.key"
         subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, env={**os.environ, **self.environ()})
         key.chmod(0o600)
-        self._start("munged", ["munged", "--foreground", "--force", f"--socket={self.root / 'munge.socket'}",
-                               f"--key-file={key}", f"--pid-file={self.root / 'munged.pid'}",
-                               f"--log-file={self.root / 'logs/munged.log'}", f"--seed-file={self.root / 'munged.seed'}"])
+        self._start(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={self.root / 'munge.socket'}",
+                f"--key-file={key}",
+                f"--pid-file={self.root / 'munged.pid'}",
+                f"--log-file={self.root / 'logs/munged.log'}",
+                f"--seed-file={self.root / 'munged.seed'}",
+            ],
+        )
         self._wait(lambda: (self.root / "munge.socket").exists(), timeout, "munged's socket")
         self._start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: "UP" in self._run("scontrol", "ping").stdout, timeout, "slurmctld to answer")
         self._start("slurmd", ["slurmd", "-D", "-N", NODE, "-f", str(self.conf)])
-        self._wait(lambda: self._run("sinfo", "-h", "-N", "-o", "%t").stdout.strip() == "idle", timeout,
-                   "the node to be idle")
+        self._wait(
+            lambda: self._run("sinfo", "-h", "-N", "-o", "%t").stdout.strip() == "idle", timeout, "the node to be idle"
+        )
         return self
 
     def _run(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(list(args), capture_output=True, text=True, env={**os.environ, **self.environ()},
-                              timeout=30)
+        return subprocess.run(
+            list(args), capture_output=True, text=True, env={**os.environ, **self.environ()}, timeout=30
+        )
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             dead = [n for n, p in self.procs.items() if p.poll() is not None]
             if dead:
-                raise RuntimeError(f"{dead[0]} exited with {self.procs[dead[0]].returncode} while waiting for "
-                                   f"{what}:\n{self.logs()}")
+                raise RuntimeError(
+                    f"{dead[0]} exited with {self.procs[dead[0]].returncode} while waiting for {what}:\n{self.logs()}"
+                )
             if ready():
                 return
             time.sleep(0.5)

@@ -43,8 +43,14 @@ def _plan(tmp: Path, profile: str, params: dict) -> subprocess.CompletedProcess:
     repo = repo_copy(tmp)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([str(BIN / "snakemake"), "-n", "--profile", f"workflow/profiles/{profile}"], cwd=repo,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(BIN / "snakemake"), "-n", "--profile", f"workflow/profiles/{profile}"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _pretrain(proc: subprocess.CompletedProcess):
@@ -60,7 +66,11 @@ def test_two_cpu_tasks_on_slurm_and_lsf(tmp_path):
     slurm = _pretrain(_plan(tmp_path / "slurm", "slurm", params))
     launcher = "srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1"
     assert {k: slurm.resources.get(k) for k in ("nodes", "tasks_per_node", "cpus_per_task", "mpi")} == {
-        "nodes": "1", "tasks_per_node": "2", "cpus_per_task": "1", "mpi": launcher}
+        "nodes": "1",
+        "tasks_per_node": "2",
+        "cpus_per_task": "1",
+        "mpi": launcher,
+    }
     assert "gres" not in slurm.resources and "tasks" not in slurm.resources
     assert slurm.shell.startswith(f"{launcher} xtra pretrain {MODEL}")
     lsf = _pretrain(_plan(tmp_path / "lsf", "lsf", params))
@@ -70,11 +80,17 @@ def test_two_cpu_tasks_on_slurm_and_lsf(tmp_path):
 
 
 def test_one_gpu_on_each_of_four_nodes_names_one_task_per_node(tmp_path):
-    params = _params({"runtime": 60, "mem_mb": 8000, "cpus": 4, "gpus": 1, "nodes": 4},
-                     devices=1, num_nodes=4, accelerator="gpu")
+    params = _params(
+        {"runtime": 60, "mem_mb": 8000, "cpus": 4, "gpus": 1, "nodes": 4}, devices=1, num_nodes=4, accelerator="gpu"
+    )
     job = _pretrain(_plan(tmp_path / "slurm", "slurm", params))
     assert {k: job.resources.get(k) for k in ("nodes", "tasks", "slurm_extra", "gres", "tasks_per_gpu")} == {
-        "nodes": "4", "tasks": "4", "slurm_extra": "--ntasks-per-node=1", "gres": "gpu:1", "tasks_per_gpu": "0"}
+        "nodes": "4",
+        "tasks": "4",
+        "slurm_extra": "--ntasks-per-node=1",
+        "gres": "gpu:1",
+        "tasks_per_gpu": "0",
+    }
     assert job.shell.startswith("srun --nodes=4 --ntasks-per-node=1 --cpus-per-task=4 xtra pretrain")
 
 

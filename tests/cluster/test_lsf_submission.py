@@ -28,8 +28,14 @@ BIN = Path(sys.executable).parent
 
 def _snakemake(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     full = {**os.environ, **env, "PATH": os.pathsep.join([env.get("PATH", ""), str(BIN), os.environ["PATH"]])}
-    return subprocess.run([str(BIN / "snakemake"), "--profile", "workflow/profiles/lsf", *args], cwd=repo, env=full,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [str(BIN / "snakemake"), "--profile", "workflow/profiles/lsf", *args],
+        cwd=repo,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def _kind(job: Job) -> str:
@@ -92,8 +98,12 @@ def test_bsub_lines_of_the_lsf_profile_carry_each_rules_request(tmp_path):
     model = params["models"]["xtra_h14"]["resources"]
     dataset = params["datasets"][chosen["prepare"].rule.removeprefix("prepare-")]["resources"]
     # a probe job is one process that starts one worker per GPU itself (xtra.probe.dist)
-    in1k = {**params["probe"]["resources"], **(params["probe"]["benchmarks"]["in1k"].get("resources") or {}),
-            "nodes": 1, "one_process": True}
+    in1k = {
+        **params["probe"]["resources"],
+        **(params["probe"]["benchmarks"]["in1k"].get("resources") or {}),
+        "nodes": 1,
+        "one_process": True,
+    }
     expected = {"pretrain": _expected(model), "prepare": _expected(dataset), "probe": _expected(in1k)}
     for rule, (cores, gpus, span, runtime, mem_mb) in expected.items():
         argv = by_rule[rule]

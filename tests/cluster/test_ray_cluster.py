@@ -16,8 +16,8 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -60,9 +60,12 @@ def probe_params(prepared: Path, models: Path, results: Path, address: str | Non
 
 def _xtra(*args: str, params: Path, env: dict | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([*XTRA, *args, "--params", str(params)], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"xtra {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = subprocess.run(
+        [*XTRA, *args, "--params", str(params)], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, (
+        f"xtra {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -77,8 +80,9 @@ def _results(results: Path) -> dict[str, dict]:
     return {name: {k: v for k, v in r.items() if k not in VOLATILE} for name, r in found.items()}
 
 
-def _kill_a_job_on_the_second_node(cluster: RayCluster, driver: subprocess.Popen, states: Path, jobs: int,
-                                   driver_log: Path, timeout: float = 900) -> int:
+def _kill_a_job_on_the_second_node(
+    cluster: RayCluster, driver: subprocess.Popen, states: Path, jobs: int, driver_log: Path, timeout: float = 900
+) -> int:
     """SIGKILL the worker process running a probe job on the joined node, once every job saved a state."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and driver.poll() is None:
@@ -87,30 +91,37 @@ def _kill_a_job_on_the_second_node(cluster: RayCluster, driver: subprocess.Popen
             workers[0].kill()
             return workers[0].pid
         time.sleep(0.2)
-    raise AssertionError(f"no probe job on the second node after every job's first epoch (driver exited "
-                         f"{driver.poll()}; states {sorted(p.name for p in states.rglob('*'))}):\n"
-                         f"{driver_log.read_text(errors='replace')[-4000:]}\n{cluster.logs()}")
+    raise AssertionError(
+        f"no probe job on the second node after every job's first epoch (driver exited "
+        f"{driver.poll()}; states {sorted(p.name for p in states.rglob('*'))}):\n"
+        f"{driver_log.read_text(errors='replace')[-4000:]}\n{cluster.logs()}"
+    )
 
 
 def test_probe_on_a_ray_cluster_survives_a_killed_worker_and_equals_a_local_run(ray_cluster, prepared_demo, tmp_path):
     models = tmp_path / "models"
-    local = _write(tmp_path / "local" / "params.yaml",
-                   probe_params(prepared_demo, models, tmp_path / "local" / "results", None))
+    local = _write(
+        tmp_path / "local" / "params.yaml", probe_params(prepared_demo, models, tmp_path / "local" / "results", None)
+    )
     _xtra("pretrain", MODEL, params=local)  # the seeded random-init encoder, shared by both runs
     _xtra("probe", MODEL, "--no-ray", params=local)
 
     benchmarks = list(yaml.safe_load(local.read_text())["probe"]["benchmarks"])
-    on_ray = _write(tmp_path / "ray" / "params.yaml",
-                    probe_params(prepared_demo, models, tmp_path / "ray" / "results", ray_cluster.address))
+    on_ray = _write(
+        tmp_path / "ray" / "params.yaml",
+        probe_params(prepared_demo, models, tmp_path / "ray" / "results", ray_cluster.address),
+    )
     attempts = tmp_path / "attempts.log"
     env = {**os.environ, **ray_cluster.environ(), "PYTHONUNBUFFERED": "1", "XTRA_PROBE_ATTEMPT_LOG": str(attempts)}
     driver_log = tmp_path / "driver.log"
     with driver_log.open("w") as handle:  # a file, not a pipe: nobody reads a pipe while the test waits
-        driver = subprocess.Popen([*XTRA, "probe", MODEL, "--params", str(on_ray)], cwd=REPO, env=env,
-                                  stdout=handle, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [*XTRA, "probe", MODEL, "--params", str(on_ray)], cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT
+        )
     try:
-        killed = _kill_a_job_on_the_second_node(ray_cluster, driver, tmp_path / "ray" / "results" / "probe-state" / MODEL,
-                                                len(benchmarks), driver_log)
+        killed = _kill_a_job_on_the_second_node(
+            ray_cluster, driver, tmp_path / "ray" / "results" / "probe-state" / MODEL, len(benchmarks), driver_log
+        )
         driver.wait(timeout=1200)
     finally:
         if driver.poll() is None:

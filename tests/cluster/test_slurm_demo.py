@@ -40,7 +40,10 @@ def test_demo_on_slurm_equals_the_dvc_run_and_a_second_run_submits_nothing(slurm
     rules = {m.split("-")[0] for m in re.findall(r"^rule ([\w-]+):", log, flags=re.M)}
     assert {"prepare", "pretrain", "probe"} <= rules and len(submitted) >= 3, log[-3000:]
 
-    ours, theirs = (slurm_repo / "results/tables/top1.csv").read_bytes(), (dvc_repo / "results/tables/top1.csv").read_bytes()
+    ours, theirs = (
+        (slurm_repo / "results/tables/top1.csv").read_bytes(),
+        (dvc_repo / "results/tables/top1.csv").read_bytes(),
+    )
     assert ours == theirs, f"Slurm table:\n{ours.decode()}\nDVC table:\n{theirs.decode()}"
 
     again = snakemake_slurm(slurm_repo, timeout=600)

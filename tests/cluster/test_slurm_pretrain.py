@@ -36,9 +36,20 @@ def two_task_params() -> dict:
     params = demo_params()
     model = copy.deepcopy(params["models"][MODEL])
     model["arch"] = {**model["arch"], **SMALL_ARCH}  # every arch key spelled out, as params.yaml must
-    model["train"].update({"epochs": 2, "batch_size": 32, "devices": 2, "num_nodes": 1, "strategy": "ddp",
-                           "accelerator": "cpu", "num_workers": 0, "checkpoint_every_n_steps": 10,
-                           "log_every_n_steps": 5, "reconstruct_images": 0})
+    model["train"].update(
+        {
+            "epochs": 2,
+            "batch_size": 32,
+            "devices": 2,
+            "num_nodes": 1,
+            "strategy": "ddp",
+            "accelerator": "cpu",
+            "num_workers": 0,
+            "checkpoint_every_n_steps": 10,
+            "log_every_n_steps": 5,
+            "reconstruct_images": 0,
+        }
+    )
     model["resources"] = dict(REQUEST)
     params["models"] = {MODEL: model}
     params["probe"]["models"] = [MODEL]
@@ -87,8 +98,7 @@ def _check_two_ranks(repo: Path) -> None:
     assert log.count("SLURM auto-requeueing enabled") == 2, log[-3000:]
 
 
-def test_two_task_pretrain_cut_by_scancel_resumes_to_the_uninterrupted_weights(slurm_cluster, prepared_demo,
-                                                                               tmp_path):
+def test_two_task_pretrain_cut_by_scancel_resumes_to_the_uninterrupted_weights(slurm_cluster, prepared_demo, tmp_path):
     reference = _repo(tmp_path / "reference", prepared_demo)
     first = snakemake_slurm(reference, _target(reference))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:] + slurm_cluster.logs()

@@ -12,19 +12,27 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 __all__ = ["SLURM_COMMAND", "snakemake_slurm", "final_weights", "max_weight_difference"]
 
 BIN = Path(sys.executable).parent
-SLURM_COMMAND = ["--profile", "workflow/profiles/slurm", "--slurm-no-account", "--slurm-status-command", "squeue",
-                 "--slurm-init-seconds-before-status-checks", "5"]
+SLURM_COMMAND = [
+    "--profile",
+    "workflow/profiles/slurm",
+    "--slurm-no-account",
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "5",
+]
 
 
-def snakemake_slurm(repo: Path, *args: str, timeout: float = 1800,
-                    log: Optional[Path] = None) -> subprocess.CompletedProcess | subprocess.Popen:
+def snakemake_slurm(
+    repo: Path, *args: str, timeout: float = 1800, log: Path | None = None
+) -> subprocess.CompletedProcess | subprocess.Popen:
     """`snakemake --profile workflow/profiles/slurm ...` in `repo` (the xtra command on PATH); with
     `log`, started in the background with its output going to that file (a Popen)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
@@ -49,7 +57,7 @@ def final_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def max_weight_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert sorted(a) == sorted(b), f"different weight names: {sorted(set(a) ^ set(b))[:5]}"
-    worst: Optional[float] = 0.0
+    worst: float | None = 0.0
     for key in a:
         if a[key].is_floating_point():
             worst = max(worst, (a[key].double() - b[key].double()).abs().max().item())

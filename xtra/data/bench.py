@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from xtra.errors import DataError
 __all__ = ["GOALS", "count_opens", "run_data_bench", "format_bench"]
 
 GOALS = {"XTRA-B/16": 1240.0, "XTRA-H/14": 290.0}  # training images/s per GPU (H200)
-_OPENS: list[Optional[list[str]]] = [None]  # the open log while counting, else None
+_OPENS: list[list[str] | None] = [None]  # the open log while counting, else None
 _HOOKED = [False]
 
 
@@ -71,11 +71,17 @@ def _timed(fn: Callable[[], int]) -> dict:
         wall, cpu = time.perf_counter(), time.process_time()
         images = fn()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    return {"images": images, "cpu_s": cpu, "wall_s": wall, "per_core": images / cpu if cpu > 0 else 0.0,
-            "wall_rate": images / wall if wall > 0 else 0.0, "opens_per_1000": 1000.0 * len(opens) / max(images, 1)}  # fmt: skip
+    return {
+        "images": images,
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "per_core": images / cpu if cpu > 0 else 0.0,
+        "wall_rate": images / wall if wall > 0 else 0.0,
+        "opens_per_1000": 1000.0 * len(opens) / max(images, 1),
+    }
 
 
-def _part(root: Path, split: str, seed: int, n: int, tf: Optional[Callable]) -> ShardStream:
+def _part(root: Path, split: str, seed: int, n: int, tf: Callable | None) -> ShardStream:
     """Rank 0 of as many ranks as make its part about n samples: the work one rank does in an epoch."""
     whole = ShardStream(root, split, None, seed=seed)
     return ShardStream(root, split, tf, seed=seed, rank=0, world_size=max(1, whole.num_samples // n))
@@ -144,8 +150,15 @@ def run_data_bench(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = {"dataset": part.name, "split": split, "img_size": img_size, "images": n, "batch_size": batch_size,
-                   "shards": len(part.index.files), "shard_size": part.num_samples / max(1, len(part.index.files))}  # fmt: skip
+        results = {
+            "dataset": part.name,
+            "split": split,
+            "img_size": img_size,
+            "images": n,
+            "batch_size": batch_size,
+            "shards": len(part.index.files),
+            "shard_size": part.num_samples / max(1, len(part.index.files)),
+        }
         results["stream"] = _timed(lambda: _batches(make_stream_loader(part, batch_size, 0, drop_last=False)))
         plain = _part(root, split, seed, num_images, None)
         results["stream_decode"] = _timed(lambda: _plain(plain))
@@ -164,16 +177,23 @@ def format_bench(results: dict) -> str:
     """The bench result as a text table."""
     lines = [
         f"data bench: {results['dataset']}/{results['split']}, {results['images']} images, pre-training transform "
-        f"{results['img_size']} px, {results['shards']} shards of ~{results['shard_size']:.0f}; one process, one thread",
+        f"{results['img_size']} px, {results['shards']} shards of ~{results['shard_size']:.0f}; "
+        "one process, one thread",
         f"  {'path':<42}{'img/s/core':>11}{'img/s wall':>11}{'opens/1k':>10}",
     ]
-    labels = {"stream": "streaming reader + transform (pre-training)", "random": "random access + transform",
-              "stream_decode": "streaming reader, decode only", "decode": "bare decode in memory (the limit)"}  # fmt: skip
+    labels = {
+        "stream": "streaming reader + transform (pre-training)",
+        "random": "random access + transform",
+        "stream_decode": "streaming reader, decode only",
+        "decode": "bare decode in memory (the limit)",
+    }
     for key, label in labels.items():
         r = results[key]
         lines.append(f"  {label:<42}{r['per_core']:>11.0f}{r['wall_rate']:>11.0f}{r['opens_per_1000']:>10.1f}")
     lines.append(f"  streaming decode-only / bare decode: {results['stream_vs_decode']:.2f}x")
-    lines.append(f"  per-sample augmentation seeding (in the streaming path only): {results['seeding_ms']:.3f} ms/sample")
+    lines.append(
+        f"  per-sample augmentation seeding (in the streaming path only): {results['seeding_ms']:.3f} ms/sample"
+    )
     for goal, cores in results["cores_per_gpu"].items():
         lines.append(f"  cores per GPU for {goal} at {GOALS[goal]:.0f} img/s: {cores:.1f}")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ resize every published pipeline uses.
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 from PIL import Image
 

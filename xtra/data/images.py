@@ -31,7 +31,6 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -89,7 +88,7 @@ class Converted:
     ext: str  # "png" | "jpg"
     data: bytes
     size: tuple[int, int]  # stored (width, height)
-    original: Optional[tuple[str, bytes]] = None  # (ext, bytes) when keep_original
+    original: tuple[str, bytes] | None = None  # (ext, bytes) when keep_original
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:
@@ -108,7 +107,7 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
-def load_image(image: ImageLoader) -> tuple[Image.Image, Optional[str], Optional[bytes]]:
+def load_image(image: ImageLoader) -> tuple[Image.Image, str | None, bytes | None]:
     """Open and fully decode a sample's image: (image, source format or None, original bytes or None).
 
     Raises one of DECODE_ERRORS for a bad file; `load()` forces the full decode, so a truncated file
@@ -165,7 +164,7 @@ def resize_shorter(img: Image.Image, size: int) -> Image.Image:
     return img.resize(new, Image.Resampling.BICUBIC)
 
 
-def encode_image(img: Image.Image, source_format: Optional[str]) -> tuple[str, bytes]:
+def encode_image(img: Image.Image, source_format: str | None) -> tuple[str, bytes]:
     """Encode an RGB image by the module's policy: ("png" | "jpg", bytes). Deterministic."""
     buf = io.BytesIO()
     if source_format == "JPEG" and min(img.size) > JPEG_MIN_SIDE:
@@ -175,7 +174,7 @@ def encode_image(img: Image.Image, source_format: Optional[str]) -> tuple[str, b
     return "png", buf.getvalue()
 
 
-def _original(img: Image.Image, fmt: Optional[str], data: Optional[bytes]) -> tuple[str, bytes]:
+def _original(img: Image.Image, fmt: str | None, data: bytes | None) -> tuple[str, bytes]:
     """The original encoded bytes (ext, bytes); a lossless PNG of the decoded image for arrays."""
     if data is not None and fmt:
         ext = {"JPEG": "jpg", "TIFF": "tif"}.get(fmt, fmt.lower())

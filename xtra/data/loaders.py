@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,9 +39,7 @@ def load_manifest(root: Path) -> dict:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        raise DataError(
-            f"prepared dataset {root.name!r} not found: {path} is missing (run `xtra prepare {root.name}`)"
-        )
+        raise DataError(f"prepared dataset {root.name!r} not found: {path} is missing (run `xtra prepare {root.name}`)")
     try:
         manifest = json.loads(path.read_text())
     except ValueError as exc:
@@ -56,7 +55,7 @@ def load_manifest(root: Path) -> dict:
 class PreparedDataset(Dataset):
     """One split of a prepared dataset: item i -> (transform(RGB PIL image), label)."""
 
-    def __init__(self, root: Path, split: str, transform: Optional[Callable[[Image.Image], Any]] = None) -> None:
+    def __init__(self, root: Path, split: str, transform: Callable[[Image.Image], Any] | None = None) -> None:
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
         self.name: str = self.manifest.get("dataset", self.root.name)
@@ -111,10 +110,10 @@ def make_loader(
     shuffle: bool = True,
     seed: int = 0,
     epoch: int = 0,
-    rank: Optional[int] = None,
-    world_size: Optional[int] = None,
+    rank: int | None = None,
+    world_size: int | None = None,
     drop_last: bool = False,
-    pin_memory: Optional[bool] = None,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
     """A DataLoader over `ds` with a seeded DistributedSampler at `epoch` (see the module doc).
 

@@ -26,7 +26,8 @@ a random mix of classes: ImageNet-style keys sort by class, and a streaming read
 shards and a buffer of 1,000 samples would otherwise fill a batch with one or two classes.
 
 Up to date. The defaults of a dataset section are those of the schema (`dataset_defaults`), for the
-CLI and the API alike. `preparation_hash` (stored as the manifest's `params_hash`) covers the format version, the image policy, the params that
+CLI and the API alike. `preparation_hash` (stored as the manifest's `params_hash`) covers the format
+version, the image policy, the params that
 change shard bytes (`xtra.data.fingerprint.shard_params`: not num_workers, resources,
 max_skipped_fraction or size_check, which are not written to the manifest either) and the inputs:
 for a dataset with a root, one walk of the whole root tree (path, size, mtime of every file); for
@@ -46,10 +47,10 @@ import multiprocessing as mp
 import shutil
 import sys
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -83,7 +84,7 @@ def dataset_defaults() -> dict:
 
 # The work of the conversion processes: (samples, image_size, keep_original). Set before the pool
 # forks, so samples (arrays, callables) are never pickled; passed to the initializer under spawn.
-_WORK: Optional[tuple[Sequence[Sample], int, bool]] = None
+_WORK: tuple[Sequence[Sample], int, bool] | None = None
 
 
 @dataclass
@@ -128,7 +129,7 @@ def _plan(raw: RawDataset) -> Plan:
     return plan
 
 
-def _recorded(final: Path, expected_hash: str) -> Optional[dict]:
+def _recorded(final: Path, expected_hash: str) -> dict | None:
     """The existing manifest when it has `expected_hash` and every shard and index has its recorded size."""
     try:
         manifest = json.loads((final / MANIFEST).read_text())
@@ -146,7 +147,7 @@ def _recorded(final: Path, expected_hash: str) -> Optional[dict]:
     return manifest
 
 
-def _verify_problem(final: Path, manifest: dict, listing: str) -> Optional[str]:
+def _verify_problem(final: Path, manifest: dict, listing: str) -> str | None:
     """The first difference the full check finds (listing, then shard and index sha256), else None."""
     if manifest.get("inputs", {}).get("listing_sha256") != listing:
         return "the reader lists different samples than the manifest records"
@@ -274,7 +275,7 @@ def _summary(manifest: dict, final: Path) -> str:
     return "\n".join(lines)
 
 
-def _inputs(p: dict, reader: Reader, use_tree: bool) -> tuple[dict, Optional[RawDataset]]:
+def _inputs(p: dict, reader: Reader, use_tree: bool) -> tuple[dict, RawDataset | None]:
     """The input identity: the root tree's fingerprint (no listing needed), else the reader's listing."""
     if use_tree:
         digest, files = tree_fingerprint(Path(str(p["root"])).expanduser())
@@ -283,7 +284,7 @@ def _inputs(p: dict, reader: Reader, use_tree: bool) -> tuple[dict, Optional[Raw
     return {"listing_sha256": listing_fingerprint(raw)}, raw
 
 
-def _existing(name: str, final: Path, digest: str, verify: bool, listing: Callable[[], str]) -> Optional[dict]:
+def _existing(name: str, final: Path, digest: str, verify: bool, listing: Callable[[], str]) -> dict | None:
     """The existing manifest when the prepared folder is up to date (fully verified with `verify`)."""
     existing = _recorded(final, digest)
     if existing is None:
@@ -300,9 +301,13 @@ def _existing(name: str, final: Path, digest: str, verify: bool, listing: Callab
 
 
 def prepare_dataset(
-    name: str, params: dict, out_root: Path, force: bool = False, reader: Optional[Reader] = None,
+    name: str,
+    params: dict,
+    out_root: Path,
+    force: bool = False,
+    reader: Reader | None = None,
     verify: bool = False,
-) -> dict:  # fmt: skip
+) -> dict:
     """Prepare dataset `name` (its params section) into `out_root/name/`; returns the manifest.
 
     `reader` replaces `xtra.data.readers.read_dataset` (tests, custom sources). See the module doc
@@ -345,11 +350,22 @@ def _prepare(name: str, p: dict, raw: RawDataset, ids: dict, folders: tuple[Path
             skipped = plan.skipped + bad
             fraction = _check_fraction(name, skipped, plan.total, float(p["max_skipped_fraction"]))
             manifest = {
-                "format": "webdataset", "version": FORMAT_VERSION, "dataset": name, "kind": p.get("kind"),
-                "source": raw.source, "params": shard_params(p), **ids, "image_policy": IMAGE_POLICY,
-                "sample_order": SAMPLE_ORDER, "classes": list(raw.classes), "num_classes": len(raw.classes),
-                "splits": splits, "skipped": skipped, "skipped_fraction": fraction, "official_sizes": sizes,
-            }  # fmt: skip
+                "format": "webdataset",
+                "version": FORMAT_VERSION,
+                "dataset": name,
+                "kind": p.get("kind"),
+                "source": raw.source,
+                "params": shard_params(p),
+                **ids,
+                "image_policy": IMAGE_POLICY,
+                "sample_order": SAMPLE_ORDER,
+                "classes": list(raw.classes),
+                "num_classes": len(raw.classes),
+                "splits": splits,
+                "skipped": skipped,
+                "skipped_fraction": fraction,
+                "official_sizes": sizes,
+            }
             _publish(tmp, final, old, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -363,8 +379,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", metavar="DATASET", help="a dataset name under `datasets:` in params")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--force", action="store_true", help="prepare again even when up to date")
-    parser.add_argument("--verify", action="store_true",
-                        help="before skipping, re-list the raw data and sha256 every shard (slow at scale)")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="before skipping, re-list the raw data and sha256 every shard (slow at scale)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -376,7 +395,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset not in datasets:
         known = ", ".join(sorted(datasets)) or "none"
         raise ParamsError(f"{args.params}: datasets.{args.dataset} is not defined (defined: {known})")
-    prepare_dataset(args.dataset, datasets[args.dataset], Path(params["paths"]["prepared"]), force=args.force,
-                    verify=getattr(args, "verify", False))
+    prepare_dataset(
+        args.dataset,
+        datasets[args.dataset],
+        Path(params["paths"]["prepared"]),
+        force=args.force,
+        verify=getattr(args, "verify", False),
+    )
     sys.stdout.flush()
     return 0

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -37,9 +37,9 @@ import os
 import re
 import tarfile
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -103,7 +103,7 @@ class ShardWriter:
             raise DataError(f"shard_size must be >= 1, got {shard_size}")
         self.out_dir, self.split, self.shard_size = Path(out_dir), split, shard_size
         self.shards: list[dict] = []
-        self._tar: Optional[tarfile.TarFile] = None
+        self._tar: tarfile.TarFile | None = None
         self._rows: list[tuple[int, int, int, int]] = []
         self._keys: set[str] = set()
 
@@ -154,10 +154,14 @@ class ShardWriter:
             np.save(f, np.array(self._rows, dtype=INDEX_DTYPE), allow_pickle=False)
         self.shards.append(
             {
-                "file": path.name, "count": len(self._rows), "bytes": path.stat().st_size,
-                "sha256": sha256_file(path), "index": idx_path.name, "index_sha256": sha256_file(idx_path),
+                "file": path.name,
+                "count": len(self._rows),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+                "index": idx_path.name,
+                "index_sha256": sha256_file(idx_path),
             }
-        )  # fmt: skip
+        )
         self._rows = []
 
     def close(self) -> list[dict]:
@@ -166,7 +170,7 @@ class ShardWriter:
             self._finish_shard()
         return self.shards
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -264,7 +268,7 @@ class ShardReader:
 
     def __init__(self, index: ShardIndex) -> None:
         self.index = index
-        self._fds: "OrderedDict[int, int]" = OrderedDict()
+        self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
 
     def _fd(self, shard: int) -> int:

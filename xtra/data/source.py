@@ -7,9 +7,9 @@ with its reason instead of killing the run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Union
 
 import numpy as np
 from PIL import Image
@@ -17,7 +17,7 @@ from PIL import Image
 __all__ = ["Sample", "RawDataset", "ImageLoader", "Reader"]
 
 # A sample's pixels: a file path, an in-memory array (H, W[, C]) uint8, or a callable that opens it.
-ImageLoader = Union[Path, np.ndarray, Callable[[], Image.Image]]
+ImageLoader = Path | np.ndarray | Callable[[], Image.Image]
 
 
 @dataclass(frozen=True)

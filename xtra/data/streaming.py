@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +130,7 @@ class ShardStream(IterableDataset):
         self,
         root: Path,
         split: str,
-        transform: Optional[Callable[[Any], Any]],
+        transform: Callable[[Any], Any] | None,
         *,
         seed: int,
         rank: int = 0,
@@ -155,8 +156,8 @@ class ShardStream(IterableDataset):
         self._shard_starts = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
         self.epoch = 0
         self.batch_size, self.drop_last = 1, False  # set by make_stream_loader
-        self._resume: Optional[dict] = None  # a restored state, used by the next iteration
-        self._iter_epoch: Optional[int] = None  # the epoch of the current iteration
+        self._resume: dict | None = None  # a restored state, used by the next iteration
+        self._iter_epoch: int | None = None  # the epoch of the current iteration
         self._yielded = 0  # samples the current iteration has emitted
 
     # -- the order ------------------------------------------------------------------------------
@@ -202,9 +203,16 @@ class ShardStream(IterableDataset):
 
     # -- state ----------------------------------------------------------------------------------
     def _layout(self, num_workers: int) -> dict:
-        return {"num_samples": self.num_samples, "world_size": self.world_size, "num_workers": num_workers,
-                "batch_size": self.batch_size, "drop_last": self.drop_last, "seed": self.seed,
-                "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer}  # fmt: skip
+        return {
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+            "num_workers": num_workers,
+            "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
 
     def state_dict(self) -> dict:
         """{epoch, yielded, and the layout it is valid for}: the position of this worker (rank-agnostic)."""
@@ -219,7 +227,9 @@ class ShardStream(IterableDataset):
         wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if wrong:
             detail = ", ".join(f"{k}: saved {s!r}, now {v!r}" for k, (s, v) in sorted(wrong.items()))
-            raise DataError(f"ShardStream {self.name}/{self.split}: the saved position is for another layout ({detail})")
+            raise DataError(
+                f"ShardStream {self.name}/{self.split}: the saved position is for another layout ({detail})"
+            )
         self._resume = {"epoch": int(state["epoch"]), "yielded": int(state["yielded"])}
 
     # -- reading --------------------------------------------------------------------------------
@@ -264,11 +274,15 @@ class ShardStream(IterableDataset):
             reader.close()
 
     def __repr__(self) -> str:
-        return (f"ShardStream({self.name!r}, split={self.split!r}, n={self.num_samples}, rank={self.rank}/"
-                f"{self.world_size}, per_rank={len(self)})")  # fmt: skip
+        return (
+            f"ShardStream({self.name!r}, split={self.split!r}, n={self.num_samples}, rank={self.rank}/"
+            f"{self.world_size}, per_rank={len(self)})"
+        )
 
 
-def make_stream_loader(ds: ShardStream, batch_size: int, num_workers: int, drop_last: bool = True) -> StatefulDataLoader:
+def make_stream_loader(
+    ds: ShardStream, batch_size: int, num_workers: int, drop_last: bool = True
+) -> StatefulDataLoader:
     """A StatefulDataLoader over `ds` in batches of `batch_size`; sets ds's batch layout (see the remainder rule).
 
     Workers are started per epoch (not persistent), so `ds.set_epoch` in the main process reaches them.

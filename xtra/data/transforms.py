@@ -17,7 +17,7 @@ result (black) for 0 bits and calls Pillow otherwise.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -132,11 +132,13 @@ def default_eval_resize(img_size: int) -> int:
     return int(round(img_size / 0.875))
 
 
-def eval_transform(img_size: int, resize: Optional[int] = None) -> Transform:
+def eval_transform(img_size: int, resize: int | None = None) -> Transform:
     """Evaluation: shorter side -> `resize` (bicubic; default S / 0.875), centre crop S -> (3, S, S)."""
     resize = default_eval_resize(img_size) if resize is None else int(resize)
     if resize < img_size:
-        raise ParamsError(f"eval resize {resize} is smaller than the crop {img_size} (probe.eval_resize, probe.img_size)")
+        raise ParamsError(
+            f"eval resize {resize} is smaller than the crop {img_size} (probe.eval_resize, probe.img_size)"
+        )
     return T.Compose(
         [
             T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),

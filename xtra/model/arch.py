@@ -25,10 +25,26 @@ PRESETS: dict[str, dict[str, int]] = {
 # Defaults of the paper's two models (METHOD.md "Architecture"); anything not given follows the rules
 # in ArchConfig.resolved().
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "xtra_b16": {"preset": "base", "img_size": 256, "patch_size": 16, "block_size": 4, "proj_hidden": 4096,
-                 "predictor_width": 768, "predictor_heads": 6, "head_hidden": 6144},
-    "xtra_h14": {"preset": "huge", "img_size": 224, "patch_size": 14, "block_size": 4, "proj_hidden": 5120,
-                 "predictor_width": 640, "predictor_heads": 8, "head_hidden": 9408},
+    "xtra_b16": {
+        "preset": "base",
+        "img_size": 256,
+        "patch_size": 16,
+        "block_size": 4,
+        "proj_hidden": 4096,
+        "predictor_width": 768,
+        "predictor_heads": 6,
+        "head_hidden": 6144,
+    },
+    "xtra_h14": {
+        "preset": "huge",
+        "img_size": 224,
+        "patch_size": 14,
+        "block_size": 4,
+        "proj_hidden": 5120,
+        "predictor_width": 640,
+        "predictor_heads": 8,
+        "head_hidden": 9408,
+    },
 }
 
 
@@ -59,14 +75,14 @@ class ArchConfig:
     attn_impl: str = "auto"  # auto | sdpa | flex | reference
 
     @classmethod
-    def from_dict(cls, arch: dict[str, Any]) -> "ArchConfig":
+    def from_dict(cls, arch: dict[str, Any]) -> ArchConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(arch) - known)
         if unknown:
             raise ParamsError(f"unknown arch key(s) {unknown}; known: {sorted(known)}")
         return cls(**arch).resolved()
 
-    def resolved(self) -> "ArchConfig":
+    def resolved(self) -> ArchConfig:
         """Fill the defaults that depend on other fields and check the combination."""
         if self.preset not in PRESETS:
             raise ParamsError(f"arch.preset: unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
@@ -81,20 +97,31 @@ class ArchConfig:
             raise ParamsError(f"arch.block_order: expected 'raster' or 'pseudo_random', got {self.block_order!r}")
         num_blocks = (self.img_size // (self.patch_size * self.block_size)) ** 2
         if self.num_block_orders is not None and not 1 <= self.num_block_orders <= num_blocks:
-            raise ParamsError(f"arch.num_block_orders {self.num_block_orders} must be in [1, {num_blocks}] "
-                              f"(permutations with distinct first blocks) or null (all {num_blocks})")
+            raise ParamsError(
+                f"arch.num_block_orders {self.num_block_orders} must be in [1, {num_blocks}] "
+                f"(permutations with distinct first blocks) or null (all {num_blocks})"
+            )
         if not 1 <= self.num_heads_ahead < num_blocks:
             raise ParamsError(f"arch.num_heads_ahead {self.num_heads_ahead} must be in [1, {num_blocks - 1}]")
-        size = {**PRESETS[self.preset], **{k: v for k, v in (("width", self.width), ("depth", self.depth),
-                                                                ("heads", self.heads)) if v is not None}}
+        size = {
+            **PRESETS[self.preset],
+            **{k: v for k, v in (("width", self.width), ("depth", self.depth), ("heads", self.heads)) if v is not None},
+        }
         if size["width"] % size["heads"] != 0:
             raise ParamsError(f"arch: width {size['width']} is not divisible by heads {size['heads']}")
         d = size["width"]
         d_pred = self.predictor_width or d
         c = self.block_size * self.patch_size
-        return ArchConfig(**{**asdict(self), **size, "proj_hidden": self.proj_hidden or 4 * d, "predictor_width": d_pred,
-                             "predictor_heads": self.predictor_heads or max(1, d_pred // 64),
-                             "head_hidden": self.head_hidden or 3 * c * c})
+        return ArchConfig(
+            **{
+                **asdict(self),
+                **size,
+                "proj_hidden": self.proj_hidden or 4 * d,
+                "predictor_width": d_pred,
+                "predictor_heads": self.predictor_heads or max(1, d_pred // 64),
+                "head_hidden": self.head_hidden or 3 * c * c,
+            }
+        )
 
     @property
     def grid(self) -> int:

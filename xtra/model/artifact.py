@@ -15,9 +15,10 @@ state. Layout:
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -44,11 +45,20 @@ class ModelArtifact:
         return bool(self.state_dict) and all(k.startswith("encoder.") for k in self.state_dict)
 
 
-def save_model_artifact(path: str | Path, *, init: str, arch: Mapping[str, Any],
-                        state_dict: Mapping[str, torch.Tensor], provenance: Mapping[str, Any] | None = None) -> None:
+def save_model_artifact(
+    path: str | Path,
+    *,
+    init: str,
+    arch: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    provenance: Mapping[str, Any] | None = None,
+) -> None:
     """Write the weights-only final model atomically (temporary file beside `path`, then rename)."""
     payload = {
-        "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "init": str(init), "arch": dict(arch),
+        "format": ARTIFACT_FORMAT,
+        "version": ARTIFACT_VERSION,
+        "init": str(init),
+        "arch": dict(arch),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
         "provenance": dict(provenance or {}),
     }
@@ -65,13 +75,20 @@ def read_model_artifact(path: str | Path) -> ModelArtifact:
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"model file {path} cannot be read as a weights-only file: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
-        raise CheckpointError(f"{path} is not an xtra model file (format {ARTIFACT_FORMAT!r}); "
-                              "a training checkpoint is converted with `xtra convert-checkpoint`")
+        raise CheckpointError(
+            f"{path} is not an xtra model file (format {ARTIFACT_FORMAT!r}); "
+            "a training checkpoint is converted with `xtra convert-checkpoint`"
+        )
     if payload.get("version") != ARTIFACT_VERSION:
-        raise CheckpointError(f"{path}: model file version {payload.get('version')!r}, this code reads "
-                              f"{ARTIFACT_VERSION}")
+        raise CheckpointError(
+            f"{path}: model file version {payload.get('version')!r}, this code reads {ARTIFACT_VERSION}"
+        )
     for key in ("init", "arch", "state_dict"):
         if key not in payload:
             raise CheckpointError(f"{path}: model file lacks {key!r}")
-    return ModelArtifact(init=payload["init"], arch=dict(payload["arch"]), state_dict=dict(payload["state_dict"]),
-                         provenance=dict(payload.get("provenance") or {}))
+    return ModelArtifact(
+        init=payload["init"],
+        arch=dict(payload["arch"]),
+        state_dict=dict(payload["state_dict"]),
+        provenance=dict(payload.get("provenance") or {}),
+    )

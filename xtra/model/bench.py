@@ -21,12 +21,20 @@ from dataclasses import dataclass
 
 import torch
 
-from xtra.model.mask import flex_available
 from xtra.model.arch import MODEL_PRESETS, ArchConfig
+from xtra.model.mask import flex_available
 from xtra.model.xtra import XTRA
 
-__all__ = ["AttentionBenchRow", "run_attention_bench", "GpuBenchRow", "run_gpu_bench", "train_flops_per_image",
-           "peak_flops_per_s", "resolved_attention", "PEAK_TFLOPS"]
+__all__ = [
+    "AttentionBenchRow",
+    "run_attention_bench",
+    "GpuBenchRow",
+    "run_gpu_bench",
+    "train_flops_per_image",
+    "peak_flops_per_s",
+    "resolved_attention",
+    "PEAK_TFLOPS",
+]
 
 
 @dataclass
@@ -43,8 +51,9 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def _time_path(arch: ArchConfig, impl: str, batch: int, steps: int, warmup: int, device: torch.device,
-               dtype: torch.dtype | None) -> AttentionBenchRow:
+def _time_path(
+    arch: ArchConfig, impl: str, batch: int, steps: int, warmup: int, device: torch.device, dtype: torch.dtype | None
+) -> AttentionBenchRow:
     torch.manual_seed(0)
     model = XTRA(arch).to(device)
     model.set_attn_impl(impl)
@@ -76,9 +85,16 @@ def _time_path_isolated(*args) -> AttentionBenchRow:
         return pool.submit(_time_path, *args).result()
 
 
-def run_attention_bench(preset: str = "tiny", batch: int = 32, steps: int = 5, warmup: int = 2,
-                        block_size: int | None = None, device: str | None = None, bf16: bool = False,
-                        overrides: dict | None = None) -> list[AttentionBenchRow]:
+def run_attention_bench(
+    preset: str = "tiny",
+    batch: int = 32,
+    steps: int = 5,
+    warmup: int = 2,
+    block_size: int | None = None,
+    device: str | None = None,
+    bf16: bool = False,
+    overrides: dict | None = None,
+) -> list[AttentionBenchRow]:
     """Benchmark every available attention path; prints a table and returns its rows."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base = dict(MODEL_PRESETS[preset]) if preset in MODEL_PRESETS else {"preset": preset}
@@ -89,13 +105,19 @@ def run_attention_bench(preset: str = "tiny", batch: int = 32, steps: int = 5, w
     dtype = torch.bfloat16 if bf16 else None
     rows = [_time_path_isolated(arch, impl, batch, steps, warmup, dev, dtype) for impl in impls]
     reference = next(r for r in rows if r.impl == "reference")
-    print(f"XTRA training throughput: {preset} {arch.img_size}px patch {arch.patch_size} k={arch.block_size}, "
-          f"batch {batch}, {steps} timed steps on {dev}{' bf16' if bf16 else ''}")
-    print(f"{'path':<10} {'images/s':>10} {'step ms':>10} {'peak MB':>10} {'vs reference':>13}"
-          + ("" if dev.type == "cuda" else "   (peak MB: process RSS)"))
+    print(
+        f"XTRA training throughput: {preset} {arch.img_size}px patch {arch.patch_size} k={arch.block_size}, "
+        f"batch {batch}, {steps} timed steps on {dev}{' bf16' if bf16 else ''}"
+    )
+    print(
+        f"{'path':<10} {'images/s':>10} {'step ms':>10} {'peak MB':>10} {'vs reference':>13}"
+        + ("" if dev.type == "cuda" else "   (peak MB: process RSS)")
+    )
     for row in rows:
-        print(f"{row.impl:<10} {row.images_per_s:>10.1f} {row.step_ms:>10.1f} {row.peak_mem_mb:>10.1f} "
-              f"{row.images_per_s / reference.images_per_s:>12.2f}x")
+        print(
+            f"{row.impl:<10} {row.images_per_s:>10.1f} {row.step_ms:>10.1f} {row.peak_mem_mb:>10.1f} "
+            f"{row.images_per_s / reference.images_per_s:>12.2f}x"
+        )
     if dev.type != "cuda":
         print("(FlexAttention is measured on CUDA only: it has no CPU backward in this torch)")
     return rows
@@ -133,9 +155,13 @@ def train_flops_per_image(cfg: ArchConfig) -> float:
     cfg = cfg.resolved()
     n, d, dp, m = cfg.grid**2, cfg.width, cfg.predictor_width, cfg.num_blocks
     c2 = 3 * cfg.block_pixels**2
-    forward = (2 * n * 3 * cfg.patch_size**2 * d + _transformer_flops(n, d, cfg.depth)
-               + 2 * n * (d * cfg.proj_hidden + cfg.proj_hidden * dp) + _transformer_flops(n, dp, cfg.predictor_depth)
-               + cfg.num_heads_ahead * 2 * m * (dp * cfg.block_size**2 * cfg.head_hidden + cfg.head_hidden * c2))
+    forward = (
+        2 * n * 3 * cfg.patch_size**2 * d
+        + _transformer_flops(n, d, cfg.depth)
+        + 2 * n * (d * cfg.proj_hidden + cfg.proj_hidden * dp)
+        + _transformer_flops(n, dp, cfg.predictor_depth)
+        + cfg.num_heads_ahead * 2 * m * (dp * cfg.block_size**2 * cfg.head_hidden + cfg.head_hidden * c2)
+    )
     return 3.0 * forward
 
 
@@ -149,13 +175,18 @@ class GpuBenchRow:
     mfu: float | None
 
 
-def _gpu_row(preset: str, recipe: str, batch: int, steps: int, warmup: int, device: torch.device,
-             overrides: dict | None = None) -> GpuBenchRow:
+def _gpu_row(
+    preset: str, recipe: str, batch: int, steps: int, warmup: int, device: torch.device, overrides: dict | None = None
+) -> GpuBenchRow:
     """One (model, recipe) training measurement: AdamW steps on random images under the recipe's autocast."""
-    impl, dtype, fp32 = {"bf16 sdpa": ("sdpa", torch.bfloat16, False), "bf16 flex": ("flex", torch.bfloat16, False),
-                         "fp16 release": ("sdpa", torch.float16, True)}[recipe]
-    arch = ArchConfig(**{**MODEL_PRESETS[preset], **(overrides or {}), "predictor_fp32": fp32,
-                         "attn_impl": impl}).resolved()
+    impl, dtype, fp32 = {
+        "bf16 sdpa": ("sdpa", torch.bfloat16, False),
+        "bf16 flex": ("flex", torch.bfloat16, False),
+        "fp16 release": ("sdpa", torch.float16, True),
+    }[recipe]
+    arch = ArchConfig(
+        **{**MODEL_PRESETS[preset], **(overrides or {}), "predictor_fp32": fp32, "attn_impl": impl}
+    ).resolved()
     torch.manual_seed(0)
     model = XTRA(arch).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -183,14 +214,20 @@ def _gpu_row(preset: str, recipe: str, batch: int, steps: int, warmup: int, devi
     rate = batch / elapsed
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else _peak_mb(device) / 1024
     del model, optimizer
-    return GpuBenchRow(preset, recipe, rate, 1000 * elapsed, mem,
-                       train_flops_per_image(arch) * rate / peak if peak else None)
+    return GpuBenchRow(
+        preset, recipe, rate, 1000 * elapsed, mem, train_flops_per_image(arch) * rate / peak if peak else None
+    )
 
 
-def run_gpu_bench(presets: tuple[str, ...] = ("xtra_b16", "xtra_h14"), batches: dict[str, int] | None = None,
-                  steps: int = 10, warmup: int = 3, device: str | None = None,
-                  recipes: tuple[str, ...] = ("bf16 sdpa", "bf16 flex", "fp16 release"),
-                  overrides: dict | None = None) -> list[GpuBenchRow]:
+def run_gpu_bench(
+    presets: tuple[str, ...] = ("xtra_b16", "xtra_h14"),
+    batches: dict[str, int] | None = None,
+    steps: int = 10,
+    warmup: int = 3,
+    device: str | None = None,
+    recipes: tuple[str, ...] = ("bf16 sdpa", "bf16 flex", "fp16 release"),
+    overrides: dict | None = None,
+) -> list[GpuBenchRow]:
     """XTRA-B/16 and H/14 training throughput per recipe, with ratios to bf16 dense-mask SDPA; prints a table.
 
     On CPU (the plumbing test, with `overrides` shrinking the models) FlexAttention cannot train, so
@@ -202,12 +239,16 @@ def run_gpu_bench(presets: tuple[str, ...] = ("xtra_b16", "xtra_h14"), batches: 
         recipes = tuple(r for r in recipes if "flex" not in r)
     rows = [_gpu_row(p, r, batches.get(p, 8), steps, warmup, dev, overrides) for p in presets for r in recipes]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    print(f"XTRA training on {name}: {steps} timed steps after {warmup} warm-up, AdamW, per-device batch "
-          + ", ".join(f"{p} {batches.get(p, 8)}" for p in presets))
+    print(
+        f"XTRA training on {name}: {steps} timed steps after {warmup} warm-up, AdamW, per-device batch "
+        + ", ".join(f"{p} {batches.get(p, 8)}" for p in presets)
+    )
     print(f"{'model':<10} {'recipe':<13} {'images/s':>9} {'step ms':>9} {'peak GB':>8} {'MFU':>6} {'vs bf16 sdpa':>13}")
     for row in rows:
         base = next(r for r in rows if r.model == row.model and r.recipe == "bf16 sdpa")
         mfu = f"{100 * row.mfu:5.1f}%" if row.mfu is not None else "   n/a"
-        print(f"{row.model:<10} {row.recipe:<13} {row.images_per_s:>9.1f} {row.step_ms:>9.1f} "
-              f"{row.peak_mem_gb:>8.2f} {mfu:>6} {row.images_per_s / base.images_per_s:>12.2f}x")
+        print(
+            f"{row.model:<10} {row.recipe:<13} {row.images_per_s:>9.1f} {row.step_ms:>9.1f} "
+            f"{row.peak_mem_gb:>8.2f} {mfu:>6} {row.images_per_s / base.images_per_s:>12.2f}x"
+        )
     return rows

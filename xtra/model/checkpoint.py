@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from xtra.atomic import save_torch_atomic
 from xtra.errors import CheckpointError
-from xtra.model.vit import Encoder
 from xtra.model.arch import ArchConfig
+from xtra.model.vit import Encoder
 from xtra.model.xtra import XTRA, build_arch_encoder
 
-__all__ = ["read_checkpoint", "load_strict", "load_encoder", "load_xtra", "file_sha256", "save_model_checkpoint",
-           "load_artifact_encoder"]
+__all__ = [
+    "read_checkpoint",
+    "load_strict",
+    "load_encoder",
+    "load_xtra",
+    "file_sha256",
+    "save_model_checkpoint",
+    "load_artifact_encoder",
+]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -49,8 +57,11 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    )
     if missing or unexpected or shapes:
         parts = []
         for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
@@ -72,7 +83,7 @@ def _sub_state(ckpt: dict[str, Any], prefix: str, source: str) -> dict[str, torc
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"{source}: no state_dict")
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def load_xtra(path: str | Path, expected_arch: dict[str, Any] | None = None) -> XTRA:
@@ -95,8 +106,9 @@ def load_encoder(path: str | Path, expected_arch: dict[str, Any] | None = None) 
     return encoder, cfg
 
 
-def load_artifact_encoder(path: str | Path, expected_arch: dict[str, Any] | None = None
-                          ) -> tuple[nn.Module, ArchConfig, str]:
+def load_artifact_encoder(
+    path: str | Path, expected_arch: dict[str, Any] | None = None
+) -> tuple[nn.Module, ArchConfig, str]:
     """The frozen encoder of a final model file (`models/<m>/model.pt`), its architecture and init.
 
     init "pixels" gives a `PixelEncoder` (no weights); every other init the encoder of the arch,
@@ -110,7 +122,7 @@ def load_artifact_encoder(path: str | Path, expected_arch: dict[str, Any] | None
     if artifact.init == "pixels":
         return PixelEncoder(cfg.img_size).eval().requires_grad_(False), cfg, artifact.init
     encoder = build_arch_encoder(cfg)
-    state = {k[len("encoder."):]: v for k, v in artifact.state_dict.items() if k.startswith("encoder.")}
+    state = {k[len("encoder.") :]: v for k, v in artifact.state_dict.items() if k.startswith("encoder.")}
     load_strict(encoder, state, f"{path} (encoder)")
     # probing keeps raster order, also for a pseudo-random-order model (as the release does)
     return encoder.eval().requires_grad_(False), cfg, artifact.init
@@ -119,17 +131,20 @@ def load_artifact_encoder(path: str | Path, expected_arch: dict[str, Any] | None
 def _check_arch(found: ArchConfig, expected: dict[str, Any] | None, source: str) -> ArchConfig:
     if expected is not None:
         want = ArchConfig.from_dict(expected)
-        diffs = [f"{k}: checkpoint {getattr(found, k)!r} vs params {getattr(want, k)!r}"
-                 for k in want.__dataclass_fields__ if k != "attn_impl" and getattr(found, k) != getattr(want, k)]
+        diffs = [
+            f"{k}: checkpoint {getattr(found, k)!r} vs params {getattr(want, k)!r}"
+            for k in want.__dataclass_fields__
+            if k != "attn_impl" and getattr(found, k) != getattr(want, k)
+        ]
         if diffs:
             raise CheckpointError(f"{source} has a different architecture than params: " + "; ".join(diffs))
     return found
 
 
-def save_model_checkpoint(model: XTRA, path: str | Path, arch: dict[str, Any], extra: dict | None = None,
-                          drop: Sequence[str] = ()) -> None:
+def save_model_checkpoint(
+    model: XTRA, path: str | Path, arch: dict[str, Any], extra: dict | None = None, drop: Sequence[str] = ()
+) -> None:
     """Write a checkpoint of this project's layout (used for the random-init control and conversions)."""
     state = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith(tuple(drop))}
-    ckpt = {"state_dict": state, "hyper_parameters": {"arch": arch}, "global_step": 0, "epoch": 0,
-            **(extra or {})}
+    ckpt = {"state_dict": state, "hyper_parameters": {"arch": arch}, "global_step": 0, "epoch": 0, **(extra or {})}
     save_torch_atomic(ckpt, path)

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import argparse
 import pickle
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -34,34 +35,64 @@ from xtra.model.artifact import save_model_artifact
 from xtra.model.checkpoint import file_sha256, load_strict
 from xtra.model.xtra import XTRA, build_arch_encoder
 
-__all__ = ["PREFIX_MAP", "WRAPPERS", "HPARAM_NAMES", "official_state_dict", "map_official_keys",
-           "read_release_file", "check_hyper_parameters", "convert_official", "arch_from_cli",
-           "configure_parser", "run"]
+__all__ = [
+    "PREFIX_MAP",
+    "WRAPPERS",
+    "HPARAM_NAMES",
+    "official_state_dict",
+    "map_official_keys",
+    "read_release_file",
+    "check_hyper_parameters",
+    "convert_official",
+    "arch_from_cli",
+    "configure_parser",
+    "run",
+]
 
 # official prefix -> this project's module prefix (inside XTRA)
 PREFIX_MAP: dict[str, str] = {"enc.": "encoder.", "proj.": "proj.", "predictor.": "predictor.", "aim_proj.": "heads."}
 WRAPPERS = ("_forward_module.", "model.", "module.", "_orig_mod.")
 # names of architecture settings in stored hyper_parameters (release-style and this project's) -> arch key
 HPARAM_NAMES: dict[str, str] = {
-    "embed_dim": "width", "width": "width", "enc.embed_dim": "width",
-    "depth": "depth", "enc.depth": "depth",
-    "num_heads": "heads", "heads": "heads", "enc.num_heads": "heads",
-    "img_size": "img_size", "patch_size": "patch_size", "block_size": "block_size",
-    "decoder.embed_dim": "predictor_width", "decoder.depth": "predictor_depth", "decoder.num_heads": "predictor_heads",
-    "decoder_embed_dim": "predictor_width", "predictor_embed_dim": "predictor_width",
-    "predictor_width": "predictor_width", "predictor.embed_dim": "predictor_width",
-    "decoder_depth": "predictor_depth", "predictor_depth": "predictor_depth", "predictor.depth": "predictor_depth",
-    "decoder_num_heads": "predictor_heads", "predictor_num_heads": "predictor_heads",
-    "predictor_heads": "predictor_heads", "predictor.num_heads": "predictor_heads",
-    "num_heads_ahead": "num_heads_ahead", "proj_hidden": "proj_hidden", "head_hidden": "head_hidden",
+    "embed_dim": "width",
+    "width": "width",
+    "enc.embed_dim": "width",
+    "depth": "depth",
+    "enc.depth": "depth",
+    "num_heads": "heads",
+    "heads": "heads",
+    "enc.num_heads": "heads",
+    "img_size": "img_size",
+    "patch_size": "patch_size",
+    "block_size": "block_size",
+    "decoder.embed_dim": "predictor_width",
+    "decoder.depth": "predictor_depth",
+    "decoder.num_heads": "predictor_heads",
+    "decoder_embed_dim": "predictor_width",
+    "predictor_embed_dim": "predictor_width",
+    "predictor_width": "predictor_width",
+    "predictor.embed_dim": "predictor_width",
+    "decoder_depth": "predictor_depth",
+    "predictor_depth": "predictor_depth",
+    "predictor.depth": "predictor_depth",
+    "decoder_num_heads": "predictor_heads",
+    "predictor_num_heads": "predictor_heads",
+    "predictor_heads": "predictor_heads",
+    "predictor.num_heads": "predictor_heads",
+    "num_heads_ahead": "num_heads_ahead",
+    "proj_hidden": "proj_hidden",
+    "head_hidden": "head_hidden",
 }
 # (release key prefix, arch setting that changes its shape or count), most specific first
 _FIX_HINTS: tuple[tuple[str, str], ...] = (
-    ("enc.patch_embed.", "arch.patch_size / arch.width"), ("enc.pos_embed", "arch.img_size / arch.patch_size"),
-    ("enc.blocks.", "arch.depth / arch.width (or --preset)"), ("enc.norm.", "arch.width"),
+    ("enc.patch_embed.", "arch.patch_size / arch.width"),
+    ("enc.pos_embed", "arch.img_size / arch.patch_size"),
+    ("enc.blocks.", "arch.depth / arch.width (or --preset)"),
+    ("enc.norm.", "arch.width"),
     ("proj.", "arch.proj_hidden / arch.predictor_width"),
     ("predictor.pos_embed", "arch.img_size / arch.predictor_width"),
-    ("predictor.blocks.", "arch.predictor_depth / arch.predictor_width"), ("predictor.", "arch.predictor_width"),
+    ("predictor.blocks.", "arch.predictor_depth / arch.predictor_width"),
+    ("predictor.", "arch.predictor_width"),
     ("aim_proj.", "arch.num_heads_ahead / arch.head_hidden / arch.block_size"),
 )
 
@@ -89,8 +120,10 @@ def read_release_file(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         why = next((line for line in lines if "global" in line.lower() or line.startswith("Can only")), lines[-1])
-        raise CheckpointError(f"{path}: refused by the weights-only loader (an object outside the allow-list "
-                              f"of xtra.model.convert): {why}") from exc
+        raise CheckpointError(
+            f"{path}: refused by the weights-only loader (an object outside the allow-list "
+            f"of xtra.model.convert): {why}"
+        ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a torch file?): {exc}") from exc
     if not isinstance(ckpt, dict):
@@ -105,14 +138,16 @@ def official_state_dict(ckpt: Mapping[str, Any], source: str) -> dict[str, torch
             state = dict(ckpt[field])
             break
     else:
-        raise CheckpointError(f"{source}: neither 'state_dict' (Lightning) nor 'module' (DeepSpeed) found; "
-                              f"top-level keys: {sorted(ckpt)[:10]}")
+        raise CheckpointError(
+            f"{source}: neither 'state_dict' (Lightning) nor 'module' (DeepSpeed) found; "
+            f"top-level keys: {sorted(ckpt)[:10]}"
+        )
     stripped = True
     while stripped and state:
         stripped = False
         for wrapper in WRAPPERS:
             if all(k.startswith(wrapper) for k in state):
-                state, stripped = {k[len(wrapper):]: v for k, v in state.items()}, True
+                state, stripped = {k[len(wrapper) :]: v for k, v in state.items()}, True
     return state
 
 
@@ -126,10 +161,12 @@ def map_official_keys(state: Mapping[str, torch.Tensor], drop: Sequence[str], so
         if prefix is None:
             unknown.append(key)
         else:
-            mapped[PREFIX_MAP[prefix] + key[len(prefix):]] = value
+            mapped[PREFIX_MAP[prefix] + key[len(prefix) :]] = value
     if unknown:
-        raise CheckpointError(f"{source}: keys neither mapped nor listed as dropped: {sorted(unknown)[:10]}"
-                              f"{' ...' if len(unknown) > 10 else ''} (pass --drop PREFIX to drop them)")
+        raise CheckpointError(
+            f"{source}: keys neither mapped nor listed as dropped: {sorted(unknown)[:10]}"
+            f"{' ...' if len(unknown) > 10 else ''} (pass --drop PREFIX to drop them)"
+        )
     return mapped
 
 
@@ -161,18 +198,20 @@ def check_hyper_parameters(ckpt: Mapping[str, Any], cfg: ArchConfig, source: str
         key = HPARAM_NAMES[name]
         checked.append(path)
         if getattr(cfg, key) != value:
-            wrong.append(f"hyper_parameters {path!r} = {value} but arch.{key} = {getattr(cfg, key)} "
-                         f"(set arch.{key}={value})")
+            wrong.append(
+                f"hyper_parameters {path!r} = {value} but arch.{key} = {getattr(cfg, key)} (set arch.{key}={value})"
+            )
     if wrong:
-        raise CheckpointError(f"{source}: the architecture given disagrees with the file's stored hyper_parameters: "
-                              + "; ".join(wrong))
+        raise CheckpointError(
+            f"{source}: the architecture given disagrees with the file's stored hyper_parameters: " + "; ".join(wrong)
+        )
     return checked
 
 
 def _release_key(ours: str) -> str:
     for official, project in PREFIX_MAP.items():
         if ours.startswith(project):
-            return official + ours[len(project):]
+            return official + ours[len(project) :]
     return ours
 
 
@@ -180,29 +219,39 @@ def _hint(release_key: str) -> str:
     return next((fix for prefix, fix in _FIX_HINTS if release_key.startswith(prefix)), "the arch section")
 
 
-def _load_in_release_terms(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
-                           prefix: str = "") -> None:
+def _load_in_release_terms(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, prefix: str = ""
+) -> None:
     """load_strict, with an error that names the release's keys and the arch setting that fixes each."""
     try:
         load_strict(module, state, source)
     except CheckpointError:
         own = module.state_dict()
         lines = []
-        for label, keys in (("missing in the file", sorted(set(own) - set(state))),
-                            ("in the file, not in the arch", sorted(set(state) - set(own))),
-                            ("shape mismatch", sorted(k for k in set(own) & set(state)
-                                                      if tuple(own[k].shape) != tuple(state[k].shape)))):
+        for label, keys in (
+            ("missing in the file", sorted(set(own) - set(state))),
+            ("in the file, not in the arch", sorted(set(state) - set(own))),
+            (
+                "shape mismatch",
+                sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)),
+            ),
+        ):
             for key in keys[:6]:
                 release = _release_key(prefix + key)
-                shape = f" file {tuple(state[key].shape)} vs arch {tuple(own[key].shape)}" if label == "shape mismatch" else ""
+                shape = (
+                    f" file {tuple(state[key].shape)} vs arch {tuple(own[key].shape)}"
+                    if label == "shape mismatch"
+                    else ""
+                )
                 lines.append(f"{label}: {release}{shape} (check {_hint(release)})")
             if len(keys) > 6:
                 lines.append(f"{label}: +{len(keys) - 6} more")
         raise CheckpointError(f"{source} does not match the architecture: " + "; ".join(lines)) from None
 
 
-def convert_official(src: str | Path, dst: str | Path, arch: dict[str, Any],
-                     drop: Sequence[str] = ()) -> dict[str, Any]:
+def convert_official(
+    src: str | Path, dst: str | Path, arch: dict[str, Any], drop: Sequence[str] = ()
+) -> dict[str, Any]:
     """Convert `src` into this project's model file `dst` (model.pt); returns what was kept, dropped, checked."""
     cfg = ArchConfig.from_dict(arch)
     ckpt = read_release_file(src)
@@ -212,20 +261,27 @@ def convert_official(src: str | Path, dst: str | Path, arch: dict[str, Any],
     encoder_only = bool(mapped) and all(k.startswith("encoder.") for k in mapped)
     if encoder_only:  # a fine-tuned file: the encoder alone is what probing needs
         module: torch.nn.Module = build_arch_encoder(cfg)
-        inner = {k[len("encoder."):]: v for k, v in mapped.items()}
+        inner = {k[len("encoder.") :]: v for k, v in mapped.items()}
         _load_in_release_terms(module, inner, str(src), prefix="encoder.")
         weights = {f"encoder.{k}": v for k, v in module.state_dict().items()}
     else:
         module = XTRA(cfg)
         _load_in_release_terms(module, mapped, str(src))
         weights = module.state_dict()
-    provenance = {"converted_from": str(src), "source_sha256": file_sha256(src), "encoder_only": encoder_only,
-                  "hyper_parameters_checked": checked, "dropped_prefixes": list(drop)}
+    provenance = {
+        "converted_from": str(src),
+        "source_sha256": file_sha256(src),
+        "encoder_only": encoder_only,
+        "hyper_parameters_checked": checked,
+        "dropped_prefixes": list(drop),
+    }
     save_model_artifact(dst, init="official", arch=asdict(cfg), state_dict=weights, provenance=provenance)
     dropped = sorted(k for k in state if k.startswith(tuple(drop)))
     what = "encoder-only" if encoder_only else "full"
-    print(f"converted {src} -> {dst} ({what} model): {len(mapped)} tensors mapped, {len(dropped)} dropped, "
-          f"{len(checked)} stored hyper_parameters checked")
+    print(
+        f"converted {src} -> {dst} ({what} model): {len(mapped)} tensors mapped, {len(dropped)} dropped, "
+        f"{len(checked)} stored hyper_parameters checked"
+    )
     return {"mapped": len(mapped), "dropped": dropped, "encoder_only": encoder_only, "checked": checked}
 
 
@@ -235,7 +291,7 @@ def _parse_set(item: str) -> tuple[str, Any]:
     key, sep, value = item.partition("=")
     if not sep or not key.startswith("arch.") or len(key) <= len("arch."):
         raise ParamsError(f"--set {item!r}: expected arch.KEY=VALUE (e.g. arch.width=192)")
-    return key[len("arch."):], yaml.safe_load(value)
+    return key[len("arch.") :], yaml.safe_load(value)
 
 
 def arch_from_cli(preset: str | None, arch_file: str | None, sets: Sequence[str]) -> dict[str, Any]:
@@ -254,7 +310,9 @@ def arch_from_cli(preset: str | None, arch_file: str | None, sets: Sequence[str]
         if arch is None:
             raise ParamsError(f"{arch_file}: expected a mapping of arch keys (or one under `arch:`)")
     else:
-        raise ParamsError("give --preset, --arch-file, or --params with --model, to say which architecture the file holds")
+        raise ParamsError(
+            "give --preset, --arch-file, or --params with --model, to say which architecture the file holds"
+        )
     arch.update(dict(_parse_set(item) for item in sets))
     ArchConfig.from_dict(arch)  # an unknown key or a bad combination: ParamsError naming it
     return arch
@@ -263,11 +321,19 @@ def arch_from_cli(preset: str | None, arch_file: str | None, sets: Sequence[str]
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="official .ckpt (Lightning) or mp_rank_00_model_states.pt (DeepSpeed)")
     parser.add_argument("dst", help="model file to write (e.g. models/xtra_b16_official/model.pt)")
-    parser.add_argument("--preset", choices=sorted({*MODEL_PRESETS, "tiny", "small", "base", "large", "huge"}),
-                        help="architecture of the release (xtra_b16, xtra_h14) or a size preset")
+    parser.add_argument(
+        "--preset",
+        choices=sorted({*MODEL_PRESETS, "tiny", "small", "base", "large", "huge"}),
+        help="architecture of the release (xtra_b16, xtra_h14) or a size preset",
+    )
     parser.add_argument("--arch-file", default=None, help="a YAML file of arch keys (a model's arch section)")
-    parser.add_argument("--set", action="append", default=[], metavar="arch.KEY=VALUE",
-                        help="override one arch key (repeatable), e.g. --set arch.width=192")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="arch.KEY=VALUE",
+        help="override one arch key (repeatable), e.g. --set arch.width=192",
+    )
     parser.add_argument("--params", default=None, help="take the architecture from this params file...")
     parser.add_argument("--model", default=None, help="...and this model of it")
     parser.add_argument("--drop", action="append", default=[], help="official key prefix to drop (repeatable)")

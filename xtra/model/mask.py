@@ -13,9 +13,10 @@ Three implementations of the same mask are offered and chosen at run time:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 

@@ -10,8 +10,9 @@ of the normalised pixels under the same protocol, splits and selection as the mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,8 +43,12 @@ def write_pixels_model(params: dict[str, Any], name: str, out_dir: str | Path) -
     out = Path(out_dir)
     arch = dict(params["models"][name]["arch"])
     path = out / ARTIFACT_NAME
-    save_model_artifact(path, init="pixels", arch=arch, state_dict={},
-                        provenance={"model": name, "features": f"3x{arch['img_size']}x{arch['img_size']} pixels"})
-    write_json_atomic(out / "metrics.json", {"model": name, "init": "pixels", "images_seen": 0, "steps": 0},
-                      indent=1)
+    save_model_artifact(
+        path,
+        init="pixels",
+        arch=arch,
+        state_dict={},
+        provenance={"model": name, "features": f"3x{arch['img_size']}x{arch['img_size']} pixels"},
+    )
+    write_json_atomic(out / "metrics.json", {"model": name, "init": "pixels", "images_seen": 0, "steps": 0}, indent=1)
     return path

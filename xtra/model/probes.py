@@ -20,7 +20,7 @@ copies of the (B, N, d) normalised activations) and its heads are built without 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,18 @@ from torch import nn
 
 from xtra.errors import ParamsError
 
-__all__ = ["PROBE_KINDS", "BN_EPS", "QUERY_INIT_STD", "FeatureNorm", "LinearProbe", "AttentiveProbe", "probe_blocks",
-           "pool_blocks", "make_probe", "HeadBank"]
+__all__ = [
+    "PROBE_KINDS",
+    "BN_EPS",
+    "QUERY_INIT_STD",
+    "FeatureNorm",
+    "LinearProbe",
+    "AttentiveProbe",
+    "probe_blocks",
+    "pool_blocks",
+    "make_probe",
+    "HeadBank",
+]
 
 PROBE_KINDS = ("linear", "attentive")
 BN_EPS = 1e-6
@@ -55,13 +65,19 @@ class FeatureNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (B*N, d)
-        distributed = self.sync and self.training and torch.distributed.is_available() and \
-            torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        distributed = (
+            self.sync
+            and self.training
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        )
         if distributed:
             out = self._global_batch_norm(flat)
         else:
-            out = F.batch_norm(flat, self.running_mean, self.running_var, training=self.training,
-                               momentum=self.momentum, eps=self.eps)
+            out = F.batch_norm(
+                flat, self.running_mean, self.running_var, training=self.training, momentum=self.momentum, eps=self.eps
+            )
             if self.training:
                 self.num_batches_tracked += 1
         return out.reshape(x.shape)
@@ -183,8 +199,13 @@ class HeadBank(nn.Module):
     """
 
     def __init__(
-        self, kind: str, dim: int, num_classes: int, settings: Sequence[tuple[float, float]],
-        attn_heads: int = 16, seed: int = 0,
+        self,
+        kind: str,
+        dim: int,
+        num_classes: int,
+        settings: Sequence[tuple[float, float]],
+        attn_heads: int = 16,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not settings:
@@ -229,5 +250,7 @@ class HeadBank(nn.Module):
         """
         if max_norm <= 0:
             return []
-        return [torch.nn.utils.clip_grad_norm_([p for p in head.parameters() if p.grad is not None], max_norm)
-                for head in self.heads]
+        return [
+            torch.nn.utils.clip_grad_norm_([p for p in head.parameters() if p.grad is not None], max_norm)
+            for head in self.heads
+        ]

@@ -7,8 +7,8 @@ prefix rename.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +110,12 @@ class Transformer(nn.Module):
     """A stack of blocks with stochastic depth rising linearly to `drop_path_rate`, and a final norm."""
 
     def __init__(
-        self, width: int, depth: int, heads: int, drop_path_rate: float = 0.0, mlp_ratio: float = 4.0,
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        drop_path_rate: float = 0.0,
+        mlp_ratio: float = 4.0,
         attn_impl: AttnImpl = "auto",
     ) -> None:
         super().__init__()
@@ -122,8 +127,9 @@ class Transformer(nn.Module):
         for block in self.blocks:
             block.attn.attn_impl = impl
 
-    def run_blocks(self, x: torch.Tensor, spec: MaskSpec, keep: Sequence[int] = (),
-                   stop_after: int | None = None) -> tuple[torch.Tensor, list]:
+    def run_blocks(
+        self, x: torch.Tensor, spec: MaskSpec, keep: Sequence[int] = (), stop_after: int | None = None
+    ) -> tuple[torch.Tensor, list]:
         """Apply the blocks (up to `stop_after`, 0-based, if given); also return those listed in `keep`."""
         kept: dict[int, torch.Tensor] = {}
         blocks = self.blocks if stop_after is None else self.blocks[: stop_after + 1]
@@ -138,8 +144,15 @@ class Encoder(Transformer):
     """Conv patch embedding + learned absolute position embedding + block-causal ViT."""
 
     def __init__(
-        self, img_size: int, patch_size: int, width: int, depth: int, heads: int, block_size: int,
-        drop_path_rate: float = 0.0, attn_impl: AttnImpl = "auto",
+        self,
+        img_size: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        block_size: int,
+        drop_path_rate: float = 0.0,
+        attn_impl: AttnImpl = "auto",
     ) -> None:
         super().__init__(width, depth, heads, drop_path_rate, attn_impl=attn_impl)
         if img_size % (patch_size * block_size) != 0:
@@ -185,11 +198,21 @@ class Encoder(Transformer):
 
 
 def build_encoder(
-    preset: str, img_size: int, patch_size: int, block_size: int, drop_path_rate: float = 0.0,
+    preset: str,
+    img_size: int,
+    patch_size: int,
+    block_size: int,
+    drop_path_rate: float = 0.0,
     attn_impl: AttnImpl = "auto",
 ) -> Encoder:
     """The encoder of a named size preset (tiny, small, base, large, huge)."""
     if preset not in PRESETS:
         raise ParamsError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    return Encoder(img_size, patch_size, block_size=block_size, drop_path_rate=drop_path_rate,
-                   attn_impl=attn_impl, **PRESETS[preset])
+    return Encoder(
+        img_size,
+        patch_size,
+        block_size=block_size,
+        drop_path_rate=drop_path_rate,
+        attn_impl=attn_impl,
+        **PRESETS[preset],
+    )

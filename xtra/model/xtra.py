@@ -10,12 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xtra.model.arch import MODEL_PRESETS, ArchConfig
+from xtra.model.arch import ArchConfig
 from xtra.model.mask import MaskSpec
 from xtra.model.vit import Encoder, Transformer, init_weights
 
-__all__ = ["XTRA", "build_arch_encoder", "block_orders_of", "patchify_blocks", "unpatchify_blocks", "normalize_blocks",
-           "concat_blocks", "xtra_loss"]
+__all__ = [
+    "XTRA",
+    "build_arch_encoder",
+    "block_orders_of",
+    "patchify_blocks",
+    "unpatchify_blocks",
+    "normalize_blocks",
+    "concat_blocks",
+    "xtra_loss",
+]
+
 
 def patchify_blocks(images: torch.Tensor, block_pixels: int) -> torch.Tensor:
     """(B, 3, S, S) -> (B, M, 3*c*c): blocks in raster order, each flattened channel-major (3, c, c)."""
@@ -105,8 +114,16 @@ def block_orders_of(cfg: ArchConfig) -> list[tuple[int, ...]] | None:
 def build_arch_encoder(cfg: ArchConfig) -> Encoder:
     """The encoder of an architecture config (preset size with its overrides)."""
     cfg = cfg.resolved()
-    return Encoder(cfg.img_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, cfg.block_size,
-                   cfg.drop_path_rate, attn_impl=cfg.attn_impl)
+    return Encoder(
+        cfg.img_size,
+        cfg.patch_size,
+        cfg.width,
+        cfg.depth,
+        cfg.heads,
+        cfg.block_size,
+        cfg.drop_path_rate,
+        attn_impl=cfg.attn_impl,
+    )
 
 
 class XTRA(nn.Module):
@@ -117,12 +134,14 @@ class XTRA(nn.Module):
         self.cfg = cfg = cfg.resolved()
         self.encoder = build_arch_encoder(cfg)
         self.proj = _MLP2(cfg.width, cfg.proj_hidden, cfg.predictor_width, last_bias=False)
-        self.predictor = Predictor(cfg.grid**2, cfg.predictor_width, cfg.predictor_depth, cfg.predictor_heads,
-                                   cfg.attn_impl)
+        self.predictor = Predictor(
+            cfg.grid**2, cfg.predictor_width, cfg.predictor_depth, cfg.predictor_heads, cfg.attn_impl
+        )
         in_dim = cfg.predictor_width * cfg.block_size**2
         out_dim = 3 * cfg.block_pixels**2
-        self.heads = nn.ModuleList(_MLP2(in_dim, cfg.head_hidden, out_dim, last_bias=True)
-                                   for _ in range(cfg.num_heads_ahead))
+        self.heads = nn.ModuleList(
+            _MLP2(in_dim, cfg.head_hidden, out_dim, last_bias=True) for _ in range(cfg.num_heads_ahead)
+        )
         self.proj.apply(init_weights)
         self.heads.apply(init_weights)
         self.block_orders = block_orders_of(cfg)  # probing keeps the encoder in raster order
@@ -141,7 +160,9 @@ class XTRA(nn.Module):
             return self.block_orders[0]
         from xtra.data.rng import derive_seed
 
-        return self.block_orders[derive_seed(self.cfg.block_order_seed, "block_order", int(step)) % len(self.block_orders)]
+        return self.block_orders[
+            derive_seed(self.cfg.block_order_seed, "block_order", int(step)) % len(self.block_orders)
+        ]
 
     def forward(self, images: torch.Tensor, order: tuple[int, ...] | None = None) -> list[torch.Tensor]:
         """(B, 3, S, S) -> one (B, M, 3c^2) prediction per head, blocks in raster order."""
@@ -172,4 +193,3 @@ class XTRA(nn.Module):
             perm = torch.as_tensor(order, device=images.device)
             preds, target = [p[:, perm] for p in preds], target[:, perm]
         return xtra_loss(preds, target, self.cfg.loss)
-

@@ -11,8 +11,9 @@ with the goal (0.8 x heads) beside it. Nothing here asserts a timing.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -40,16 +41,26 @@ class SweepBenchRow:
 
 def _loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True, generator=gen,
-                      drop_last=True)
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True, generator=gen, drop_last=True)
 
 
-def _timed_run(encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, cfgs: Sequence[SweepConfig],
-               batch_size: int, num_classes: int, device: torch.device) -> float:
+def _timed_run(
+    encoder: Encoder,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfgs: Sequence[SweepConfig],
+    batch_size: int,
+    num_classes: int,
+    device: torch.device,
+) -> float:
     """Wall time of training the banks of `cfgs` together: one encoder forward per batch for all."""
     source = LiveFeatures(encoder, _loader(images, labels, batch_size, cfgs[0].seed), list(cfgs), device)
-    trainers = [BankTrainer(HeadBank(c.kind, encoder.width, num_classes, c.settings, c.attn_heads, c.seed), c,
-                            len(source), device) for c in cfgs]
+    trainers = [
+        BankTrainer(
+            HeadBank(c.kind, encoder.width, num_classes, c.settings, c.attn_heads, c.seed), c, len(source), device
+        )
+        for c in cfgs
+    ]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -79,8 +90,13 @@ class SweepBenchSetup:
     seed: int = 0
 
 
-def run_sweep_bench(setup: SweepBenchSetup | None = None, device: str | None = None, verbose: bool = True,
-                    num_threads: int | None = None, **overrides: Any) -> list[SweepBenchRow]:
+def run_sweep_bench(
+    setup: SweepBenchSetup | None = None,
+    device: str | None = None,
+    verbose: bool = True,
+    num_threads: int | None = None,
+    **overrides: Any,
+) -> list[SweepBenchRow]:
     """Wall time of a K-head sweep in one pass vs K single-head runs (K = len(lrs)), per probe kind.
 
     `overrides` replace fields of `setup` (e.g. `lrs=[...]`, `epochs=1`). `num_threads` sets torch's
@@ -96,9 +112,14 @@ def run_sweep_bench(setup: SweepBenchSetup | None = None, device: str | None = N
     finally:
         torch.set_num_threads(before)
     if verbose:
-        print(format_bench(rows, f"{setup.num_samples} images of {setup.img_size}px, {setup.epochs} epoch(s), "
-                                 f"encoder width {setup.width} depth {setup.depth}, {dev}, "
-                                 f"{torch.get_num_threads() if not num_threads else num_threads} thread(s)"))
+        print(
+            format_bench(
+                rows,
+                f"{setup.num_samples} images of {setup.img_size}px, {setup.epochs} epoch(s), "
+                f"encoder width {setup.width} depth {setup.depth}, {dev}, "
+                f"{torch.get_num_threads() if not num_threads else num_threads} thread(s)",
+            )
+        )
     return rows
 
 
@@ -109,9 +130,17 @@ def _bench(s: SweepBenchSetup, dev: torch.device) -> list[SweepBenchRow]:
     images = torch.randn(s.num_samples, 3, s.img_size, s.img_size)  # (n, 3, S, S)
     labels = torch.randint(0, s.num_classes, (s.num_samples,))
     rows = []
-    cfgs = [SweepConfig(kind=kind, settings=settings_grid(s.lrs, [0.0]), epochs=s.epochs,
-                        num_last_blocks=min(s.num_last_blocks, s.depth), attn_heads=s.attn_heads, seed=s.seed)
-            for kind in s.kinds]
+    cfgs = [
+        SweepConfig(
+            kind=kind,
+            settings=settings_grid(s.lrs, [0.0]),
+            epochs=s.epochs,
+            num_last_blocks=min(s.num_last_blocks, s.depth),
+            attn_heads=s.attn_heads,
+            seed=s.seed,
+        )
+        for kind in s.kinds
+    ]
     warm = images[: s.batch_size], labels[: s.batch_size]
     _timed_run(encoder, *warm, cfgs, s.batch_size, s.num_classes, dev)  # warm-up (allocator, kernels)
     for cfg in cfgs:
@@ -123,16 +152,21 @@ def _bench(s: SweepBenchSetup, dev: torch.device) -> list[SweepBenchRow]:
         rows.append(SweepBenchRow(cfg.kind, len(cfg.settings), one_pass, separate))
     if len(cfgs) > 1:  # every kind in one pass, against all the separate runs measured above
         together = _timed_run(encoder, images, labels, cfgs, s.batch_size, s.num_classes, dev)
-        rows.append(SweepBenchRow("+".join(s.kinds), sum(r.heads for r in rows), together,
-                                  sum(r.separate_s for r in rows)))
+        rows.append(
+            SweepBenchRow("+".join(s.kinds), sum(r.heads for r in rows), together, sum(r.separate_s for r in rows))
+        )
     return rows
 
 
 def format_bench(rows: Sequence[SweepBenchRow], title: str = "") -> str:
     """A plain-text table of the benchmark rows."""
-    lines = [f"probe sweep: one pass vs separate runs{f' ({title})' if title else ''}",
-             f"{'kinds':<17} {'heads':>5} {'one pass s':>11} {'separate s':>11} {'ratio':>8} {'goal 0.8xheads':>15}"]
+    lines = [
+        f"probe sweep: one pass vs separate runs{f' ({title})' if title else ''}",
+        f"{'kinds':<17} {'heads':>5} {'one pass s':>11} {'separate s':>11} {'ratio':>8} {'goal 0.8xheads':>15}",
+    ]
     for r in rows:
-        lines.append(f"{r.kind:<17} {r.heads:>5} {r.one_pass_s:>11.2f} {r.separate_s:>11.2f} {r.speedup:>7.2f}x "
-                     f"{0.8 * r.heads:>14.1f}x")
+        lines.append(
+            f"{r.kind:<17} {r.heads:>5} {r.one_pass_s:>11.2f} {r.separate_s:>11.2f} {r.speedup:>7.2f}x "
+            f"{0.8 * r.heads:>14.1f}x"
+        )
     return "\n".join(lines)

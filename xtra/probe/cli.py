@@ -26,21 +26,42 @@ __all__ = ["configure_parser", "run", "probe_model"]
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a model name under `models:` in params")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--benchmark", action="append", default=None, metavar="B",
-                        help="probe only this benchmark (repeatable; default: all of probe.benchmarks)")
-    parser.add_argument("--kind", action="append", default=None, choices=["linear", "attentive"],
-                        help="probe only this kind (repeatable; default: the benchmark's kinds)")
-    parser.add_argument("--ray-address", default=None, metavar="A",
-                        help="an existing Ray cluster (default: probe.ray.address, else a local Ray)")
+    parser.add_argument(
+        "--benchmark",
+        action="append",
+        default=None,
+        metavar="B",
+        help="probe only this benchmark (repeatable; default: all of probe.benchmarks)",
+    )
+    parser.add_argument(
+        "--kind",
+        action="append",
+        default=None,
+        choices=["linear", "attentive"],
+        help="probe only this kind (repeatable; default: the benchmark's kinds)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="A",
+        help="an existing Ray cluster (default: probe.ray.address, else a local Ray)",
+    )
     parser.add_argument("--no-ray", action="store_true", help="run the jobs in this process, one after the other")
 
 
-def probe_model(params: dict, model: str, benchmarks: list[str] | None = None, kinds: list[str] | None = None,
-                use_ray: bool = True, ray_address: str | None = None, source: str = "params.yaml",
-                num_cpus: int | None = None) -> int:
+def probe_model(
+    params: dict,
+    model: str,
+    benchmarks: list[str] | None = None,
+    kinds: list[str] | None = None,
+    use_ray: bool = True,
+    ray_address: str | None = None,
+    source: str = "params.yaml",
+    num_cpus: int | None = None,
+) -> int:
     """Check, run and report a model's probe jobs; returns the exit code (0 ok, 1 some job failed)."""
-    from xtra.probe.job import plan_jobs, preflight
     from xtra.probe.driver import is_finished, record_failures, run_in_process, run_with_ray
+    from xtra.probe.job import plan_jobs, preflight
 
     jobs = plan_jobs(params, model, benchmarks, kinds, source)
     preflight(params, model, jobs)
@@ -80,5 +101,12 @@ def run(args: argparse.Namespace) -> int:
         (Path(params["paths"]["results"]) / "probe" / args.model).mkdir(parents=True, exist_ok=True)
         print(f"{args.model}: not in probe.models {chosen}; nothing to probe")
         return 0
-    return probe_model(params, args.model, args.benchmark, args.kind, use_ray=not args.no_ray,
-                       ray_address=args.ray_address, source=args.params)
+    return probe_model(
+        params,
+        args.model,
+        args.benchmark,
+        args.kind,
+        use_ray=not args.no_ray,
+        ray_address=args.ray_address,
+        source=args.params,
+    )

@@ -12,8 +12,8 @@ release`), augmentation per kind (`augmentation.linear` / `.attentive`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
 
 from xtra.errors import ParamsError
 from xtra.model.probes import PROBE_KINDS, probe_blocks
@@ -110,30 +110,50 @@ def _sweep(params: dict, bench_name: str, kind: str) -> SweepConfig:
         raise ParamsError(f"probe.{kind}_weight_decays: empty sweep grid (no weight decay)")
     augmentation = probe["augmentation"][kind] if probe["augment"] else "none"
     return SweepConfig(
-        kind=kind, settings=settings_grid(bench["lrs"], decays), epochs=bench["epochs"],
-        warmup_epochs=bench["warmup_epochs"], accum_steps=bench["accum_steps"], grad_clip=probe["grad_clip"],
-        min_lr=probe["min_lr"], warmup_start_factor=probe["warmup_start_factor"],
-        num_last_blocks=probe["num_last_blocks"], attn_heads=probe["attn_heads"], seed=params["seed"],
-        precision=probe["precision"], betas=tuple(probe["betas"]), schedule=probe["schedule"],
-        last_group_loss=probe["last_group_loss"], augmentation=augmentation,
+        kind=kind,
+        settings=settings_grid(bench["lrs"], decays),
+        epochs=bench["epochs"],
+        warmup_epochs=bench["warmup_epochs"],
+        accum_steps=bench["accum_steps"],
+        grad_clip=probe["grad_clip"],
+        min_lr=probe["min_lr"],
+        warmup_start_factor=probe["warmup_start_factor"],
+        num_last_blocks=probe["num_last_blocks"],
+        attn_heads=probe["attn_heads"],
+        seed=params["seed"],
+        precision=probe["precision"],
+        betas=tuple(probe["betas"]),
+        schedule=probe["schedule"],
+        last_group_loss=probe["last_group_loss"],
+        augmentation=augmentation,
     )
 
 
-def probe_config(params: dict, model: str, benchmark: str, kinds: Optional[Sequence[str]] = None) -> ProbeConfig:
+def probe_config(params: dict, model: str, benchmark: str, kinds: Sequence[str] | None = None) -> ProbeConfig:
     """The typed config of job (model, benchmark) for `kinds` (default: the benchmark's, filtered by model)."""
     if benchmark not in params["probe"]["benchmarks"]:
-        raise ParamsError(f"probe.benchmarks has no benchmark {benchmark!r}; known: {sorted(params['probe']['benchmarks'])}")
+        raise ParamsError(
+            f"probe.benchmarks has no benchmark {benchmark!r}; known: {sorted(params['probe']['benchmarks'])}"
+        )
     probe, bench = params["probe"], params["probe"]["benchmarks"][benchmark]
     kinds = tuple(kinds or model_kinds(params, model, bench["kinds"]))
     bad = [k for k in kinds if k not in PROBE_KINDS]
     if bad:
         raise ParamsError(f"unknown probe kind {bad}; expected some of {list(PROBE_KINDS)}")
     return ProbeConfig(
-        model=model, benchmark=benchmark, dataset=bench["dataset"], train_split=bench["train_split"],
-        eval_split=bench["eval_split"], batch_size=bench["batch_size"],
-        eval_resize=params["models"][model]["eval_resize"], protocol=probe["protocol"],
-        heldout_fraction=probe["heldout_fraction"], num_workers=probe["num_workers"], devices=bench["devices"],
-        seed=params["seed"], sweeps=tuple(_sweep(params, benchmark, k) for k in kinds),
+        model=model,
+        benchmark=benchmark,
+        dataset=bench["dataset"],
+        train_split=bench["train_split"],
+        eval_split=bench["eval_split"],
+        batch_size=bench["batch_size"],
+        eval_resize=params["models"][model]["eval_resize"],
+        protocol=probe["protocol"],
+        heldout_fraction=probe["heldout_fraction"],
+        num_workers=probe["num_workers"],
+        devices=bench["devices"],
+        seed=params["seed"],
+        sweeps=tuple(_sweep(params, benchmark, k) for k in kinds),
     )
 
 

@@ -15,9 +15,10 @@ Training transforms by `probe.augmentation.<kind>` (when `probe.augment` is on):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,14 +30,22 @@ from xtra.data.rng import derive_seed, seeded
 from xtra.errors import DataError, ParamsError
 from xtra.probe.config import ProbeConfig
 
-__all__ = ["SeededView", "EpochTagged", "JobData", "build_data", "train_transform", "eval_loader", "train_loader",
-           "stratified_split"]
+__all__ = [
+    "SeededView",
+    "EpochTagged",
+    "JobData",
+    "build_data",
+    "train_transform",
+    "eval_loader",
+    "train_loader",
+    "stratified_split",
+]
 
 
 class SeededView(Dataset):
     """Samples `indices` of a prepared split; item (epoch, j) is sample indices[j] transformed under its seed."""
 
-    def __init__(self, base: Any, indices: Optional[Sequence[int]], transform: Callable, seed: int) -> None:
+    def __init__(self, base: Any, indices: Sequence[int] | None, transform: Callable, seed: int) -> None:
         self.base, self.transform, self.seed = base, transform, seed
         self.indices = list(range(len(base))) if indices is None else [int(i) for i in indices]
 
@@ -79,9 +88,14 @@ def train_transform(augmentation: str, img_size: int, eval_resize: int) -> Calla
     if augmentation == "randaugment":
         return probe_train_transform(img_size)
     if augmentation == "crop_flip":
-        return T.Compose([T.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                          T.RandomHorizontalFlip(0.5), T.ToTensor(),
-                          T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+        return T.Compose(
+            [
+                T.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(0.5),
+                T.ToTensor(),
+                T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+            ]
+        )
     if augmentation == "none":
         return eval_transform(img_size, eval_resize)
     raise ParamsError(f"probe.augmentation: unknown augmentation {augmentation!r}")
@@ -90,9 +104,9 @@ def train_transform(augmentation: str, img_size: int, eval_resize: int) -> Calla
 @dataclass
 class JobData:
     base: Any  # the prepared train split (PreparedDataset)
-    train_idx: Optional[np.ndarray]  # kept training samples (None: all)
+    train_idx: np.ndarray | None  # kept training samples (None: all)
     eval: Dataset
-    heldout: Optional[Dataset]
+    heldout: Dataset | None
     num_classes: int
     manifest_sha256: str
 
@@ -122,21 +136,38 @@ def build_data(cfg: ProbeConfig, prepared: Path, img_size: int) -> JobData:
 def train_loader(cfg: ProbeConfig, ds: Dataset, rank: int, world_size: int, drop_last: bool) -> DataLoader:
     """The shuffled training loader of this rank: 1/world of every global batch, tagged with the epoch."""
     if cfg.batch_size % world_size:
-        raise ParamsError(f"probe.benchmarks.{cfg.benchmark}.batch_size: {cfg.batch_size} is not divisible by "
-                          f"its {world_size} devices")
-    sampler = EpochTagged(DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
-                                             drop_last=drop_last))
-    return DataLoader(ds, batch_size=cfg.batch_size // world_size, sampler=sampler, num_workers=cfg.num_workers,
-                      drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=cfg.num_workers > 0)
+        raise ParamsError(
+            f"probe.benchmarks.{cfg.benchmark}.batch_size: {cfg.batch_size} is not divisible by "
+            f"its {world_size} devices"
+        )
+    sampler = EpochTagged(
+        DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=drop_last)
+    )
+    return DataLoader(
+        ds,
+        batch_size=cfg.batch_size // world_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.num_workers > 0,
+    )
 
 
 def eval_loader(cfg: ProbeConfig, ds: Dataset) -> DataLoader:
     """The in-order loader of a whole split (evaluation, feature caching)."""
     from xtra.data.loaders import make_loader
 
-    return make_loader(ds, cfg.batch_size, num_workers=cfg.num_workers, shuffle=False, seed=cfg.seed, rank=0,
-                       world_size=1, drop_last=False)
+    return make_loader(
+        ds,
+        cfg.batch_size,
+        num_workers=cfg.num_workers,
+        shuffle=False,
+        seed=cfg.seed,
+        rank=0,
+        world_size=1,
+        drop_last=False,
+    )
 
 
 def _quotas(counts: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:

@@ -37,18 +37,33 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
-from xtra.errors import OutputError, XtraError, writing_to
 from xtra.atomic import write_json_atomic
+from xtra.errors import OutputError, XtraError, writing_to
 from xtra.probe.job import InjectedFailure, JobHooks, ProbeJob, result_path, run_job, write_results
 
-__all__ = ["FAIL_ENV", "ATTEMPT_LOG_ENV", "KILL_AFTER_ENV", "FAIL_AFTER_ENV", "InjectedFailure", "JobFailure", "Hooks",
-           "attempt_job", "run_in_process", "run_with_ray", "init_ray", "allocated_cpus", "record_failures",
-           "failures_path", "is_finished"]
+__all__ = [
+    "FAIL_ENV",
+    "ATTEMPT_LOG_ENV",
+    "KILL_AFTER_ENV",
+    "FAIL_AFTER_ENV",
+    "InjectedFailure",
+    "JobFailure",
+    "Hooks",
+    "attempt_job",
+    "run_in_process",
+    "run_with_ray",
+    "init_ray",
+    "allocated_cpus",
+    "record_failures",
+    "failures_path",
+    "is_finished",
+]
 
 FAIL_ENV = "XTRA_PROBE_FAIL_JOBS"
 ATTEMPT_LOG_ENV = "XTRA_PROBE_ATTEMPT_LOG"
@@ -68,16 +83,22 @@ class Hooks:
     """The fault-injection settings of one job."""
 
     fail: bool = False
-    attempt_log: Optional[str] = None
+    attempt_log: str | None = None
     job: JobHooks = JobHooks()
 
     @classmethod
-    def from_env(cls, job: ProbeJob) -> "Hooks":
+    def from_env(cls, job: ProbeJob) -> Hooks:
         names = {n.strip() for n in os.environ.get(FAIL_ENV, "").split(",") if n.strip()}
-        after = {key: int(os.environ[env]) for key, env in (("kill_after_epoch", KILL_AFTER_ENV),
-                                                            ("fail_after_epoch", FAIL_AFTER_ENV)) if os.environ.get(env)}
-        return cls(fail=job.name in names or "*" in names, attempt_log=os.environ.get(ATTEMPT_LOG_ENV) or None,
-                   job=JobHooks(**after))
+        after = {
+            key: int(os.environ[env])
+            for key, env in (("kill_after_epoch", KILL_AFTER_ENV), ("fail_after_epoch", FAIL_AFTER_ENV))
+            if os.environ.get(env)
+        }
+        return cls(
+            fail=job.name in names or "*" in names,
+            attempt_log=os.environ.get(ATTEMPT_LOG_ENV) or None,
+            job=JobHooks(**after),
+        )
 
 
 def attempt_job(params: dict, job: ProbeJob, hooks: Hooks) -> dict[str, dict]:
@@ -94,9 +115,11 @@ def _finished(params: dict, job: ProbeJob, results: dict[str, dict]) -> None:
     with writing_to(result_path(params, job.model, job.benchmark, job.kinds[0]).parent):
         paths = write_results(params, job, results)
     for path, result in zip(paths, results.values()):
-        print(f"[{job.model}/{job.name}] {result['kind']} top-1 {result['top1']:.2f} % ({result['protocol']} "
-              f"protocol, lr {result['selected']['lr']:g}, wd {result['selected']['weight_decay']:g}) -> {path}",
-              flush=True)
+        print(
+            f"[{job.model}/{job.name}] {result['kind']} top-1 {result['top1']:.2f} % ({result['protocol']} "
+            f"protocol, lr {result['selected']['lr']:g}, wd {result['selected']['weight_decay']:g}) -> {path}",
+            flush=True,
+        )
 
 
 def is_finished(params: dict, job: ProbeJob) -> bool:
@@ -118,8 +141,12 @@ def is_finished(params: dict, job: ProbeJob) -> bool:
 
 
 def _failed(failure: JobFailure) -> None:
-    print(f"error: probe job {failure.job.model}/{failure.job.name} failed after {failure.attempts} "
-          f"attempt(s): {failure.error}", file=sys.stderr, flush=True)
+    print(
+        f"error: probe job {failure.job.model}/{failure.job.name} failed after {failure.attempts} "
+        f"attempt(s): {failure.error}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -159,7 +186,7 @@ def allocated_cpus() -> int:
     return max(1, min(_num_cpus_available(), int(get_num_cpus(override_docker_cpu_warning=True))))
 
 
-def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bool:
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to `address` or start a light local Ray; returns False when one was already running."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline: no usage report
     import ray
@@ -185,12 +212,17 @@ def _task_options(ray_cfg: dict, devices: int) -> dict:
     gpus = float(ray_cfg["gpus_per_job"])
     if ray.cluster_resources().get("GPU", 0) > 0:
         gpus = max(gpus, float(devices))
-    return {"num_cpus": ray_cfg["cpus_per_job"], "num_gpus": gpus, "max_retries": ray_cfg["max_retries"],
-            "retry_exceptions": True}
+    return {
+        "num_cpus": ray_cfg["cpus_per_job"],
+        "num_gpus": gpus,
+        "max_retries": ray_cfg["max_retries"],
+        "retry_exceptions": True,
+    }
 
 
-def run_with_ray(params: dict, jobs: Sequence[ProbeJob], address: Optional[str] = None,
-                 num_cpus: Optional[int] = None) -> list[JobFailure]:
+def run_with_ray(
+    params: dict, jobs: Sequence[ProbeJob], address: str | None = None, num_cpus: int | None = None
+) -> list[JobFailure]:
     """Submit every job as a Ray task; write each result as it arrives; return the failures."""
     import ray
 
@@ -199,8 +231,10 @@ def run_with_ray(params: dict, jobs: Sequence[ProbeJob], address: Optional[str] 
     try:
         task = ray.remote(attempt_job)
         devices = {job: params["probe"]["benchmarks"][job.benchmark]["devices"] for job in jobs}
-        pending = {task.options(**_task_options(ray_cfg, devices[job])).remote(params, job, Hooks.from_env(job)): job
-                   for job in jobs}
+        pending = {
+            task.options(**_task_options(ray_cfg, devices[job])).remote(params, job, Hooks.from_env(job)): job
+            for job in jobs
+        }
         failures: list[JobFailure] = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -249,9 +283,18 @@ def record_failures(params: dict, model: str, jobs: Sequence[ProbeJob], failures
                 kept = [f for f in json.loads(path.read_text()).get("failures", []) if f.get("job") not in ran]
             except (ValueError, AttributeError):
                 kept = []  # a malformed old file is replaced
-        entries = kept + [{"job": f"{f.job.benchmark}-{kind}", "benchmark": f.job.benchmark, "kind": kind,
-                           "error": f.error, "attempts": f.attempts,
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")} for f in failures for kind in f.job.kinds]
+        entries = kept + [
+            {
+                "job": f"{f.job.benchmark}-{kind}",
+                "benchmark": f.job.benchmark,
+                "kind": kind,
+                "error": f.error,
+                "attempts": f.attempts,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            for f in failures
+            for kind in f.job.kinds
+        ]
         if entries:
             write_json_atomic(path, {"model": model, "failures": entries}, indent=1)
         elif path.exists():

@@ -22,9 +22,9 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -34,12 +34,31 @@ from xtra.model.probes import PROBE_KINDS, HeadBank
 from xtra.probe.config import PIXEL_KINDS, ProbeConfig, model_kinds, probe_config
 from xtra.probe.data import JobData, build_data, eval_loader, stratified_split, train_loader
 from xtra.probe.loop import (
-    BankTrainer, CachedFeatures, FeatureSource, HeadScores, LiveFeatures, cache_features, encoded_batches,
-    evaluate_bank, train_banks, world,
+    BankTrainer,
+    CachedFeatures,
+    FeatureSource,
+    HeadScores,
+    LiveFeatures,
+    cache_features,
+    encoded_batches,
+    evaluate_bank,
+    train_banks,
+    world,
 )
 
-__all__ = ["ProbeJob", "JobHooks", "plan_jobs", "preflight", "run_job", "write_results", "result_path", "model_path",
-           "stratified_split", "CACHE_LIMIT_ENV", "InjectedFailure"]
+__all__ = [
+    "ProbeJob",
+    "JobHooks",
+    "plan_jobs",
+    "preflight",
+    "run_job",
+    "write_results",
+    "result_path",
+    "model_path",
+    "stratified_split",
+    "CACHE_LIMIT_ENV",
+    "InjectedFailure",
+]
 
 CACHE_LIMIT_ENV = "XTRA_PROBE_CACHE_GB"  # largest training-feature cache (GiB) before recomputing per batch
 DEFAULT_CACHE_GB = 4.0
@@ -67,8 +86,8 @@ class ProbeJob:
 class JobHooks:
     """Fault injection after a saved epoch (tests): SIGKILL this process, or raise InjectedFailure once."""
 
-    kill_after_epoch: Optional[int] = None
-    fail_after_epoch: Optional[int] = None
+    kill_after_epoch: int | None = None
+    fail_after_epoch: int | None = None
 
 
 def model_path(params: dict, model: str) -> Path:
@@ -81,8 +100,13 @@ def result_path(params: dict, model: str, benchmark: str, kind: str) -> Path:
     return Path(params["paths"]["results"]) / "probe" / model / f"{benchmark}-{kind}.json"
 
 
-def plan_jobs(params: dict, model: str, benchmarks: Optional[Sequence[str]] = None,
-              kinds: Optional[Sequence[str]] = None, source: str = "params.yaml") -> list[ProbeJob]:
+def plan_jobs(
+    params: dict,
+    model: str,
+    benchmarks: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    source: str = "params.yaml",
+) -> list[ProbeJob]:
     """The (benchmark) jobs of a model with their kinds; names not in params are a ParamsError naming the key."""
     if model not in params["models"]:
         raise ParamsError(f"{source}: models.{model}: no such model; known: {sorted(params['models'])}")
@@ -99,15 +123,19 @@ def plan_jobs(params: dict, model: str, benchmarks: Optional[Sequence[str]] = No
         allowed = model_kinds(params, model, configured[bench]["kinds"])
         missing = [k for k in kinds or [] if k not in allowed]
         if missing and benchmarks:  # a benchmark named on the command line must have every kind asked for
-            why = f"model {model} is the pixel floor (kinds {list(PIXEL_KINDS)} only)" if pixels else \
-                f"{source}: probe.benchmarks.{bench}.kinds is {configured[bench]['kinds']}"
+            why = (
+                f"model {model} is the pixel floor (kinds {list(PIXEL_KINDS)} only)"
+                if pixels
+                else f"{source}: probe.benchmarks.{bench}.kinds is {configured[bench]['kinds']}"
+            )
             raise ParamsError(f"{why}; benchmark {bench} has no {missing} for it")
         chosen = tuple(k for k in allowed if not kinds or k in kinds)
         if chosen:
             jobs.append(ProbeJob(model, bench, chosen))
     if not jobs:
-        raise ParamsError(f"{source}: no benchmark of probe.benchmarks has the probe kind(s) {list(kinds or [])} "
-                          f"for model {model}")
+        raise ParamsError(
+            f"{source}: no benchmark of probe.benchmarks has the probe kind(s) {list(kinds or [])} for model {model}"
+        )
     return jobs
 
 
@@ -121,8 +149,10 @@ def _check_data(params: dict, cfg: ProbeConfig) -> None:
         raise DataError(f"benchmark {cfg.benchmark!r}: dataset {cfg.dataset!r} was never prepared ({exc})") from exc
     for key, split in (("train_split", cfg.train_split), ("eval_split", cfg.eval_split)):
         if split not in manifest["splits"]:
-            raise DataError(f"probe.benchmarks.{cfg.benchmark}.{key}: dataset {cfg.dataset!r} ({root}) has "
-                            f"no split {split!r}; its splits: {sorted(manifest['splits'])}")
+            raise DataError(
+                f"probe.benchmarks.{cfg.benchmark}.{key}: dataset {cfg.dataset!r} ({root}) has "
+                f"no split {split!r}; its splits: {sorted(manifest['splits'])}"
+            )
     if manifest["splits"][cfg.train_split]["count"] < 2:
         raise DataError(f"benchmark {cfg.benchmark!r}: split {cfg.train_split!r} of {root} has fewer than 2 samples")
 
@@ -132,11 +162,15 @@ def _check_shapes(cfg: ProbeConfig, encoder: torch.nn.Module) -> None:
         if sweep.kind != "attentive":
             continue
         if sweep.num_last_blocks > len(encoder.blocks):
-            raise ParamsError(f"probe.num_last_blocks: {sweep.num_last_blocks} blocks asked, "
-                              f"model {cfg.model} has {len(encoder.blocks)}")
+            raise ParamsError(
+                f"probe.num_last_blocks: {sweep.num_last_blocks} blocks asked, "
+                f"model {cfg.model} has {len(encoder.blocks)}"
+            )
         if encoder.width % sweep.attn_heads != 0:
-            raise ParamsError(f"probe.attn_heads: {sweep.attn_heads} heads do not divide the width "
-                              f"{encoder.width} of model {cfg.model}")
+            raise ParamsError(
+                f"probe.attn_heads: {sweep.attn_heads} heads do not divide the width "
+                f"{encoder.width} of model {cfg.model}"
+            )
 
 
 def preflight(params: dict, model: str, jobs: Sequence[ProbeJob]) -> None:
@@ -152,16 +186,25 @@ def preflight(params: dict, model: str, jobs: Sequence[ProbeJob]) -> None:
 
 
 def write_results(params: dict, job: ProbeJob, results: dict[str, dict]) -> list[Path]:
-    return [write_json_atomic(result_path(params, job.model, job.benchmark, kind), result, indent=1)
-            for kind, result in results.items()]
+    return [
+        write_json_atomic(result_path(params, job.model, job.benchmark, kind), result, indent=1)
+        for kind, result in results.items()
+    ]
 
 
 def _cache_limit_bytes() -> float:
     return float(os.environ.get(CACHE_LIMIT_ENV, DEFAULT_CACHE_GB)) * 2**30
 
 
-def _train_source(cfg: ProbeConfig, encoder: torch.nn.Module, data: JobData, augmentation: str, sweeps: tuple,
-                  img_size: int, device: torch.device) -> tuple[FeatureSource, str]:
+def _train_source(
+    cfg: ProbeConfig,
+    encoder: torch.nn.Module,
+    data: JobData,
+    augmentation: str,
+    sweeps: tuple,
+    img_size: int,
+    device: torch.device,
+) -> tuple[FeatureSource, str]:
     """Cached features when the batches are the same every epoch (no augmentation) and they fit."""
     train = data.train(augmentation, img_size, cfg.eval_resize, cfg.seed)
     drop_last = len(train) >= cfg.batch_size
@@ -169,7 +212,9 @@ def _train_source(cfg: ProbeConfig, encoder: torch.nn.Module, data: JobData, aug
     per_sample = sum(encoder.width * tokens[s.kind] * 4 for s in sweeps)  # float32 bytes
     if augmentation == "none" and len(train) * per_sample <= _cache_limit_bytes():
         feats, labels = cache_features(encoder, eval_loader(cfg, train), sweeps, device)
-        return CachedFeatures(feats, labels, cfg.batch_size, seed=cfg.seed, drop_last=drop_last, device=device), "cached"
+        return CachedFeatures(
+            feats, labels, cfg.batch_size, seed=cfg.seed, drop_last=drop_last, device=device
+        ), "cached"
     rank, size = world()
     return LiveFeatures(encoder, train_loader(cfg, train, rank, size, drop_last), sweeps, device), "recomputed"
 
@@ -179,7 +224,7 @@ def _best(values: Sequence[float]) -> int:
     return int(max(range(len(values)), key=lambda i: (values[i], -i)))
 
 
-def _images_seen(params: dict, model: str) -> Optional[int]:
+def _images_seen(params: dict, model: str) -> int | None:
     path = Path(params["paths"]["models"]) / model / "metrics.json"
     if not path.is_file():
         return None
@@ -195,8 +240,9 @@ def _selection(settings: Sequence[tuple[float, float]], i: int, scores: HeadScor
     return {"selected": {"lr": lr, "weight_decay": wd}, "top1": scores.top1[i], "top5": scores.top5[i]}
 
 
-def _select(cfg: ProbeConfig, kind: str, bank: HeadBank, encoder: torch.nn.Module, data: JobData,
-            device: torch.device) -> dict:
+def _select(
+    cfg: ProbeConfig, kind: str, bank: HeadBank, encoder: torch.nn.Module, data: JobData, device: torch.device
+) -> dict:
     """Every head's accuracy, and the selection of the protocol (and the held-out one when run)."""
     sweep = cfg.sweep(kind)
 
@@ -205,21 +251,28 @@ def _select(cfg: ProbeConfig, kind: str, bank: HeadBank, encoder: torch.nn.Modul
         return evaluate_bank(bank, batches, data.num_classes, device, sweep.precision)
 
     scores = scores_on(data.eval)
-    heads = [{"lr": lr, "weight_decay": wd, "top1": scores.top1[i], "top5": scores.top5[i], "heldout_top1": None}
-             for i, (lr, wd) in enumerate(sweep.settings)]
+    heads = [
+        {"lr": lr, "weight_decay": wd, "top1": scores.top1[i], "top5": scores.top5[i], "heldout_top1": None}
+        for i, (lr, wd) in enumerate(sweep.settings)
+    ]
     paper, heldout = _selection(sweep.settings, _best(scores.top1), scores), None
     if data.heldout is not None:
         held = scores_on(data.heldout)
         for head, value in zip(heads, held.top1):
             head["heldout_top1"] = value
-        heldout = {**_selection(sweep.settings, _best(held.top1), scores), "heldout_top1": max(held.top1),
-                   "fraction": cfg.heldout_fraction, "num_heldout": held.count}
+        heldout = {
+            **_selection(sweep.settings, _best(held.top1), scores),
+            "heldout_top1": max(held.top1),
+            "fraction": cfg.heldout_fraction,
+            "num_heldout": held.count,
+        }
     chosen = heldout if cfg.protocol == "heldout" else paper
     return {"protocol": cfg.protocol, **chosen, "heads": heads, "heldout": heldout, "num_eval": scores.count}
 
 
-def run_job(params: dict, job: ProbeJob, hooks: JobHooks = JobHooks(), log: Callable[[str], None] = print
-            ) -> dict[str, dict]:
+def run_job(
+    params: dict, job: ProbeJob, hooks: JobHooks = JobHooks(), log: Callable[[str], None] = print
+) -> dict[str, dict]:
     """Train and evaluate one job on its devices; returns {kind: probe-result dict} (docs/ARCHITECTURE.md)."""
     from xtra.probe.dist import run_on_devices
 
@@ -227,8 +280,9 @@ def run_job(params: dict, job: ProbeJob, hooks: JobHooks = JobHooks(), log: Call
     return run_on_devices(_run_rank, devices, params, job, hooks, log)
 
 
-def _run_rank(device: torch.device, params: dict, job: ProbeJob, hooks: JobHooks,
-              log: Callable[[str], None]) -> Optional[dict[str, dict]]:
+def _run_rank(
+    device: torch.device, params: dict, job: ProbeJob, hooks: JobHooks, log: Callable[[str], None]
+) -> dict[str, dict] | None:
     """The job on this rank; rank 0 evaluates and returns the results, the other ranks None."""
     from xtra.model.checkpoint import file_sha256, load_artifact_encoder
     from xtra.probe.state import job_fingerprint, state_path
@@ -243,16 +297,19 @@ def _run_rank(device: torch.device, params: dict, job: ProbeJob, hooks: JobHooks
     sha = file_sha256(path)
     fingerprint = job_fingerprint(cfg, sha, data.manifest_sha256)
     spath = state_path(params["paths"]["results"], cfg)
-    banks = {s.kind: HeadBank(s.kind, encoder.width, data.num_classes, s.settings, s.attn_heads, s.seed)
-             for s in cfg.sweeps}
+    banks = {
+        s.kind: HeadBank(s.kind, encoder.width, data.num_classes, s.settings, s.attn_heads, s.seed) for s in cfg.sweeps
+    }
     groups = []  # (source, features, trainers) per training transform
     for augmentation, sweeps in cfg.transform_groups().items():
         source, features = _train_source(cfg, encoder, data, augmentation, sweeps, arch.img_size, device)
         groups.append((source, features, [BankTrainer(banks[s.kind], s, len(source), device) for s in sweeps]))
     epochs = cfg.sweeps[0].epochs
-    log(f"[{job.model}/{job.name}] kinds {list(cfg.kinds)}: {sum(len(b) for b in banks.values())} heads, "
+    log(
+        f"[{job.model}/{job.name}] kinds {list(cfg.kinds)}: {sum(len(b) for b in banks.values())} heads, "
         f"{data.num_train} train images, {len(groups)} training pass(es) per epoch "
-        f"(features {', '.join(f for _, f, _ in groups)}), {epochs} epochs on {device} x {world()[1]}")
+        f"(features {', '.join(f for _, f, _ in groups)}), {epochs} epochs on {device} x {world()[1]}"
+    )
     first = _resume(spath, fingerprint, groups, log, job)
     for epoch in range(first, epochs):
         for source, _, trainers in groups:
@@ -262,9 +319,13 @@ def _run_rank(device: torch.device, params: dict, job: ProbeJob, hooks: JobHooks
     del groups
     results = None
     if world()[0] == 0:
-        results = {kind: {**_select(cfg, kind, banks[kind], encoder, data, device),
-                          **_facts(params, cfg, kind, features[kind], data, sha, str(device))}
-                   for kind in cfg.kinds}
+        results = {
+            kind: {
+                **_select(cfg, kind, banks[kind], encoder, data, device),
+                **_facts(params, cfg, kind, features[kind], data, sha, str(device)),
+            }
+            for kind in cfg.kinds
+        }
         wall = round(time.perf_counter() - start, 3)
         for result in results.values():
             result["wall_time_s"] = wall
@@ -276,12 +337,26 @@ def _facts(params: dict, cfg: ProbeConfig, kind: str, features: str, data: JobDa
     """The result file's description of the run (unchanged keys: the report reads them)."""
     sweep = cfg.sweep(kind)
     return {
-        "model": cfg.model, "benchmark": cfg.benchmark, "kind": kind, "epochs": sweep.epochs, "seed": sweep.seed,
-        "checkpoint_sha256": sha, "manifest_sha256": data.manifest_sha256, "train_split": cfg.train_split,
-        "eval_split": cfg.eval_split, "num_train": data.num_train, "num_classes": data.num_classes,
-        "images_seen_pretrain": _images_seen(params, cfg.model), "dataset": cfg.dataset, "features": features,
-        "augment": params["probe"]["augment"], "batch_size": cfg.batch_size, "accum_steps": sweep.accum_steps,
-        "warmup_epochs": sweep.warmup_epochs, "grad_clip": sweep.grad_clip, "precision": sweep.precision,
+        "model": cfg.model,
+        "benchmark": cfg.benchmark,
+        "kind": kind,
+        "epochs": sweep.epochs,
+        "seed": sweep.seed,
+        "checkpoint_sha256": sha,
+        "manifest_sha256": data.manifest_sha256,
+        "train_split": cfg.train_split,
+        "eval_split": cfg.eval_split,
+        "num_train": data.num_train,
+        "num_classes": data.num_classes,
+        "images_seen_pretrain": _images_seen(params, cfg.model),
+        "dataset": cfg.dataset,
+        "features": features,
+        "augment": params["probe"]["augment"],
+        "batch_size": cfg.batch_size,
+        "accum_steps": sweep.accum_steps,
+        "warmup_epochs": sweep.warmup_epochs,
+        "grad_clip": sweep.grad_clip,
+        "precision": sweep.precision,
         "device": device,
     }
 
@@ -322,4 +397,3 @@ def _end_epoch(spath: Path, fingerprint: str, epoch: int, groups: list, hooks: J
         os.kill(os.getpid(), signal.SIGKILL)
     if hooks.fail_after_epoch is not None and epoch + 1 == hooks.fail_after_epoch and first < epoch + 1:
         raise InjectedFailure(f"injected failure after epoch {epoch + 1} (state saved at {spath})")
-

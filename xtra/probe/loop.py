@@ -23,8 +23,9 @@ batch's statistics, so the job trains as one device would, up to summation order
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from typing import Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Protocol, Sequence, Union
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -35,11 +36,26 @@ from xtra.model.probes import HeadBank, pool_blocks
 from xtra.probe.config import SweepConfig, settings_grid
 from xtra.train.schedule import release_warmup_cosine, warmup_cosine
 
-__all__ = ["SweepConfig", "FeatureSource", "LiveFeatures", "CachedFeatures", "encode_batch", "cache_features",
-           "BankTrainer", "train_banks", "train_bank", "evaluate_bank", "HeadScores", "encoded_batches",
-           "autocast_for", "settings_grid", "lr_at", "world"]
+__all__ = [
+    "SweepConfig",
+    "FeatureSource",
+    "LiveFeatures",
+    "CachedFeatures",
+    "encode_batch",
+    "cache_features",
+    "BankTrainer",
+    "train_banks",
+    "train_bank",
+    "evaluate_bank",
+    "HeadScores",
+    "encoded_batches",
+    "autocast_for",
+    "settings_grid",
+    "lr_at",
+    "world",
+]
 
-Features = Union[torch.Tensor, dict[str, torch.Tensor]]  # one kind's pooled features, or one per kind
+Features = torch.Tensor | dict[str, torch.Tensor]  # one kind's pooled features, or one per kind
 Batch = tuple[Features, torch.Tensor]
 
 
@@ -50,20 +66,21 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def autocast_for(device: torch.device, precision: str) -> ContextManager:
+def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
     """bf16 autocast for "bf16-mixed", else nothing."""
     if precision == "bf16-mixed":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
-def _as_list(cfgs: Union[SweepConfig, Sequence[SweepConfig]]) -> list[SweepConfig]:
+def _as_list(cfgs: SweepConfig | Sequence[SweepConfig]) -> list[SweepConfig]:
     return [cfgs] if isinstance(cfgs, SweepConfig) else list(cfgs)
 
 
 @torch.no_grad()
-def encode_batch(encoder: torch.nn.Module, images: torch.Tensor, cfgs: Union[SweepConfig, Sequence[SweepConfig]],
-                 device: torch.device) -> Features:
+def encode_batch(
+    encoder: torch.nn.Module, images: torch.Tensor, cfgs: SweepConfig | Sequence[SweepConfig], device: torch.device
+) -> Features:
     """Images (B, 3, S, S) -> pooled probe inputs, float32: (B, d) linear, (B, N, d) attentive.
 
     One encoder forward for all the given kinds; a single SweepConfig gives a tensor, several a dict.
@@ -88,8 +105,13 @@ class FeatureSource(Protocol):
 class LiveFeatures:
     """Runs the frozen encoder on every (augmented) batch of a loader; the order follows its sampler."""
 
-    def __init__(self, encoder: torch.nn.Module, loader: DataLoader,
-                 cfgs: Union[SweepConfig, Sequence[SweepConfig]], device: torch.device) -> None:
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        loader: DataLoader,
+        cfgs: SweepConfig | Sequence[SweepConfig],
+        device: torch.device,
+    ) -> None:
         self.encoder, self.loader, self.cfgs, self.device = encoder, loader, cfgs, device
 
     def __len__(self) -> int:
@@ -109,8 +131,15 @@ class CachedFeatures:
     Under torch.distributed every rank holds the whole cache and takes its DistributedSampler share.
     """
 
-    def __init__(self, features: Features, labels: torch.Tensor, batch_size: int, seed: int = 0,
-                 drop_last: bool = True, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        features: Features,
+        labels: torch.Tensor,
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = True,
+        device: torch.device | str = "cpu",
+    ) -> None:
         first = next(iter(features.values())) if isinstance(features, dict) else features
         if len(first) != len(labels):
             raise ValueError(f"{len(first)} feature rows but {len(labels)} labels")
@@ -142,14 +171,15 @@ class CachedFeatures:
         total = self._per_rank() * self.world
         if not self.drop_last:
             order = torch.cat([order, order[: total - len(order)]])  # DistributedSampler's padding
-        order = order[:total][self.rank::self.world]
+        order = order[:total][self.rank :: self.world]
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self._take(idx), self.labels[idx].to(self.device, non_blocking=True)
 
 
-def cache_features(encoder: torch.nn.Module, loader: Iterable, cfgs: Union[SweepConfig, Sequence[SweepConfig]],
-                   device: torch.device) -> tuple[Features, torch.Tensor]:
+def cache_features(
+    encoder: torch.nn.Module, loader: Iterable, cfgs: SweepConfig | Sequence[SweepConfig], device: torch.device
+) -> tuple[Features, torch.Tensor]:
     """Pooled features and labels of a whole (unshuffled) loader, kept on the CPU."""
     feats: list = []
     labels = []
@@ -220,8 +250,12 @@ class BankTrainer:
         self._loss_sum.zero_()
 
     def state_dict(self) -> dict:
-        return {"bank": self.bank.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "history": self.history}
+        return {
+            "bank": self.bank.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "history": self.history,
+        }
 
     def load_state_dict(self, state: Mapping) -> None:
         self.bank.load_state_dict(state["bank"])
@@ -229,8 +263,13 @@ class BankTrainer:
         self.step, self.history = int(state["step"]), list(state["history"])
 
 
-def train_banks(trainers: Sequence[BankTrainer], source: FeatureSource, epochs: int, start_epoch: int = 0,
-                on_epoch_end: Optional[Callable[[int], None]] = None) -> None:
+def train_banks(
+    trainers: Sequence[BankTrainer],
+    source: FeatureSource,
+    epochs: int,
+    start_epoch: int = 0,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> None:
     """Epochs start_epoch..epochs-1 of every trainer on the source's batches (one pass for all).
 
     `on_epoch_end(e)` runs after epoch e (the job saves its resumable state there).
@@ -255,21 +294,23 @@ def train_bank(bank: HeadBank, source: FeatureSource, cfg: SweepConfig, device: 
 class HeadScores:
     """Top-1 / top-5 (in %) of every head of a bank on one split; top5 is None below 5 classes."""
 
-    def __init__(self, top1: list[float], top5: list[Optional[float]], count: int) -> None:
+    def __init__(self, top1: list[float], top5: list[float | None], count: int) -> None:
         self.top1, self.top5, self.count = top1, top5, count
 
 
 @torch.no_grad()
-def evaluate_bank(bank: HeadBank, batches: Iterable[Batch], num_classes: int,
-                  device: torch.device, precision: str = "32-true") -> HeadScores:
+def evaluate_bank(
+    bank: HeadBank, batches: Iterable[Batch], num_classes: int, device: torch.device, precision: str = "32-true"
+) -> HeadScores:
     """Top-1 (and top-5, from 5 classes up) of every head on (features, labels) batches, in %
     (torchmetrics' micro-averaged MulticlassAccuracy; normalisation in eval mode)."""
     from torchmetrics.classification import MulticlassAccuracy
 
     bank.to(device).eval()
     ks = (1, 5) if num_classes >= 5 else (1,)
-    metrics = [{k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in ks}
-               for _ in range(len(bank))]
+    metrics = [
+        {k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in ks} for _ in range(len(bank))
+    ]
     count = 0
     for feats, labels in batches:
         feats = feats[bank.kind] if isinstance(feats, dict) else feats
@@ -291,8 +332,9 @@ def evaluate_bank(bank: HeadBank, batches: Iterable[Batch], num_classes: int,
     return HeadScores(top1=top1, top5=top5, count=count)
 
 
-def encoded_batches(encoder: torch.nn.Module, loader: Iterable, cfgs: Union[SweepConfig, Sequence[SweepConfig]],
-                    device: torch.device) -> Iterator[Batch]:
+def encoded_batches(
+    encoder: torch.nn.Module, loader: Iterable, cfgs: SweepConfig | Sequence[SweepConfig], device: torch.device
+) -> Iterator[Batch]:
     """Stream (pooled features, labels) of an evaluation loader through the frozen encoder."""
     for images, labels in loader:
         yield encode_batch(encoder, images, cfgs, device), labels

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from xtra.atomic import write_atomic
+from xtra.atomic import save_torch_atomic, write_atomic
 from xtra.config import params_hash
 from xtra.errors import CheckpointError, writing_to
-from xtra.atomic import save_torch_atomic
 from xtra.probe.config import ProbeConfig
 
 __all__ = ["STATE_DIR", "state_path", "job_fingerprint", "save_state", "load_state", "log_progress"]
@@ -45,7 +44,7 @@ def save_state(path: Path, fingerprint: str, epochs_done: int, trainers: dict[st
         save_torch_atomic({"fingerprint": fingerprint, "epochs_done": epochs_done, "trainers": trainers}, path)
 
 
-def load_state(path: Path, fingerprint: str) -> Optional[dict[str, Any]]:
+def load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
     """The saved state when it belongs to this job, else None (absent, other job, or unreadable)."""
     if not path.is_file():
         return None

@@ -8,5 +8,4 @@ from xtra.report.cli import Report, build_report, update_readme
 from xtra.report.collect import Collected, collect_results
 from xtra.report.reference import BENCHMARKS, load_reference
 
-__all__ = ["BENCHMARKS", "Collected", "Report", "build_report", "collect_results",
-           "load_reference", "update_readme"]
+__all__ = ["BENCHMARKS", "Collected", "Report", "build_report", "collect_results", "load_reference", "update_readme"]

@@ -40,8 +40,7 @@ from matplotlib.figure import Figure
 from xtra.atomic import write_atomic
 from xtra.errors import XtraError
 from xtra.report import figures, tables
-from xtra.report.collect import (Collected, collect_results, read_images_seen,
-                                 read_pretrain_log)
+from xtra.report.collect import Collected, collect_results, read_images_seen, read_pretrain_log
 from xtra.report.reference import BENCHMARKS, DEFAULT_REFERENCES, load_reference
 
 __all__ = ["MARKERS", "Report", "build_report", "update_readme", "configure_parser", "run"]
@@ -71,8 +70,7 @@ def _write(path: Path, data: str | bytes) -> Path:
     return path
 
 
-_NOT_TRAINED = {"random": "random-init control: not trained",
-                "pixels": "pixel floor: no encoder, not trained"}
+_NOT_TRAINED = {"random": "random-init control: not trained", "pixels": "pixel floor: no encoder, not trained"}
 
 
 def _inits(params: dict, models: list[str]) -> dict[str, str]:
@@ -105,10 +103,9 @@ def _model_inputs(params: dict, models: list[str]) -> tuple[dict, dict, dict, di
 
 
 def _not_shown(results: pd.DataFrame) -> dict[str, str]:
-    """"model/benchmark/kind" -> status (reason) of every expected result that is not there."""
+    """ "model/benchmark/kind" -> status (reason) of every expected result that is not there."""
     bad = results[results["status"] != "ok"]
-    return {f"{r['model']}/{r['benchmark']}/{r['kind']}": f"{r['status']}: {r['reason']}"
-            for _, r in bad.iterrows()}
+    return {f"{r['model']}/{r['benchmark']}/{r['kind']}": f"{r['status']}: {r['reason']}" for _, r in bad.iterrows()}
 
 
 def _reconstructions(params: dict, collected: Collected) -> tuple[dict, dict]:
@@ -123,7 +120,8 @@ def _reconstructions(params: dict, collected: Collected) -> tuple[dict, dict]:
         arch = (params["models"].get(model) or {}).get("arch") or {}
         order = arch.get("block_order", "raster")
         titles[model] = f"{model} (k = {arch.get('block_size', '?')}, {order} order" + (
-            ", untrained)" if inits[model] == "random" else ")")
+            ", untrained)" if inits[model] == "random" else ")"
+        )
     return images, titles
 
 
@@ -137,19 +135,20 @@ def _figures(params: dict, report: Report, reference: pd.DataFrame) -> tuple[dic
     logs, no_log, seen, not_seen = _model_inputs(params, collected.models)
     points = tables.images_seen_frame(table[table["row"] == "run"], seen, reference)
     images, titles = _reconstructions(params, collected)
-    edges = [line.removeprefix("- ").split(": lr ")[0] for line in
-             tables.edge_lines(collected.results)]
+    edges = [line.removeprefix("- ").split(": lr ")[0] for line in tables.edge_lines(collected.results)]
     figs = {
         "top1_bars": figures.bars_figure(own, run_benchmarks, _not_shown(collected.results)),
         "paper_comparison": figures.paper_figure(paper_rows, paper_columns, run_benchmarks),
         "lr_sweep": figures.sweep_figure(collected.sweep, collected.floor_models, edges),
         "pretrain_loss": figures.loss_figure(logs, no_log),
-        "images_seen": figures.images_seen_figure(points, not_seen,
-                                                  table[table["row"] == "floor"]),
+        "images_seen": figures.images_seen_figure(points, not_seen, table[table["row"] == "floor"]),
         "reconstruction": figures.reconstruction_figure(images, titles),
     }
-    loss = pd.concat([log.assign(model=m) for m, log in logs.items()], ignore_index=True) \
-        if logs else pd.DataFrame(columns=["step", "loss", "lr", "model"])
+    loss = (
+        pd.concat([log.assign(model=m) for m, log in logs.items()], ignore_index=True)
+        if logs
+        else pd.DataFrame(columns=["step", "loss", "lr", "model"])
+    )
     plots = {"loss": loss[["model", "step", "loss", "lr"]], "images_seen": points}
     return figs, plots
 
@@ -157,8 +156,7 @@ def _figures(params: dict, report: Report, reference: pd.DataFrame) -> tuple[dic
 def _plot_frames(collected: Collected) -> dict[str, pd.DataFrame]:
     ok = collected.results[collected.results["status"] == "ok"]
     top1 = ok[["model", "kind", "protocol", "benchmark", "top1"]].copy()
-    top1.insert(0, "key", top1["model"] + "/" + top1["kind"] + "/" + top1["protocol"] + "/"
-                + top1["benchmark"])
+    top1.insert(0, "key", top1["model"] + "/" + top1["kind"] + "/" + top1["protocol"] + "/" + top1["benchmark"])
     sweep = collected.sweep.copy()
     sweep.insert(0, "key", sweep["model"] + "/" + sweep["benchmark"] + "/" + sweep["kind"])
     return {"top1": top1, "sweep": sweep}
@@ -182,13 +180,20 @@ def build_report(params: dict, out: Path) -> Report:
     cfg = params.get("report") or {}
     reference = load_reference(cfg.get("reference_dir"))
     collected = collect_results(params)
-    table = tables.results_table(collected.results, reference, collected.benchmarks,
-                                 list(cfg.get("reference_models", DEFAULT_REFERENCES)),
-                                 collected.floor_models)
+    table = tables.results_table(
+        collected.results,
+        reference,
+        collected.benchmarks,
+        list(cfg.get("reference_models", DEFAULT_REFERENCES)),
+        collected.floor_models,
+    )
     run_table = table[table["row"].isin(list(tables.OWN_ROWS))]
-    report = Report(collected=collected, table=table,
-                    markdown=tables.to_markdown(table, collected.results),
-                    metrics=tables.metrics_dict(run_table, collected.benchmarks))
+    report = Report(
+        collected=collected,
+        table=table,
+        markdown=tables.to_markdown(table, collected.results),
+        metrics=tables.metrics_dict(run_table, collected.benchmarks),
+    )
     report.files += _write_tables(out, report, reference)
     report.figures, plots = _figures(params, report, reference)
     for name, frame in {**_plot_frames(collected), **plots}.items():
@@ -218,10 +223,14 @@ def update_readme(readme: Path, markdown: str) -> bool:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
-    parser.add_argument("--readme", default=None, metavar="FILE",
-                        help="also paste the results table between the results markers of FILE (a manual step, "
-                             "e.g. `xtra report --readme README.md`; the pipelines never pass it, so they write "
-                             "only under paths.results)")
+    parser.add_argument(
+        "--readme",
+        default=None,
+        metavar="FILE",
+        help="also paste the results table between the results markers of FILE (a manual step, "
+        "e.g. `xtra report --readme README.md`; the pipelines never pass it, so they write "
+        "only under paths.results)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

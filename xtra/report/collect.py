@@ -47,12 +47,31 @@ __all__ = [
 ]
 
 RESULT_COLUMNS: tuple[str, ...] = (
-    "model", "benchmark", "kind", "protocol", "top1", "top5", "lr", "weight_decay", "lr_edge",
-    "lr_grid", "status", "reason", "file",
+    "model",
+    "benchmark",
+    "kind",
+    "protocol",
+    "top1",
+    "top5",
+    "lr",
+    "weight_decay",
+    "lr_edge",
+    "lr_grid",
+    "status",
+    "reason",
+    "file",
 )
 SWEEP_COLUMNS: tuple[str, ...] = (
-    "model", "benchmark", "kind", "protocol", "lr", "weight_decay", "top1", "top5",
-    "heldout_top1", "selected",
+    "model",
+    "benchmark",
+    "kind",
+    "protocol",
+    "lr",
+    "weight_decay",
+    "top1",
+    "top5",
+    "heldout_top1",
+    "selected",
 )
 _HEAD_NUMBERS = ("lr", "weight_decay", "top1", "top5", "heldout_top1")
 _FAILURES = "failures.json"
@@ -106,7 +125,9 @@ def _selection_row(data: dict, path: Path, protocol: str) -> dict:
     selected = _mapping(data.get("selected"), path, "selected")
     top1 = _number(data.get("top1"), path, "top1")
     return {
-        "protocol": protocol, "top1": top1, "top5": _number(data.get("top5"), path, "top5"),
+        "protocol": protocol,
+        "top1": top1,
+        "top5": _number(data.get("top5"), path, "top5"),
         "lr": _number(selected.get("lr"), path, "selected.lr"),
         "weight_decay": _number(selected.get("weight_decay"), path, "selected.weight_decay"),
         "status": "ok" if top1 is not None else "partial",
@@ -117,8 +138,7 @@ def _selection_row(data: dict, path: Path, protocol: str) -> dict:
 def _is_selected(head: dict, row: dict) -> bool:
     """The head the protocol selected: same lr, and same weight decay where both name one."""
     wd, chosen_wd = head["weight_decay"], row["weight_decay"]
-    return head["lr"] is not None and head["lr"] == row["lr"] and (
-        wd is None or chosen_wd is None or wd == chosen_wd)
+    return head["lr"] is not None and head["lr"] == row["lr"] and (wd is None or chosen_wd is None or wd == chosen_wd)
 
 
 def _heads(data: dict, path: Path, row: dict) -> list[dict]:
@@ -129,8 +149,7 @@ def _heads(data: dict, path: Path, row: dict) -> list[dict]:
     for i, head in enumerate(heads):
         head = _mapping(head, path, f"heads[{i}]")
         numbers = {k: _number(head.get(k), path, f"heads[{i}].{k}") for k in _HEAD_NUMBERS}
-        out.append({"protocol": row["protocol"], **numbers,
-                    "selected": _is_selected(numbers, row)})
+        out.append({"protocol": row["protocol"], **numbers, "selected": _is_selected(numbers, row)})
     return out
 
 
@@ -176,8 +195,7 @@ def _failure_list(data: Any, path: Path) -> list[tuple[str, str, str]]:
     if isinstance(data, dict) and isinstance(data.get("failures"), list):
         data = data["failures"]
     if isinstance(data, dict):
-        data = [{"job": job, **(v if isinstance(v, dict) else {"error": v})}
-                for job, v in data.items()]
+        data = [{"job": job, **(v if isinstance(v, dict) else {"error": v})} for job, v in data.items()]
     if not isinstance(data, list):
         raise XtraError(f"{path}: malformed failures: expected a list or an object")
     out = []
@@ -222,10 +240,13 @@ def _expected(params: dict) -> list[tuple[str, str, str, str]]:
     its linear kind only)."""
     protocol = params["probe"].get("protocol", "paper")
     floor = set(pixel_floor_models(params))
-    return [(model, benchmark, kind, protocol) for model in params["models"]
-            for benchmark, cfg in params["probe"]["benchmarks"].items()
-            for kind in cfg.get("kinds", KIND_ORDER)
-            if model not in floor or kind in FLOOR_KINDS]
+    return [
+        (model, benchmark, kind, protocol)
+        for model in params["models"]
+        for benchmark, cfg in params["probe"]["benchmarks"].items()
+        for kind in cfg.get("kinds", KIND_ORDER)
+        if model not in floor or kind in FLOOR_KINDS
+    ]
 
 
 def _read_model_dir(folder: Path) -> tuple[list[dict], list[dict], dict]:
@@ -241,8 +262,7 @@ def _read_model_dir(folder: Path) -> tuple[list[dict], list[dict], dict]:
     return rows, heads, failures
 
 
-def _missing_row(job: tuple[str, str, str, str], probe_dir: Path, failures: dict,
-                 files: set[str]) -> dict:
+def _missing_row(job: tuple[str, str, str, str], probe_dir: Path, failures: dict, files: set[str]) -> dict:
     model, benchmark, kind, protocol = job
     path = probe_dir / model / f"{benchmark}-{kind}.json"
     if str(path) in files:
@@ -252,9 +272,17 @@ def _missing_row(job: tuple[str, str, str, str], probe_dir: Path, failures: dict
         reason = f"{probe_dir / model / _FAILURES}: {failures[(model, benchmark, kind)]}"
     else:
         status, reason = "missing", f"{path}: not found"
-    return {"model": model, "benchmark": benchmark, "kind": kind, "protocol": protocol,
-            "lr_edge": "", "lr_grid": "", "status": status, "reason": reason,
-            "file": str(path) if status == "partial" else ""}
+    return {
+        "model": model,
+        "benchmark": benchmark,
+        "kind": kind,
+        "protocol": protocol,
+        "lr_edge": "",
+        "lr_grid": "",
+        "status": status,
+        "reason": reason,
+        "file": str(path) if status == "partial" else "",
+    }
 
 
 def collect_results(params: dict) -> Collected:
@@ -268,8 +296,7 @@ def collect_results(params: dict) -> Collected:
         failures.update(failed)
     present = {(r["model"], r["benchmark"], r["kind"], r["protocol"]) for r in rows}
     files = {r["file"] for r in rows}
-    rows += [_missing_row(job, probe_dir, failures, files) for job in _expected(params)
-             if job not in present]
+    rows += [_missing_row(job, probe_dir, failures, files) for job in _expected(params) if job not in present]
     results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
     models = _ordered(list(params["models"]), set(results["model"]))
     benchmarks = benchmark_order(params, set(results["benchmark"]))
@@ -278,12 +305,18 @@ def collect_results(params: dict) -> Collected:
     sweep[list(_HEAD_NUMBERS)] = sweep[list(_HEAD_NUMBERS)].astype(float)
     sweep["selected"] = sweep["selected"].astype(bool)
     sweep = _sort(sweep, models, benchmarks, extra=["weight_decay", "lr"])
-    return Collected(results=results, sweep=sweep, models=models, benchmarks=benchmarks,
-                     floor_models=[m for m in pixel_floor_models(params) if m in models])
+    return Collected(
+        results=results,
+        sweep=sweep,
+        models=models,
+        benchmarks=benchmarks,
+        floor_models=[m for m in pixel_floor_models(params) if m in models],
+    )
 
 
-def _sort(frame: pd.DataFrame, models: list[str], benchmarks: list[str],
-          extra: list[str] | None = None) -> pd.DataFrame:
+def _sort(
+    frame: pd.DataFrame, models: list[str], benchmarks: list[str], extra: list[str] | None = None
+) -> pd.DataFrame:
     """Stable display order: model, benchmark, kind, protocol (params order, then by name)."""
     kinds = _ordered(list(KIND_ORDER), set(frame["kind"]))
     keys = {"model": models, "benchmark": benchmarks, "kind": kinds}
@@ -331,8 +364,7 @@ def read_pretrain_log(path: Path) -> pd.DataFrame:
     if "step" not in frame.columns or loss is None:
         raise XtraError(f"{path}: training log needs a step column and a train/loss or loss column")
     lr = _log_column(frame, ("lr", "train/lr"), "lr-")
-    out = pd.DataFrame({"step": frame["step"], "loss": frame[loss],
-                        "lr": frame[lr] if lr else float("nan")})
+    out = pd.DataFrame({"step": frame["step"], "loss": frame[loss], "lr": frame[lr] if lr else float("nan")})
     try:
         out = out.astype(float)
     except ValueError as exc:

@@ -46,8 +46,7 @@ _METADATA = {
 }
 
 
-def _figure(n_panels: int, width: float, height: float,
-            ncols: int | None = None) -> tuple[Figure, list[Axes]]:
+def _figure(n_panels: int, width: float, height: float, ncols: int | None = None) -> tuple[Figure, list[Axes]]:
     """`n_panels` panels of `width` x `height` inches, `ncols` a row (default: all in one row)."""
     ncols = min(ncols or n_panels, n_panels)
     nrows = -(-n_panels // ncols)
@@ -66,8 +65,7 @@ def _footnote(fig: Figure, prefix: str, reasons: dict[str, str] | None) -> None:
 
 
 def _note(ax: Axes, text: str) -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8,
-            wrap=True, color="0.3")
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8, wrap=True, color="0.3")
 
 
 def figure_bytes(fig: Figure, fmt: str, dpi: int = 150) -> bytes:
@@ -94,15 +92,13 @@ def _floor_lines(ax: Axes, floor: pd.DataFrame, benchmarks: list[str], x: np.nda
     """The pixel floor: a dashed black segment across each benchmark group, its value beside it."""
     for style, (_, row) in zip(("--", ":", "-."), floor.iterrows()):
         heights = row[benchmarks].to_numpy(dtype=float)
-        ax.hlines(heights, x - 0.45, x + 0.45, colors="black", linestyles=style, linewidth=1.2,
-                  label=_bar_label(row))
+        ax.hlines(heights, x - 0.45, x + 0.45, colors="black", linestyles=style, linewidth=1.2, label=_bar_label(row))
         for xi, h in zip(x, heights):
             if np.isfinite(h):
                 ax.text(xi + 0.46, h, f"{h:.1f}", fontsize=5, va="center", ha="left")
 
 
-def bars_figure(table: pd.DataFrame, benchmarks: list[str],
-                missing: dict[str, str] | None = None) -> Figure:
+def bars_figure(table: pd.DataFrame, benchmarks: list[str], missing: dict[str, str] | None = None) -> Figure:
     """Top-1 on this run's benchmarks: a panel per probe kind, a bar per run row of that kind, the
     pixel floor (`floor` rows) a dashed line across each group, in every panel (it is linear).
 
@@ -122,14 +118,20 @@ def bars_figure(table: pd.DataFrame, benchmarks: list[str],
             offset = (i - (len(rows) - 1) / 2) * width
             heights = row[benchmarks].to_numpy(dtype=float)
             bars = ax.bar(x + offset, heights, width, label=_bar_label(row), color=colors[i])
-            ax.bar_label(bars, [f"{h:.1f}" if np.isfinite(h) else "" for h in heights],
-                         fontsize=6, padding=1)  # a missing value: a gap, no label
+            ax.bar_label(
+                bars, [f"{h:.1f}" if np.isfinite(h) else "" for h in heights], fontsize=6, padding=1
+            )  # a missing value: a gap, no label
         _floor_lines(ax, floor, benchmarks, x)
         ax.set_xticks(x, benchmarks)
         ax.set(title=f"{kind} probe", ylabel="top-1 (%)", ylim=(0, 105))
         if len(rows) or len(floor):
-            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12),
-                      ncols=min(3, len(rows) + len(floor)), frameon=False)
+            ax.legend(
+                fontsize=6,
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.12),
+                ncols=min(3, len(rows) + len(floor)),
+                frameon=False,
+            )
         else:
             _note(ax, "no results")
     _footnote(fig, "not shown: ", missing)
@@ -143,8 +145,7 @@ def paper_figure(table: pd.DataFrame, benchmarks: list[str], run_benchmarks: lis
     When this run has none of them, the figure says so and names the benchmarks it has instead.
     """
     kinds = list(dict.fromkeys(table["kind"])) or ["attentive"]
-    widest = max([int(table.loc[table["kind"] == k, benchmarks].notna().any().sum())
-                  for k in kinds] + [1])
+    widest = max([int(table.loc[table["kind"] == k, benchmarks].notna().any().sum()) for k in kinds] + [1])
     fig, axes = _figure(len(kinds), max(5.0, 0.55 * widest + 3), 3.6, ncols=1)
     for ax, kind in zip(axes, kinds):
         of_kind = table[table["kind"] == kind]
@@ -155,22 +156,38 @@ def paper_figure(table: pd.DataFrame, benchmarks: list[str], run_benchmarks: lis
         width = 0.8 / max(len(rows), 1)
         for i, (_, row) in enumerate(rows.iterrows()):
             offset = (i - (len(rows) - 1) / 2) * width
-            ax.bar(x + offset, row[groups].to_numpy(dtype=float), width, label=_bar_label(row),
-                   color=colors[i], hatch="//" if row["row"] == "published" else None)
-        ax.set_xticks(x, groups, rotation=30 if len(groups) > 6 else 0,
-                      ha="right" if len(groups) > 6 else "center")
-        ax.set(title=f"{kind} probe: published numbers", ylabel="top-1 (%)", ylim=(0, 100),
-               xlim=(-0.6, max(len(groups), 4) - 0.4))  # a lone group keeps a bar's width
+            ax.bar(
+                x + offset,
+                row[groups].to_numpy(dtype=float),
+                width,
+                label=_bar_label(row),
+                color=colors[i],
+                hatch="//" if row["row"] == "published" else None,
+            )
+        ax.set_xticks(x, groups, rotation=30 if len(groups) > 6 else 0, ha="right" if len(groups) > 6 else "center")
+        ax.set(
+            title=f"{kind} probe: published numbers",
+            ylabel="top-1 (%)",
+            ylim=(0, 100),
+            xlim=(-0.6, max(len(groups), 4) - 0.4),
+        )  # a lone group keeps a bar's width
         if len(rows):
-            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2 if len(groups) > 6
-                                                                        else -0.12),
-                      ncols=min(3, len(rows)), frameon=False)
+            ax.legend(
+                fontsize=6,
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.2 if len(groups) > 6 else -0.12),
+                ncols=min(3, len(rows)),
+                frameon=False,
+            )
         else:
             _note(ax, f"no published {kind}-probe number for the models shown")
     if not table.loc[table["row"] == "run", benchmarks].notna().any().any():
-        fig.supxlabel("this run probes none of these benchmarks (it probes "
-                      f"{', '.join(run_benchmarks) or 'nothing'}: see top1_bars)",
-                      fontsize=7, color="0.3")
+        fig.supxlabel(
+            "this run probes none of these benchmarks (it probes "
+            f"{', '.join(run_benchmarks) or 'nothing'}: see top1_bars)",
+            fontsize=7,
+            color="0.3",
+        )
     return fig
 
 
@@ -186,8 +203,9 @@ def _sweep_lines(group: pd.DataFrame, floor_models: set[str]) -> list[tuple[str,
     return lines
 
 
-def sweep_figure(sweep: pd.DataFrame, floor_models: list[str] | tuple[str, ...] = (),
-                 edges: list[str] | None = None) -> Figure:
+def sweep_figure(
+    sweep: pd.DataFrame, floor_models: list[str] | tuple[str, ...] = (), edges: list[str] | None = None
+) -> Figure:
     """Learning-rate sweep: a panel per benchmark, top-1 (on the reported split) against lr, a
     ring on the lr the selection protocol chose; the pixel floor dashed black. `edges` (selections
     at an edge of their grid) are listed under the figure."""
@@ -202,8 +220,15 @@ def sweep_figure(sweep: pd.DataFrame, floor_models: list[str] | tuple[str, ...] 
         for color, (label, part) in zip(colors, lines):
             floor = label.endswith("(pixel floor)")
             color = "black" if floor else color
-            ax.plot(part["lr"], part["top1"], marker="o", markersize=3, label=label, color=color,
-                    linestyle="--" if floor else "-")
+            ax.plot(
+                part["lr"],
+                part["top1"],
+                marker="o",
+                markersize=3,
+                label=label,
+                color=color,
+                linestyle="--" if floor else "-",
+            )
             chosen = part[part["selected"]]
             ax.scatter(chosen["lr"], chosen["top1"], s=60, facecolors="none", edgecolors=color)
         ax.set_xscale("log")
@@ -215,8 +240,10 @@ def sweep_figure(sweep: pd.DataFrame, floor_models: list[str] | tuple[str, ...] 
     protocols = ", ".join(dict.fromkeys(sweep["protocol"]))
     text = f"ring: the lr selected by the {protocols} protocol"
     if edges:
-        text += (f". At the edge of its grid (the optimum may lie beyond): {len(edges)} of "
-                 f"{int(sweep['selected'].sum())} selections: " + "; ".join(edges))
+        text += (
+            f". At the edge of its grid (the optimum may lie beyond): {len(edges)} of "
+            f"{int(sweep['selected'].sum())} selections: " + "; ".join(edges)
+        )
     fig.supxlabel(text, fontsize=6, color="0.3", wrap=True)
     return fig
 
@@ -245,8 +272,7 @@ def loss_figure(logs: dict[str, pd.DataFrame], missing: dict[str, str]) -> Figur
 def _floor_levels(ax: Axes, floor: pd.DataFrame | None, panel: str) -> None:
     """The pixel floor's value for a panel (`mean`: mean15, else the mean over the benchmarks
     present; `in1k`) as a dashed horizontal line."""
-    for style, (_, row) in zip(("--", ":", "-."), (floor if floor is not None
-                                                   else pd.DataFrame()).iterrows()):
+    for style, (_, row) in zip(("--", ":", "-."), (floor if floor is not None else pd.DataFrame()).iterrows()):
         if panel == "in1k":
             value, which = row.get("in1k", np.nan), "in1k"
         elif pd.notna(row["mean15"]):
@@ -254,12 +280,18 @@ def _floor_levels(ax: Axes, floor: pd.DataFrame | None, panel: str) -> None:
         else:
             value, which = row["mean_present"], f"mean of {row['n_present']}"
         if pd.notna(value):
-            ax.axhline(value, color="black", linestyle=style, linewidth=1,
-                       label=f"{row['model']} {row['kind']} (pixel floor, {which})")
+            ax.axhline(
+                value,
+                color="black",
+                linestyle=style,
+                linewidth=1,
+                label=f"{row['model']} {row['kind']} (pixel floor, {which})",
+            )
 
 
-def images_seen_figure(points: pd.DataFrame, missing: dict[str, str] | None = None,
-                       floor: pd.DataFrame | None = None) -> Figure:
+def images_seen_figure(
+    points: pd.DataFrame, missing: dict[str, str] | None = None, floor: pd.DataFrame | None = None
+) -> Figure:
     """Sample efficiency: top-1 against images seen in pre-training (log scale), a line per series.
 
     `points` is `tables.images_seen_frame`; panel `mean` holds the 15-benchmark means (or, for this
@@ -274,12 +306,18 @@ def images_seen_figure(points: pd.DataFrame, missing: dict[str, str] | None = No
         part = points[points["panel"] == panel]
         for name, group in part.groupby("series", sort=False):
             marker = "s" if group["origin"].iloc[0] == "published" else "o"
-            ax.plot(group["images_seen"], group["top1"], marker=marker, linestyle="none",
-                    color=colors[name], label=name)
+            ax.plot(
+                group["images_seen"], group["top1"], marker=marker, linestyle="none", color=colors[name], label=name
+            )
             for _, p in group.iterrows():
                 if p["measure"] not in ("mean15", "in1k"):
-                    ax.annotate(p["measure"], (p["images_seen"], p["top1"]), fontsize=6,
-                                xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(
+                        p["measure"],
+                        (p["images_seen"], p["top1"]),
+                        fontsize=6,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
         _floor_levels(ax, floor, panel)
         ax.set_xscale("log")
         ax.set(title=titles[panel], xlabel="images seen in pre-training", ylabel="top-1 (%)")
@@ -311,6 +349,7 @@ def reconstruction_figure(images: dict[str, Path], titles: dict[str, str] | None
             ax.imshow(_read_image(Path(path)))
         else:
             _note(ax, f"not written:\n{path}" if path else "no model")
-    fig.supxlabel("columns: input | target (first block grey: never predicted) | predicted "
-                  "next blocks", fontsize=7, color="0.3")
+    fig.supxlabel(
+        "columns: input | target (first block grey: never predicted) | predicted next blocks", fontsize=7, color="0.3"
+    )
     return fig

@@ -36,8 +36,21 @@ __all__ = [
 
 # The 15 probing benchmarks in the order of the paper's tables (= the reference CSV columns).
 BENCHMARKS: tuple[str, ...] = (
-    "in1k", "inat18", "cifar10", "cifar100", "food101", "dtd", "pets", "cars",
-    "iwildcam", "camelyon17", "pcam", "rxrx1", "eurosat", "fmow", "infograph",
+    "in1k",
+    "inat18",
+    "cifar10",
+    "cifar100",
+    "food101",
+    "dtd",
+    "pets",
+    "cars",
+    "iwildcam",
+    "camelyon17",
+    "pcam",
+    "rxrx1",
+    "eurosat",
+    "fmow",
+    "infograph",
 )
 # The embedded demo's benchmarks: no published numbers exist for them.
 DEMO_BENCHMARKS: tuple[str, ...] = ("mnist", "digits")
@@ -62,8 +75,16 @@ _AIM_FILE = "aim_table6_15_benchmarks.csv"
 _XTRA_FILE = "xtra_reported.csv"
 _AIM_SOURCE = "AIM paper Table 6"
 REFERENCE_COLUMNS: tuple[str, ...] = (
-    "model", "pretrain_data", "series", "benchmark", "kind", "top1", "source", "confidence",
-    "note", "file",
+    "model",
+    "pretrain_data",
+    "series",
+    "benchmark",
+    "kind",
+    "top1",
+    "source",
+    "confidence",
+    "note",
+    "file",
 )
 
 
@@ -118,29 +139,42 @@ def _aim_rows(path: Path) -> list[dict]:
             value = _number(rec[column], path, f"row {i + 2} column {column}")
             if value is None:
                 continue
-            rows.append({
-                "model": rec["model"], "pretrain_data": rec["pretrain_data"],
-                "benchmark": MEAN15 if column == "avg" else column, "kind": "attentive",
-                "top1": value, "source": _AIM_SOURCE, "confidence": "",
-                "note": rec.get("note", ""), "file": path.name,
-            })
+            rows.append(
+                {
+                    "model": rec["model"],
+                    "pretrain_data": rec["pretrain_data"],
+                    "benchmark": MEAN15 if column == "avg" else column,
+                    "kind": "attentive",
+                    "top1": value,
+                    "source": _AIM_SOURCE,
+                    "confidence": "",
+                    "note": rec.get("note", ""),
+                    "file": path.name,
+                }
+            )
     return rows
 
 
 def _xtra_rows(path: Path) -> list[dict]:
-    frame = _read_csv(path, ("model", "pretrain_data", "benchmark", "protocol", "top1", "source",
-                             "confidence"))
+    frame = _read_csv(path, ("model", "pretrain_data", "benchmark", "protocol", "top1", "source", "confidence"))
     rows = []
     for i, rec in frame.iterrows():
         value = _number(rec["top1"], path, f"row {i + 2} column top1")
         if value is None:
             continue
-        rows.append({
-            "model": rec["model"], "pretrain_data": rec["pretrain_data"],
-            "benchmark": rec["benchmark"], "kind": rec["protocol"], "top1": value,
-            "source": rec["source"], "confidence": rec["confidence"], "note": "",
-            "file": path.name,
-        })
+        rows.append(
+            {
+                "model": rec["model"],
+                "pretrain_data": rec["pretrain_data"],
+                "benchmark": rec["benchmark"],
+                "kind": rec["protocol"],
+                "top1": value,
+                "source": rec["source"],
+                "confidence": rec["confidence"],
+                "note": "",
+                "file": path.name,
+            }
+        )
     return rows
 
 
@@ -155,12 +189,12 @@ def load_reference(reference_dir: str | Path | None = None) -> pd.DataFrame:
     folder = resolve_reference_dir(reference_dir)
     rows = _aim_rows(folder / _AIM_FILE) + _xtra_rows(folder / _XTRA_FILE)
     frame = pd.DataFrame(rows, columns=[c for c in REFERENCE_COLUMNS if c != "series"])
-    frame.insert(2, "series", [series_label(m, d) for m, d in
-                               zip(frame["model"], frame["pretrain_data"])])
+    frame.insert(2, "series", [series_label(m, d) for m, d in zip(frame["model"], frame["pretrain_data"])])
     key = ["series", "benchmark", "kind"]
     for _, group in frame.groupby(key, sort=False):
         if group["top1"].nunique() > 1:
             cell = "/".join(str(v) for v in group.iloc[0][key])
-            raise XtraError(f"{folder / _XTRA_FILE} and {folder / _AIM_FILE} disagree on {cell}: "
-                            f"{sorted(group['top1'].tolist())}")
+            raise XtraError(
+                f"{folder / _XTRA_FILE} and {folder / _AIM_FILE} disagree on {cell}: {sorted(group['top1'].tolist())}"
+            )
     return frame.drop_duplicates(subset=key, keep="first").reset_index(drop=True)

@@ -69,8 +69,7 @@ def _empty_row(benchmarks: list[str], **ids: str) -> dict:
     row = {c: "" for c in ID_COLUMNS}
     row.update(ids)
     row.update({b: math.nan for b in benchmarks})
-    row.update({"mean15": math.nan, "mean_present": math.nan, "n_present": pd.NA,
-                "lr_at_edge": "", "source": ""})
+    row.update({"mean15": math.nan, "mean_present": math.nan, "n_present": pd.NA, "lr_at_edge": "", "source": ""})
     return row
 
 
@@ -80,15 +79,16 @@ def _edge_text(ok: pd.DataFrame) -> str:
     return ";".join(f"{b}:{e}" for b, e in zip(edge["benchmark"], edge["lr_edge"]))
 
 
-def run_rows(results: pd.DataFrame, benchmarks: list[str],
-             floor_models: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+def run_rows(
+    results: pd.DataFrame, benchmarks: list[str], floor_models: list[str] | tuple[str, ...] = ()
+) -> pd.DataFrame:
     """One row per (model, kind, protocol) of the tidy results (`floor` for the pixel-floor
     models, `run` for the others); only `ok` results give numbers."""
     rows = []
-    for (model, kind, protocol), group in results.groupby(["model", "kind", "protocol"],
-                                                          sort=False):
-        row = _empty_row(benchmarks, row="floor" if model in floor_models else "run",
-                         model=model, kind=kind, protocol=protocol)
+    for (model, kind, protocol), group in results.groupby(["model", "kind", "protocol"], sort=False):
+        row = _empty_row(
+            benchmarks, row="floor" if model in floor_models else "run", model=model, kind=kind, protocol=protocol
+        )
         ok = group[group["status"] == "ok"]
         row.update(dict(zip(ok["benchmark"], ok["top1"].astype(float))))
         row.update(_means(pd.Series({b: row[b] for b in benchmarks}, dtype=float)))
@@ -102,16 +102,14 @@ def run_rows(results: pd.DataFrame, benchmarks: list[str],
 def _source_text(cells: pd.DataFrame) -> str:
     """`source [confidence]`, or `benchmarks: source [confidence]; ...` when the cells differ."""
     groups: dict[str, list[str]] = {}
-    for bench, source, confidence in cells[["benchmark", "source", "confidence"]].itertuples(
-            index=False):
+    for bench, source, confidence in cells[["benchmark", "source", "confidence"]].itertuples(index=False):
         groups.setdefault(source + (f" [{confidence}]" if confidence else ""), []).append(bench)
     if len(groups) == 1:
         return next(iter(groups))
     return "; ".join(f"{','.join(b)}: {text}" for text, b in groups.items())
 
 
-def published_rows(reference: pd.DataFrame, models: list[str], kinds: list[str],
-                   benchmarks: list[str]) -> pd.DataFrame:
+def published_rows(reference: pd.DataFrame, models: list[str], kinds: list[str], benchmarks: list[str]) -> pd.DataFrame:
     """One row per published series of `models` (reference model names) and probe kind."""
     chosen = reference[reference["model"].isin(models) & reference["kind"].isin(kinds)].copy()
     chosen["_m"] = chosen["model"].map({m: i for i, m in enumerate(models)})
@@ -130,10 +128,15 @@ def published_rows(reference: pd.DataFrame, models: list[str], kinds: list[str],
     return _frame(rows, benchmarks)
 
 
-def _difference(run: pd.Series, pub: pd.Series, benchmarks: list[str],
-                reference: str | None = None) -> dict | None:
-    row = _empty_row(benchmarks, row="difference", model=run["model"], kind=run["kind"],
-                     protocol=run["protocol"], reference=reference or pub["model"])
+def _difference(run: pd.Series, pub: pd.Series, benchmarks: list[str], reference: str | None = None) -> dict | None:
+    row = _empty_row(
+        benchmarks,
+        row="difference",
+        model=run["model"],
+        kind=run["kind"],
+        protocol=run["protocol"],
+        reference=reference or pub["model"],
+    )
     row.update({b: run[b] - pub[b] for b in benchmarks})
     row["mean15"] = run["mean15"] - pub["mean15"]
     present = [b for b in benchmarks if pd.notna(run[b])]
@@ -144,8 +147,7 @@ def _difference(run: pd.Series, pub: pd.Series, benchmarks: list[str],
     return row if any(pd.notna(v) for v in numbers) else None
 
 
-def difference_rows(run: pd.DataFrame, published: pd.DataFrame,
-                    benchmarks: list[str]) -> pd.DataFrame:
+def difference_rows(run: pd.DataFrame, published: pd.DataFrame, benchmarks: list[str]) -> pd.DataFrame:
     """This run minus each published series of the same probe kind, where both exist."""
     rows = []
     for _, r in run.iterrows():
@@ -156,8 +158,7 @@ def difference_rows(run: pd.DataFrame, published: pd.DataFrame,
     return _frame(rows, benchmarks)
 
 
-def floor_difference_rows(run: pd.DataFrame, floor: pd.DataFrame,
-                          benchmarks: list[str]) -> pd.DataFrame:
+def floor_difference_rows(run: pd.DataFrame, floor: pd.DataFrame, benchmarks: list[str]) -> pd.DataFrame:
     """Each run row minus the pixel floor of the same kind and protocol, where both exist."""
     rows = []
     for _, r in run.iterrows():
@@ -172,21 +173,23 @@ def floor_difference_rows(run: pd.DataFrame, floor: pd.DataFrame,
 def _frame(rows: list[dict], benchmarks: list[str]) -> pd.DataFrame:
     columns = [*ID_COLUMNS, *benchmarks, *MEAN_COLUMNS, "lr_at_edge", "source"]
     frame = pd.DataFrame(rows, columns=columns)
-    frame[[*benchmarks, "mean15", "mean_present"]] = frame[
-        [*benchmarks, "mean15", "mean_present"]].astype(float)
+    frame[[*benchmarks, "mean15", "mean_present"]] = frame[[*benchmarks, "mean15", "mean_present"]].astype(float)
     frame["n_present"] = frame["n_present"].astype("Int64")
     return frame
 
 
-def results_table(results: pd.DataFrame, reference: pd.DataFrame, benchmarks: list[str],
-                  references: list[str],
-                  floor_models: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+def results_table(
+    results: pd.DataFrame,
+    reference: pd.DataFrame,
+    benchmarks: list[str],
+    references: list[str],
+    floor_models: list[str] | tuple[str, ...] = (),
+) -> pd.DataFrame:
     """The whole table: run rows, floor rows, published rows, then difference rows (against the
     published series, then against the pixel floor)."""
     own = run_rows(results, benchmarks, floor_models)
     run, floor = own[own["row"] == "run"], own[own["row"] == "floor"]
-    kinds = [k for k in KIND_ORDER if k in set(run["kind"])] + sorted(
-        set(run["kind"]) - set(KIND_ORDER))
+    kinds = [k for k in KIND_ORDER if k in set(run["kind"])] + sorted(set(run["kind"]) - set(KIND_ORDER))
     published = published_rows(reference, references, kinds, benchmarks)
     diff = difference_rows(run, published, benchmarks)
     floor_diff = floor_difference_rows(run, floor, benchmarks)
@@ -219,8 +222,7 @@ def metrics_dict(run: pd.DataFrame, benchmarks: list[str]) -> dict:
     """{model: {kind: {protocol: {benchmark: top1, mean15, mean_present, n_present}}}}, no NaN."""
     out: dict = {}
     for _, r in run.iterrows():
-        leaf = out.setdefault(r["model"], {}).setdefault(r["kind"], {}).setdefault(
-            r["protocol"], {})
+        leaf = out.setdefault(r["model"], {}).setdefault(r["kind"], {}).setdefault(r["protocol"], {})
         for key in [*benchmarks, "mean15", "mean_present"]:
             if pd.notna(r[key]):
                 leaf[key] = round(float(r[key]), 4)
@@ -234,20 +236,17 @@ def _run_points(run: pd.DataFrame, images_seen: dict[str, float | None]) -> list
         seen = images_seen.get(r["model"])
         if seen is None or seen <= 0:
             continue
-        common = {"origin": "run", "series": f"{r['model']} {r['kind']} {r['protocol']}",
-                  "images_seen": seen}
+        common = {"origin": "run", "series": f"{r['model']} {r['kind']} {r['protocol']}", "images_seen": seen}
         if pd.notna(r["mean15"]):
             points.append({**common, "measure": "mean15", "top1": r["mean15"]})
         elif pd.notna(r["mean_present"]):
-            points.append({**common, "measure": f"mean of {r['n_present']}",
-                           "top1": r["mean_present"]})
+            points.append({**common, "measure": f"mean of {r['n_present']}", "top1": r["mean_present"]})
         if pd.notna(r.get("in1k", math.nan)):
             points.append({**common, "measure": "in1k", "top1": r["in1k"]})
     return points
 
 
-def images_seen_frame(run: pd.DataFrame, images_seen: dict[str, float | None],
-                      reference: pd.DataFrame) -> pd.DataFrame:
+def images_seen_frame(run: pd.DataFrame, images_seen: dict[str, float | None], reference: pd.DataFrame) -> pd.DataFrame:
     """Sample efficiency: images seen in pre-training vs top-1 (panel `mean` or `in1k`).
 
     Columns: origin (run/published), series, panel, measure, images_seen, top1. Published points
@@ -255,26 +254,36 @@ def images_seen_frame(run: pd.DataFrame, images_seen: dict[str, float | None],
     positive `images_seen` (a random-init control has none).
     """
     rows = []
-    cells = reference[(reference["kind"] == "attentive") &
-                      reference["series"].isin(list(PUBLISHED_IMAGES_SEEN))]
+    cells = reference[(reference["kind"] == "attentive") & reference["series"].isin(list(PUBLISHED_IMAGES_SEEN))]
     for series, seen in PUBLISHED_IMAGES_SEEN.items():
         for _, c in cells[cells["series"] == series].iterrows():
             if c["benchmark"] in (MEAN15, "in1k"):
-                rows.append({"origin": "published", "series": series, "measure": c["benchmark"],
-                             "images_seen": seen, "top1": c["top1"]})
+                rows.append(
+                    {
+                        "origin": "published",
+                        "series": series,
+                        "measure": c["benchmark"],
+                        "images_seen": seen,
+                        "top1": c["top1"],
+                    }
+                )
     rows += _run_points(run, images_seen)
     frame = pd.DataFrame(rows, columns=["origin", "series", "measure", "images_seen", "top1"])
     frame.insert(2, "panel", ["in1k" if m == "in1k" else "mean" for m in frame["measure"]])
     return frame
 
 
-_PROTOCOL_NOTE = ("Top-1 (%). Protocol `paper`: learning rate selected on the split it reports "
-                  "(the public protocol, and that of every published number); `heldout`: selected "
-                  "on a held-out part of the training set, the test split reported once. `mean15` "
-                  "needs all 15 benchmarks; `mean_present` is over the `n_present` present.")
-_FLOOR_NOTE = ("Row `floor`: the pixel floor, a linear probe on the flattened normalised pixels "
-               "(no encoder, no training) under the same protocol, splits and selection; a "
-               "`difference` row whose reference says `(pixel floor)` is a model minus it.")
+_PROTOCOL_NOTE = (
+    "Top-1 (%). Protocol `paper`: learning rate selected on the split it reports "
+    "(the public protocol, and that of every published number); `heldout`: selected "
+    "on a held-out part of the training set, the test split reported once. `mean15` "
+    "needs all 15 benchmarks; `mean_present` is over the `n_present` present."
+)
+_FLOOR_NOTE = (
+    "Row `floor`: the pixel floor, a linear probe on the flattened normalised pixels "
+    "(no encoder, no training) under the same protocol, splits and selection; a "
+    "`difference` row whose reference says `(pixel floor)` is a model minus it."
+)
 EDGE_MARK = {"md": "†", "tex": r"$^\dagger$"}
 
 
@@ -305,16 +314,21 @@ def _edges(table: pd.DataFrame) -> set[tuple[str, str, str, str]]:
     return out
 
 
-def _display(table: pd.DataFrame, missing: str, mark: str,
-             math_signs: bool = False) -> pd.DataFrame:
+def _display(table: pd.DataFrame, missing: str, mark: str, math_signs: bool = False) -> pd.DataFrame:
     """The table as text: numeric cells formatted, edge-of-grid cells marked; text cells as is."""
     edges = _edges(table)
     numeric = _numeric_columns(table)
     rows = []
     for _, row in table.iterrows():
         key = (row["model"], row["kind"], row["protocol"])
-        rows.append({c: _cell(row, c, missing, mark if (*key, c) in edges else "", math_signs)
-                     if c in numeric else str(row[c]) for c in table.columns})
+        rows.append(
+            {
+                c: _cell(row, c, missing, mark if (*key, c) in edges else "", math_signs)
+                if c in numeric
+                else str(row[c])
+                for c in table.columns
+            }
+        )
     return pd.DataFrame(rows, columns=list(table.columns))
 
 
@@ -324,23 +338,27 @@ def _md_escape(text: str) -> str:
 
 def _short(text: str, limit: int = 200) -> str:
     text = _md_escape(text)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def missing_lines(results: pd.DataFrame) -> list[str]:
     """One line per expected result that is missing, failed or partial, with its reason."""
-    return [f"- {r['model']} / {r['benchmark']} / {r['kind']} / {r['protocol']}: {r['status']} "
-            f"({_short(str(r['reason']))})"
-            for _, r in results[results["status"] != "ok"].iterrows()]
+    return [
+        f"- {r['model']} / {r['benchmark']} / {r['kind']} / {r['protocol']}: {r['status']} ({_short(str(r['reason']))})"
+        for _, r in results[results["status"] != "ok"].iterrows()
+    ]
 
 
 def edge_lines(results: pd.DataFrame) -> list[str]:
     """One warning per result whose selected lr is the largest or smallest of its sweep."""
     ok = results[(results["status"] == "ok") & (results["lr_edge"].fillna("") != "")]
-    return [f"- {r['model']} / {r['benchmark']} / {r['kind']} / {r['protocol']}: lr {r['lr']:g} "
-            f"is the {'largest' if r['lr_edge'] == 'high' else 'smallest'} of the grid "
-            f"{r['lr_grid']}; the optimum may lie beyond it (extend "
-            f"`probe.benchmarks.{r['benchmark']}.lrs`)" for _, r in ok.iterrows()]
+    return [
+        f"- {r['model']} / {r['benchmark']} / {r['kind']} / {r['protocol']}: lr {r['lr']:g} "
+        f"is the {'largest' if r['lr_edge'] == 'high' else 'smallest'} of the grid "
+        f"{r['lr_grid']}; the optimum may lie beyond it (extend "
+        f"`probe.benchmarks.{r['benchmark']}.lrs`)"
+        for _, r in ok.iterrows()
+    ]
 
 
 def to_markdown(table: pd.DataFrame, results: pd.DataFrame) -> str:
@@ -348,18 +366,25 @@ def to_markdown(table: pd.DataFrame, results: pd.DataFrame) -> str:
     notes, the edge-of-grid warnings and the missing results with their reasons."""
     text = _display(table, "—", EDGE_MARK["md"])
     text[[c for c in text.columns if c not in _numeric_columns(table)]] = text[
-        [c for c in text.columns if c not in _numeric_columns(table)]].map(_md_escape)
+        [c for c in text.columns if c not in _numeric_columns(table)]
+    ].map(_md_escape)
     align = ["right" if c in _numeric_columns(table) else "left" for c in table.columns]
-    body = tabulate(text.values.tolist(), headers=list(table.columns), tablefmt="pipe",
-                    colalign=align, disable_numparse=True)
+    body = tabulate(
+        text.values.tolist(), headers=list(table.columns), tablefmt="pipe", colalign=align, disable_numparse=True
+    )
     lines = [_PROTOCOL_NOTE]
     if (table["row"] == "floor").any():
         lines += ["", _FLOOR_NOTE]
     lines += ["", body]
     edges = edge_lines(results)
     if edges:
-        lines += ["", f"Warning: {EDGE_MARK['md']} the selected learning rate is at the edge of "
-                  "its grid (the sweep may be cut short):", "", *edges]
+        lines += [
+            "",
+            f"Warning: {EDGE_MARK['md']} the selected learning rate is at the edge of "
+            "its grid (the sweep may be cut short):",
+            "",
+            *edges,
+        ]
     missing = missing_lines(results)
     if missing:
         lines += ["", "Missing or partial results (shown as —, not 0):", "", *missing]
@@ -372,15 +397,20 @@ def to_latex(table: pd.DataFrame) -> str:
     numeric = _numeric_columns(table)
     text = _display(table, "--", EDGE_MARK["tex"], math_signs=True)
     spec = "".join("r" if c in numeric else "l" for c in table.columns)
-    styler = (text.style.hide(axis="index").format_index(escape="latex", axis=1)
-              .format(escape="latex", subset=[c for c in table.columns if c not in numeric]))
+    styler = (
+        text.style.hide(axis="index")
+        .format_index(escape="latex", axis=1)
+        .format(escape="latex", subset=[c for c in table.columns if c not in numeric])
+    )
     lines = styler.to_latex(hrules=True, column_format=spec).splitlines()
     body_start = lines.index("\\midrule") + 1
-    out = ["% Generated by `xtra report`; needs \\usepackage{booktabs}. Top-1 in %; "
-           "\\dagger: lr at the edge of its grid.", *lines[:body_start]]
+    out = [
+        "% Generated by `xtra report`; needs \\usepackage{booktabs}. Top-1 in %; \\dagger: lr at the edge of its grid.",
+        *lines[:body_start],
+    ]
     for i, (kind, line) in enumerate(zip(table["row"], lines[body_start:])):
         if i and kind != table["row"].iloc[i - 1]:
             out.append("\\midrule")
         out.append(line)
-    out += lines[body_start + len(table):]
+    out += lines[body_start + len(table) :]
     return "\n".join(out) + "\n"

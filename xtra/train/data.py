@@ -22,8 +22,9 @@ exactly those samples of that epoch: no batch is replayed or lost, whatever the 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -64,7 +65,7 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         indices = list(super().__iter__())
         if self._skip is not None and self._skip[0] == self.epoch:
-            indices = indices[self._skip[1] * self.batch_size:]
+            indices = indices[self._skip[1] * self.batch_size :]
             self._skip = None  # the next epoch starts at its beginning
         return iter([(self.epoch, i) for i in indices])
 
@@ -87,8 +88,15 @@ class SeededSamples(Dataset):
 class PretrainData(L.LightningDataModule):
     """Train loader (resumable) and, when `val_every_n_steps` > 0, the held-out validation loader."""
 
-    def __init__(self, root: Path, train: dict[str, Any], img_size: int, eval_resize: int, seed: int,
-                 make_dataset: Callable[..., Dataset] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        train: dict[str, Any],
+        img_size: int,
+        eval_resize: int,
+        seed: int,
+        make_dataset: Callable[..., Dataset] | None = None,
+    ) -> None:
         super().__init__()
         from xtra.data.loaders import PreparedDataset
         from xtra.data.transforms import eval_transform, pretrain_transform
@@ -97,8 +105,11 @@ class PretrainData(L.LightningDataModule):
         self.cfg, self.seed, self.root = train, seed, Path(root)
         self.train_transform = pretrain_transform(img_size)
         self.train_set = make(Path(root), "train", self.train_transform)  # random access: its size, the random loader
-        self.val_set = (make(Path(root), train["val_split"], eval_transform(img_size, eval_resize))
-                        if train["val_every_n_steps"] > 0 else None)
+        self.val_set = (
+            make(Path(root), train["val_split"], eval_transform(img_size, eval_resize))
+            if train["val_every_n_steps"] > 0
+            else None
+        )
         self.sampler: ResumableSampler | None = None
         self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
         self.stream = None  # the ShardStream of the stream loader
@@ -113,21 +124,38 @@ class PretrainData(L.LightningDataModule):
         if cfg["loader"] == "stream":
             from xtra.data.streaming import ShardStream, make_stream_loader
 
-            self.stream = ShardStream(self.root, "train", self.train_transform, seed=self.seed,
-                                      rank=trainer.global_rank, world_size=trainer.world_size)
+            self.stream = ShardStream(
+                self.root,
+                "train",
+                self.train_transform,
+                seed=self.seed,
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+            )
             # a run resumed from an epoch's last batch goes on with the next epoch (Lightning advances
             # its counter only later, after the loader's first iteration may have begun)
             ended = self._resume is not None and self._resume[1] < 0
             self.stream.set_epoch(self._resume[0] + 1 if ended else trainer.current_epoch)
             return make_stream_loader(self.stream, cfg["batch_size"], cfg["num_workers"], drop_last=True)
-        self.sampler = ResumableSampler(self.train_set, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                        seed=self.seed, batch_size=cfg["batch_size"])
+        self.sampler = ResumableSampler(
+            self.train_set,
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+            seed=self.seed,
+            batch_size=cfg["batch_size"],
+        )
         self.sampler.set_epoch(trainer.current_epoch)
         if self._resume is not None and self._resume[1] > 0:
             self.sampler.skip_batches(*self._resume)
-        return DataLoader(SeededSamples(self.train_set, self.seed), batch_size=cfg["batch_size"],
-                          sampler=self.sampler, num_workers=cfg["num_workers"], drop_last=True,
-                          persistent_workers=cfg["num_workers"] > 0, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            SeededSamples(self.train_set, self.seed),
+            batch_size=cfg["batch_size"],
+            sampler=self.sampler,
+            num_workers=cfg["num_workers"],
+            drop_last=True,
+            persistent_workers=cfg["num_workers"] > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
@@ -135,8 +163,13 @@ class PretrainData(L.LightningDataModule):
         trainer, cfg = self.trainer, self.cfg
         n = min(len(self.val_set), cfg["val_batches"] * cfg["batch_size"] * trainer.world_size)
         subset = torch.utils.data.Subset(self.val_set, range(n))  # the same fixed held-out images every time
-        sampler = DistributedSampler(subset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                     shuffle=False, drop_last=trainer.world_size > 1)
+        sampler = DistributedSampler(
+            subset,
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+            shuffle=False,
+            drop_last=trainer.world_size > 1,
+        )
         return DataLoader(subset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=0)
 
     def state_dict(self) -> dict[str, int]:
@@ -144,8 +177,11 @@ class PretrainData(L.LightningDataModule):
         loader skips them on resume; the stream loader's position is its own state, saved by
         Lightning) and whether that was the epoch's last batch."""
         progress = self.trainer.fit_loop.epoch_loop.batch_progress
-        return {"epoch": int(self.trainer.current_epoch), "batches_done": int(progress.current.processed),
-                "epoch_ended": bool(progress.is_last_batch)}
+        return {
+            "epoch": int(self.trainer.current_epoch),
+            "batches_done": int(progress.current.processed),
+            "epoch_ended": bool(progress.is_last_batch),
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         # (epoch, batches to skip); -1 batches: the epoch had ended

@@ -10,7 +10,8 @@ A run is identified by the hash of `trajectory(params, model, world_size)`:
   manifest), not the dataset's params, so a re-preparation that gives the same bytes is the same run;
 - `seed`.
 Not in it: `epochs` and `max_steps` (extending them continues the run, see `schedule_steps`), the
-datasets' `num_workers` (and the train loader's with `loader: random`), `checkpoint_every_n_steps`, `keep_*`, `log_every_n_steps`, `val_*`,
+datasets' `num_workers` (and the train loader's with `loader: random`), `checkpoint_every_n_steps`, `keep_*`,
+`log_every_n_steps`, `val_*`,
 `reconstruct_images`, `resources`, `accelerator`, `strategy`, `eval_resize`.
 
 Each run has a folder of its own, `models/<m>/checkpoints/<run id>/`: a changed trajectory starts a
@@ -28,11 +29,28 @@ from typing import Any
 from xtra.config import params_hash
 from xtra.errors import DataError
 
-__all__ = ["TRAIN_TRAJECTORY_KEYS", "ARCH_NON_TRAJECTORY_KEYS", "trajectory", "run_id", "changed_keys",
-           "data_fingerprint"]
+__all__ = [
+    "TRAIN_TRAJECTORY_KEYS",
+    "ARCH_NON_TRAJECTORY_KEYS",
+    "trajectory",
+    "run_id",
+    "changed_keys",
+    "data_fingerprint",
+]
 
-TRAIN_TRAJECTORY_KEYS = ("batch_size", "accumulate_grad_batches", "lr", "warmup_start_lr", "min_lr",
-                         "warmup_epochs", "weight_decay", "betas", "grad_clip", "precision", "loader")
+TRAIN_TRAJECTORY_KEYS = (
+    "batch_size",
+    "accumulate_grad_batches",
+    "lr",
+    "warmup_start_lr",
+    "min_lr",
+    "warmup_epochs",
+    "weight_decay",
+    "betas",
+    "grad_clip",
+    "precision",
+    "loader",
+)
 ARCH_NON_TRAJECTORY_KEYS = ("attn_impl",)
 
 
@@ -44,8 +62,10 @@ def data_fingerprint(prepared_root: Path) -> str:
         shards = manifest["splits"]["train"]["shards"]
         return params_hash([[s["file"], s["sha256"]] for s in shards])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: cannot read the train split's shard checksums ({exc}); "
-                        f"run `xtra prepare {Path(prepared_root).name}`") from exc
+        raise DataError(
+            f"{path}: cannot read the train split's shard checksums ({exc}); "
+            f"run `xtra prepare {Path(prepared_root).name}`"
+        ) from exc
 
 
 def trajectory(params: dict[str, Any], name: str, world_size: int, data: str) -> dict[str, Any]:
@@ -53,9 +73,13 @@ def trajectory(params: dict[str, Any], name: str, world_size: int, data: str) ->
     model = params["models"][name]
     return {
         "arch": {k: v for k, v in sorted(model["arch"].items()) if k not in ARCH_NON_TRAJECTORY_KEYS},
-        "train": {k: model["train"][k] for k in TRAIN_TRAJECTORY_KEYS
-                  + (("num_workers",) if model["train"]["loader"] == "stream" else ())},
-        "world_size": int(world_size), "data": data, "seed": params["seed"],
+        "train": {
+            k: model["train"][k]
+            for k in TRAIN_TRAJECTORY_KEYS + (("num_workers",) if model["train"]["loader"] == "stream" else ())
+        },
+        "world_size": int(world_size),
+        "data": data,
+        "seed": params["seed"],
     }
 
 

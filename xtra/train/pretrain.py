@@ -19,19 +19,18 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from xtra.atomic import write_json_atomic
+from xtra.atomic import save_torch_atomic, write_json_atomic
 from xtra.config import load_params
 from xtra.errors import CheckpointError, ParamsError, writing_to
-from xtra.model.artifact import ARTIFACT_NAME, save_model_artifact
 from xtra.model.arch import ArchConfig
-from xtra.atomic import save_torch_atomic
+from xtra.model.artifact import ARTIFACT_NAME, save_model_artifact
 from xtra.model.xtra import XTRA
 from xtra.train import identity
 from xtra.train.data import PretrainData, batches_per_epoch, steps_per_epoch
@@ -46,8 +45,11 @@ __all__ = ["configure_parser", "run", "pretrain_model", "find_resume_checkpoint"
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a key of `models` in params.yaml")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--restart", action="store_true",
-                        help="begin this run afresh: its checkpoint folder is moved aside (never deleted)")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="begin this run afresh: its checkpoint folder is moved aside (never deleted)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,8 +102,13 @@ def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
     from xtra.reconstruct import write_model_reconstruction
 
     write_model_reconstruction(params, name, model, out)  # the control is drawn like the trained models
-    save_model_artifact(out / ARTIFACT_NAME, init="random", arch=arch, state_dict=model.state_dict(),
-                        provenance={"seed": params["seed"], "steps": 0})
+    save_model_artifact(
+        out / ARTIFACT_NAME,
+        init="random",
+        arch=arch,
+        state_dict=model.state_dict(),
+        provenance={"seed": params["seed"], "steps": 0},
+    )
     print(f"{name}: wrote the random-init control to {out / ARTIFACT_NAME}")
     return out
 
@@ -156,14 +163,15 @@ class _SameFolderCheckpointIO(TorchCheckpointIO):
     leaves a truncated `step-*.ckpt`, and $TMPDIR needs a whole checkpoint's space free.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             super().save_checkpoint(checkpoint, path, storage_options)  # refuses them, with Lightning's message
             return
         save_torch_atomic(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
-                        ) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         """The resumed checkpoint memory-mapped: its tensors are paged in as they are copied into the
         model and optimiser, so a resume does not hold a second ~10 GB (H/14 with AdamW) in memory."""
         return torch.load(path, map_location=map_location or "cpu", mmap=True, weights_only=False)
@@ -184,6 +192,7 @@ class RetainedCheckpoint(ModelCheckpoint):
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
     """Remove step checkpoints beyond the newest `keep_last`, except multiples of `keep_every`; returns them."""
+
     def step_of(path: Path) -> int:
         return int(path.stem.split("-")[1])
 
@@ -204,8 +213,10 @@ class _SameResumeOnEveryRank(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         chosen = trainer.strategy.broadcast(self.resume)
         if not trainer.strategy.reduce_boolean_decision(chosen == self.resume, all=True):
-            raise CheckpointError(f"rank {trainer.global_rank} resumes from {self.resume or 'nothing'!r}, rank 0 "
-                                  f"from {chosen or 'nothing'!r}: the ranks do not see the same checkpoint folder")
+            raise CheckpointError(
+                f"rank {trainer.global_rank} resumes from {self.resume or 'nothing'!r}, rank 0 "
+                f"from {chosen or 'nothing'!r}: the ranks do not see the same checkpoint folder"
+            )
 
 
 # The run folder holds the run's trajectory.json and logs before its first checkpoint, by design.
@@ -215,14 +226,24 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 def _trainer(train: dict[str, Any]) -> L.Trainer:
     val = train["val_every_n_steps"]
     return L.Trainer(
-        accelerator=train["accelerator"], devices=train["devices"], num_nodes=train["num_nodes"],
-        strategy=train["strategy"], precision=train["precision"], max_epochs=train["epochs"],
-        gradient_clip_val=train["grad_clip"] or None, accumulate_grad_batches=train["accumulate_grad_batches"],
-        logger=False, enable_checkpointing=False,  # no default ModelCheckpoint: RetainedCheckpoint is added later
-        use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=train["log_every_n_steps"], plugins=[_SameFolderCheckpointIO()],
+        accelerator=train["accelerator"],
+        devices=train["devices"],
+        num_nodes=train["num_nodes"],
+        strategy=train["strategy"],
+        precision=train["precision"],
+        max_epochs=train["epochs"],
+        gradient_clip_val=train["grad_clip"] or None,
+        accumulate_grad_batches=train["accumulate_grad_batches"],
+        logger=False,
+        enable_checkpointing=False,  # no default ModelCheckpoint: RetainedCheckpoint is added later
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=train["log_every_n_steps"],
+        plugins=[_SameFolderCheckpointIO()],
         val_check_interval=val * train["accumulate_grad_batches"] if val > 0 else None,
-        check_val_every_n_epoch=None if val > 0 else 1, limit_val_batches=1.0 if val > 0 else 0,
+        check_val_every_n_epoch=None if val > 0 else 1,
+        limit_val_batches=1.0 if val > 0 else 0,
         callbacks=[TQDMProgressBar(refresh_rate=max(1, train["log_every_n_steps"]))],
     )
 
@@ -245,8 +266,10 @@ def _other_runs(out: Path, run: str, values: dict[str, Any]) -> None:
     """Say which keys differ from the newest other run of this model (kept in its own folder)."""
     import json
 
-    others = sorted((p for p in (out / "checkpoints").glob("*/trajectory.json") if p.parent.name != run),
-                    key=lambda p: p.stat().st_mtime)
+    others = sorted(
+        (p for p in (out / "checkpoints").glob("*/trajectory.json") if p.parent.name != run),
+        key=lambda p: p.stat().st_mtime,
+    )
     if others:
         old = json.loads(others[-1].read_text())
         changes = "; ".join(identity.changed_keys(old, values)) or "none"
@@ -254,26 +277,46 @@ def _other_runs(out: Path, run: str, values: dict[str, Any]) -> None:
 
 
 def _counts(model: XTRA) -> dict[str, int]:
-    return {"total": sum(p.numel() for p in model.parameters()),
-            "encoder": sum(p.numel() for p in model.encoder.parameters())}
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "encoder": sum(p.numel() for p in model.encoder.parameters()),
+    }
 
 
-def _plan(params: dict[str, Any], name: str, trainer: L.Trainer, data: PretrainData, module: PretrainModule,
-          run: str, run_dir: Path, resume: Path | None) -> dict[str, Any]:
+def _plan(
+    params: dict[str, Any],
+    name: str,
+    trainer: L.Trainer,
+    data: PretrainData,
+    module: PretrainModule,
+    run: str,
+    run_dir: Path,
+    resume: Path | None,
+) -> dict[str, Any]:
     from xtra.model.bench import peak_flops_per_s, resolved_attention
 
     train = params["models"][name]["train"]
     world, accum, batch = trainer.world_size, train["accumulate_grad_batches"], train["batch_size"]
     return {
-        "model": name, "run_id": run, "run_dir": str(run_dir), "world_size": world,
-        "num_nodes": trainer.num_nodes, "devices_per_node": trainer.num_devices,
-        "batch_per_device": batch, "accumulate_grad_batches": accum, "global_batch": batch * world * accum,
+        "model": name,
+        "run_id": run,
+        "run_dir": str(run_dir),
+        "world_size": world,
+        "num_nodes": trainer.num_nodes,
+        "devices_per_node": trainer.num_devices,
+        "batch_per_device": batch,
+        "accumulate_grad_batches": accum,
+        "global_batch": batch * world * accum,
         "samples_per_epoch": len(data.train_set),
         "batches_per_epoch": batches_per_epoch(len(data.train_set), batch, world),
-        "steps_per_epoch": module.steps_per_epoch, "warmup_steps": module.warmup_steps,
-        "total_steps": module.total_steps, "schedule": "release_warmup_cosine",
-        "resume_from": str(resume) if resume else None, "parameters": _counts(module.model),
-        "precision": train["precision"], "strategy": train["strategy"],
+        "steps_per_epoch": module.steps_per_epoch,
+        "warmup_steps": module.warmup_steps,
+        "total_steps": module.total_steps,
+        "schedule": "release_warmup_cosine",
+        "resume_from": str(resume) if resume else None,
+        "parameters": _counts(module.model),
+        "precision": train["precision"],
+        "strategy": train["strategy"],
         "attention": resolved_attention(module.model.cfg.attn_impl, trainer.strategy.root_device),
         "peak_flops_per_s": peak_flops_per_s(trainer.strategy.root_device),
         "val_every_n_steps": train["val_every_n_steps"],
@@ -282,13 +325,15 @@ def _plan(params: dict[str, Any], name: str, trainer: L.Trainer, data: PretrainD
 
 def _summary(plan: dict[str, Any]) -> str:
     p = plan
-    return (f"{p['model']}: run {p['run_id']} on {p['world_size']} process(es) ({p['num_nodes']} node(s) x "
-            f"{p['devices_per_node']}), batch {p['batch_per_device']}/device x accumulate "
-            f"{p['accumulate_grad_batches']} = {p['global_batch']} global; {p['batches_per_epoch']} batches = "
-            f"{p['steps_per_epoch']} steps/epoch; warm-up {p['warmup_steps']}, total {p['total_steps']} steps; "
-            f"{p['parameters']['total'] / 1e6:.2f}M params ({p['parameters']['encoder'] / 1e6:.2f}M encoder); "
-            f"{p['precision']}, attention {p['attention']}; "
-            + (f"resuming from {p['resume_from']}" if p["resume_from"] else "starting afresh"))
+    return (
+        f"{p['model']}: run {p['run_id']} on {p['world_size']} process(es) ({p['num_nodes']} node(s) x "
+        f"{p['devices_per_node']}), batch {p['batch_per_device']}/device x accumulate "
+        f"{p['accumulate_grad_batches']} = {p['global_batch']} global; {p['batches_per_epoch']} batches = "
+        f"{p['steps_per_epoch']} steps/epoch; warm-up {p['warmup_steps']}, total {p['total_steps']} steps; "
+        f"{p['parameters']['total'] / 1e6:.2f}M params ({p['parameters']['encoder'] / 1e6:.2f}M encoder); "
+        f"{p['precision']}, attention {p['attention']}; "
+        + (f"resuming from {p['resume_from']}" if p["resume_from"] else "starting afresh")
+    )
 
 
 def _train(params: dict[str, Any], name: str, out: Path, restart: bool) -> Path:
@@ -304,16 +349,18 @@ def _train(params: dict[str, Any], name: str, out: Path, restart: bool) -> Path:
     trainer = _trainer(train)  # the world size is the trainer's, however `devices` is spelled
     values = identity.trajectory(params, name, trainer.world_size, identity.data_fingerprint(root))
     run = identity.run_id(values)
-    steps = steps_per_epoch(len(data.train_set), train["batch_size"], trainer.world_size,
-                            train["accumulate_grad_batches"])
+    steps = steps_per_epoch(
+        len(data.train_set), train["batch_size"], trainer.world_size, train["accumulate_grad_batches"]
+    )
     module = PretrainModule(model_cfg["arch"], train, steps, run, seed)
     trainer.fit_loop.epoch_loop.max_steps = module.total_steps
     run_dir = _run_dir(out, run, restart, trainer.is_global_zero)
     resume = find_resume_checkpoint(run_dir, run)  # every rank, read-only: no broadcast before fit
     plan = _plan(params, name, trainer, data, module, run, run_dir, resume)
     global_batch = plan["global_batch"]
-    _callbacks(trainer, train, run_dir, global_batch, train_flops_per_image(module.model.cfg),
-               plan["peak_flops_per_s"], resume)
+    _callbacks(
+        trainer, train, run_dir, global_batch, train_flops_per_image(module.model.cfg), plan["peak_flops_per_s"], resume
+    )
     trainer.loggers = [TensorBoardLogger(save_dir=str(out / "tb"), name="", version=run, default_hp_metric=False)]
     if trainer.is_global_zero:
         _other_runs(out, run, values)
@@ -331,26 +378,59 @@ def _train(params: dict[str, Any], name: str, out: Path, restart: bool) -> Path:
     return out
 
 
-def _callbacks(trainer: L.Trainer, train: dict[str, Any], run_dir: Path, global_batch: int, flops: float,
-               peak: float | None, resume: Path | None) -> None:
-    ckpt = RetainedCheckpoint(train["keep_last_checkpoints"], train["keep_every_n_steps"], dirpath=run_dir,
-                              filename="step-{step:06d}", auto_insert_metric_name=False,
-                              every_n_train_steps=train["checkpoint_every_n_steps"], save_top_k=-1,
-                              save_last=False)
-    trainer.callbacks[:0] = [StepLog(run_dir / "log.csv", train["log_every_n_steps"], global_batch, flops, peak),
-                             ValLog(run_dir / "val.csv"), RankDigest(run_dir), _SameResumeOnEveryRank(resume)]
+def _callbacks(
+    trainer: L.Trainer,
+    train: dict[str, Any],
+    run_dir: Path,
+    global_batch: int,
+    flops: float,
+    peak: float | None,
+    resume: Path | None,
+) -> None:
+    ckpt = RetainedCheckpoint(
+        train["keep_last_checkpoints"],
+        train["keep_every_n_steps"],
+        dirpath=run_dir,
+        filename="step-{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=train["checkpoint_every_n_steps"],
+        save_top_k=-1,
+        save_last=False,
+    )
+    trainer.callbacks[:0] = [
+        StepLog(run_dir / "log.csv", train["log_every_n_steps"], global_batch, flops, peak),
+        ValLog(run_dir / "val.csv"),
+        RankDigest(run_dir),
+        _SameResumeOnEveryRank(resume),
+    ]
     trainer.callbacks.append(ckpt)  # last: it saves after the other callbacks' end-of-batch work
 
 
-def _finish(params: dict[str, Any], name: str, out: Path, module: PretrainModule, trainer: L.Trainer,
-            plan: dict[str, Any], run_dir: Path, wall: float) -> None:
+def _finish(
+    params: dict[str, Any],
+    name: str,
+    out: Path,
+    module: PretrainModule,
+    trainer: L.Trainer,
+    plan: dict[str, Any],
+    run_dir: Path,
+    wall: float,
+) -> None:
     digests = {p.name: p.read_text().strip() for p in run_dir.glob("rank-*.sha256")}
     model_cfg = params["models"][name]
-    metrics = {"init": "pretrain", "steps": trainer.global_step, "epochs": trainer.current_epoch,
-               "images_seen": trainer.global_step * plan["global_batch"], "global_batch": plan["global_batch"],
-               "final_loss": module.last_loss, "wall_time_s": round(wall, 2), "world_size": trainer.world_size,
-               "ranks_in_sync": len(set(digests.values())) <= 1, "run_id": plan["run_id"],
-               "final_lr": float(trainer.optimizers[0].param_groups[0]["lr"])}  # the schedule's rate after the last step
+    metrics = {
+        "init": "pretrain",
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "images_seen": trainer.global_step * plan["global_batch"],
+        "global_batch": plan["global_batch"],
+        "final_loss": module.last_loss,
+        "wall_time_s": round(wall, 2),
+        "world_size": trainer.world_size,
+        "ranks_in_sync": len(set(digests.values())) <= 1,
+        "run_id": plan["run_id"],
+        "final_lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
+    }  # the schedule's rate after the last step
     for log in ("log.csv", "val.csv"):  # this run's curves, where dvc plots finds them
         if (run_dir / log).exists():
             shutil.copyfile(run_dir / log, out / f"{log}.tmp")
@@ -360,8 +440,15 @@ def _finish(params: dict[str, Any], name: str, out: Path, module: PretrainModule
     write_model_reconstruction(params, name, module.model, out)
     _write_json(out / "metrics.json", metrics)
     provenance = {k: metrics[k] for k in ("steps", "images_seen", "run_id", "final_loss")}
-    save_model_artifact(out / ARTIFACT_NAME, init="pretrain", arch=model_cfg["arch"],
-                        state_dict=module.model.state_dict(),
-                        provenance={**provenance, "checkpoint": str(run_dir / f"step-{trainer.global_step:06d}.ckpt"),
-                                    "resolved_arch": asdict(module.model.cfg)})
+    save_model_artifact(
+        out / ARTIFACT_NAME,
+        init="pretrain",
+        arch=model_cfg["arch"],
+        state_dict=module.model.state_dict(),
+        provenance={
+            **provenance,
+            "checkpoint": str(run_dir / f"step-{trainer.global_step:06d}.ckpt"),
+            "resolved_arch": asdict(module.model.cfg),
+        },
+    )
     print(f"{name}: {metrics['steps']} steps, final loss {metrics['final_loss']}, wrote {out / ARTIFACT_NAME}")

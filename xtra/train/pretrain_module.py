@@ -19,11 +19,30 @@ from xtra.model.arch import ArchConfig
 from xtra.model.xtra import XTRA
 from xtra.train.schedule import decay_groups, release_warmup_cosine
 
-__all__ = ["NonFiniteLossError", "PretrainModule", "StepLog", "ValLog", "RankDigest", "LOG_FIELDS", "VAL_FIELDS",
-           "schedule_steps", "model_seed"]
+__all__ = [
+    "NonFiniteLossError",
+    "PretrainModule",
+    "StepLog",
+    "ValLog",
+    "RankDigest",
+    "LOG_FIELDS",
+    "VAL_FIELDS",
+    "schedule_steps",
+    "model_seed",
+]
 
-LOG_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "images_seen", "images_per_s", "step_time_s",
-              "peak_mem_mb", "mfu"]
+LOG_FIELDS = [
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "grad_norm",
+    "images_seen",
+    "images_per_s",
+    "step_time_s",
+    "peak_mem_mb",
+    "mfu",
+]
 VAL_FIELDS = ["step", "epoch", "val_loss"]
 
 
@@ -52,8 +71,9 @@ class PretrainModule(L.LightningModule):
     resumed run draws the same ones as an uninterrupted run.
     """
 
-    def __init__(self, arch: dict[str, Any], train: dict[str, Any], steps_per_epoch: int, run_id: str,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, arch: dict[str, Any], train: dict[str, Any], steps_per_epoch: int, run_id: str, seed: int = 0
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = XTRA(ArchConfig.from_dict(arch))
@@ -66,13 +86,15 @@ class PretrainModule(L.LightningModule):
 
     def lr_at(self, step: int) -> float:
         cfg = self.train_cfg
-        return release_warmup_cosine(step, cfg["lr"], self.total_steps, self.warmup_steps, cfg["warmup_start_lr"],
-                                     cfg["min_lr"])
+        return release_warmup_cosine(
+            step, cfg["lr"], self.total_steps, self.warmup_steps, cfg["warmup_start_lr"], cfg["min_lr"]
+        )
 
     def configure_optimizers(self):
         cfg = self.train_cfg
-        optimizer = torch.optim.AdamW(decay_groups(self.model, cfg["weight_decay"]), lr=cfg["lr"],
-                                      betas=tuple(cfg["betas"]))
+        optimizer = torch.optim.AdamW(
+            decay_groups(self.model, cfg["weight_decay"]), lr=cfg["lr"], betas=tuple(cfg["betas"])
+        )
         # LambdaLR multiplies the base lr: express the absolute schedule as a factor of it.
         scheduler = LambdaLR(optimizer, lambda step: self.lr_at(step) / cfg["lr"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -135,8 +157,7 @@ def _truncate_csv(path: Path, fields: list[str], last_step: int) -> None:
     rows = []
     if path.exists():
         with path.open(newline="") as handle:
-            rows = [{k: r.get(k, "") for k in fields} for r in csv.DictReader(handle)
-                    if int(r["step"]) <= last_step]
+            rows = [{k: r.get(k, "") for k in fields} for r in csv.DictReader(handle) if int(r["step"]) <= last_step]
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -158,8 +179,9 @@ class StepLog(L.Callback):
     On a resumed run, rows after the resumed step are dropped first: no gap and no duplicate step.
     """
 
-    def __init__(self, path: Path, every: int, global_batch: int, flops_per_image: float = 0.0,
-                 peak_flops: float | None = None) -> None:
+    def __init__(
+        self, path: Path, every: int, global_batch: int, flops_per_image: float = 0.0, peak_flops: float | None = None
+    ) -> None:
         self.path, self.every, self.global_batch = Path(path), every, global_batch
         self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
         self._last_logged = -1
@@ -170,8 +192,9 @@ class StepLog(L.Callback):
         if trainer.is_global_zero:
             _truncate_csv(self.path, LOG_FIELDS, trainer.global_step)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step  # optimiser steps done, after this batch
         if not trainer.is_global_zero or step == 0 or step % self.every != 0 or step == self._last_logged:
             return
@@ -181,13 +204,22 @@ class StepLog(L.Callback):
         self._mark = (step, now)
         step_time = (now - start) / max(1, step - start_step)
         images_per_s = self.global_batch / step_time if step_time > 0 else 0.0
-        mfu = (self.flops_per_image * images_per_s / (trainer.world_size * self.peak_flops)
-               if self.peak_flops else None)
-        values = {"loss": pl_module.last_loss, "lr": pl_module.last_lr,
-                  "grad_norm": pl_module.last_grad_norm, "images_per_s": images_per_s, "step_time_s": step_time,
-                  "peak_mem_mb": _peak_mem_mb(pl_module.device), "mfu": mfu}
-        row = {"step": step, "epoch": trainer.current_epoch, "images_seen": step * self.global_batch,
-               **{k: ("" if v is None else f"{v:.8g}") for k, v in values.items()}}
+        mfu = self.flops_per_image * images_per_s / (trainer.world_size * self.peak_flops) if self.peak_flops else None
+        values = {
+            "loss": pl_module.last_loss,
+            "lr": pl_module.last_lr,
+            "grad_norm": pl_module.last_grad_norm,
+            "images_per_s": images_per_s,
+            "step_time_s": step_time,
+            "peak_mem_mb": _peak_mem_mb(pl_module.device),
+            "mfu": mfu,
+        }
+        row = {
+            "step": step,
+            "epoch": trainer.current_epoch,
+            "images_seen": step * self.global_batch,
+            **{k: ("" if v is None else f"{v:.8g}") for k, v in values.items()},
+        }
         _append_csv(self.path, LOG_FIELDS, row)
         for logger in trainer.loggers:
             logger.log_metrics({f"train/{k}": float(v) for k, v in values.items() if v is not None}, step=step)
@@ -213,8 +245,11 @@ class ValLog(L.Callback):
         if trainer.global_step == self._last_step:  # a resumed run may validate its resumed step again
             return
         self._last_step = trainer.global_step
-        _append_csv(self.path, VAL_FIELDS, {"step": trainer.global_step, "epoch": trainer.current_epoch,
-                                            "val_loss": f"{float(loss):.6f}"})
+        _append_csv(
+            self.path,
+            VAL_FIELDS,
+            {"step": trainer.global_step, "epoch": trainer.current_epoch, "val_loss": f"{float(loss):.6f}"},
+        )
 
 
 class RankDigest(L.Callback):

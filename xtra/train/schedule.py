@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 
 __all__ = ["warmup_cosine", "release_warmup_cosine", "decay_groups"]
 
 
-def warmup_cosine(step: int, base_lr: float, total_steps: int, warmup_steps: int, warmup_start_lr: float,
-                  min_lr: float) -> float:
+def warmup_cosine(
+    step: int, base_lr: float, total_steps: int, warmup_steps: int, warmup_start_lr: float, min_lr: float
+) -> float:
     """Linear warm-up from `warmup_start_lr` to `base_lr` over `warmup_steps`, then cosine to `min_lr`.
 
     Stepped per optimiser step; at `total_steps` (and after) the rate is `min_lr`.
@@ -23,8 +24,9 @@ def warmup_cosine(step: int, base_lr: float, total_steps: int, warmup_steps: int
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def release_warmup_cosine(step: int, base_lr: float, total_steps: int, warmup_steps: int,
-                          warmup_start_lr: float, min_lr: float) -> float:
+def release_warmup_cosine(
+    step: int, base_lr: float, total_steps: int, warmup_steps: int, warmup_start_lr: float, min_lr: float
+) -> float:
     """The rate the public release actually trains at, as a closed form (stepped per optimiser step).
 
     The release steps lightning-bolts' `LinearWarmupCosineAnnealingLR` (its recursive, chainable

@@ -40,9 +40,7 @@ def load_mat(path: Path, variable: str) -> np.ndarray:
     return np.atleast_1d(content[variable])
 
 
-def _split_samples(
-    base: Path, split: str, num_classes: int, skipped: list[Skipped]
-) -> list[Sample]:
+def _split_samples(base: Path, split: str, num_classes: int, skipped: list[Skipped]) -> list[Sample]:
     annos_name, image_dir = CARS_SPLITS[split]
     annotations = load_mat(base / annos_name, "annotations")
     names = annotations.dtype.names or ()

@@ -6,8 +6,8 @@ Each batch holds `data` uint8 (N, 3072), the R, G then B planes of a 32x32 image
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -74,8 +74,7 @@ def _read_cifar(
     classes = [str(n) for n in names]
     skipped: list[Skipped] = []
     splits = {
-        split: _read_split(folder, files, label_field, split, len(classes), skipped)
-        for split, files in batches.items()
+        split: _read_split(folder, files, label_field, split, len(classes), skipped) for split, files in batches.items()
     }
     return RawDataset(
         classes=classes, splits=splits, source=str(folder), official_sizes=dict(CIFAR_SIZES), skipped=skipped
@@ -89,6 +88,4 @@ def read_cifar10(params: dict) -> RawDataset:
 
 def read_cifar100(params: dict) -> RawDataset:
     """CIFAR-100 (fine labels): `cifar-100-python/{train,test,meta}` -> `train` / `test`."""
-    return _read_cifar(
-        params, "cifar-100-python", ("meta", "fine_label_names"), CIFAR100_BATCHES, "fine_labels"
-    )
+    return _read_cifar(params, "cifar-100-python", ("meta", "fine_label_names"), CIFAR100_BATCHES, "fine_labels")

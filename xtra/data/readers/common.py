@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -160,9 +160,7 @@ def check_unique_keys(splits: dict[str, list[Sample]], source: str) -> None:
     for split, samples in splits.items():
         for sample in samples:
             if sample.key in seen:
-                raise DataError(
-                    f"{source}: sample key {sample.key!r} is used twice ({seen[sample.key]} and {split})"
-                )
+                raise DataError(f"{source}: sample key {sample.key!r} is used twice ({seen[sample.key]} and {split})")
             seen[sample.key] = split
 
 
@@ -172,9 +170,7 @@ def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[
 
     if not 0.0 < fraction < 1.0:
         raise DataError(f"heldout_fraction must be in (0, 1), got {fraction}")
-    kept, held = train_test_split(
-        np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed
-    )
+    kept, held = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed)
     return np.sort(kept), np.sort(held)
 
 

@@ -27,9 +27,7 @@ def held_out_split(
     kept, held = stratified_indices(labels, fraction, seed)
     splits: dict[str, list[Sample]] = {}
     for split, indices in zip(names, (kept, held)):
-        splits[split] = [
-            Sample(key=array_key(split, int(i)), image=images[i], label=int(labels[i])) for i in indices
-        ]
+        splits[split] = [Sample(key=array_key(split, int(i)), image=images[i], label=int(labels[i])) for i in indices]
     return splits
 
 

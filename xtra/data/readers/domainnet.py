@@ -49,9 +49,7 @@ def read_domain(params: dict, domain: str, sizes: dict[str, int]) -> RawDataset:
     splits: dict[str, list[Sample]] = {}
     for split, split_rows in rows.items():
         splits[split] = listed_samples(root, split_rows, len(classes), split, skipped)
-    return RawDataset(
-        classes=classes, splits=splits, source=str(root), official_sizes=dict(sizes), skipped=skipped
-    )
+    return RawDataset(classes=classes, splits=splits, source=str(root), official_sizes=dict(sizes), skipped=skipped)
 
 
 def read_infograph(params: dict) -> RawDataset:

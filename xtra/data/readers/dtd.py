@@ -47,6 +47,4 @@ def read_dtd(params: dict) -> RawDataset:
     classes = sorted({e.split("/")[0] for split_entries in entries.values() for e in split_entries})
     skipped: list[Skipped] = []
     splits = {split: _split_samples(base, items, classes, split, skipped) for split, items in entries.items()}
-    return RawDataset(
-        classes=classes, splits=splits, source=str(base), official_sizes=dict(DTD_SIZES), skipped=skipped
-    )
+    return RawDataset(classes=classes, splits=splits, source=str(base), official_sizes=dict(DTD_SIZES), skipped=skipped)

@@ -118,8 +118,9 @@ def _read_per_synset(root: Path, params: dict) -> RawDataset:
     skipped: list[Skipped] = []
     samples = list_class_tree(root, classes, root, "train", skipped)
     labels = np.array([s.label for s in samples], dtype=np.int64)
-    held = heldout_per_class(labels, classes, float(params.get("heldout_fraction", 0.2)),
-                             int(params.get("split_seed", 0)))  # fmt: skip
+    held = heldout_per_class(
+        labels, classes, float(params.get("heldout_fraction", 0.2)), int(params.get("split_seed", 0))
+    )
     splits = {"train": [s for s, h in zip(samples, held) if not h], "val": [s for s, h in zip(samples, held) if h]}
     sizes = {}
     if len(classes) in PER_SYNSET_RELEASES:

@@ -95,6 +95,9 @@ def read_pcam(params: dict) -> RawDataset:
     skipped: list[Skipped] = []
     splits = {split: _split_samples(base, split, skipped) for split in PCAM_SPLITS}
     return RawDataset(
-        classes=["normal", "tumor"], splits=splits, source=str(base), official_sizes=dict(PCAM_SIZES),
+        classes=["normal", "tumor"],
+        splits=splits,
+        source=str(base),
+        official_sizes=dict(PCAM_SIZES),
         skipped=skipped,
     )

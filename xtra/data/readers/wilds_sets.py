@@ -9,9 +9,10 @@ wilds 2.0.0 needs pandas<3 (RxRx1 writes into a read-only array under pandas 3).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
