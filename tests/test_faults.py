@@ -399,7 +399,7 @@ def test_corrupt_images_are_skipped_with_reasons_or_fail_over_the_limit(
     workspace: Workspace, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from xtra.cli import main
-    from xtra.data.loaders import PreparedDataset
+    from xtra.data.prepared import PreparedDataset
 
     raw = tmp_path / "raw"
     odd = _bad_tree(raw)

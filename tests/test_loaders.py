@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from xtra.data.bench import run_data_bench
+from xtra.bench.data import run_data_bench
 from xtra.data.images import resize_shorter
-from xtra.data.loaders import PreparedDataset, make_loader
 from xtra.data.prepare import prepare_dataset
+from xtra.data.prepared import PreparedDataset, make_loader
 from xtra.data.source import RawDataset, Sample
 from xtra.data.transforms import eval_transform, pretrain_transform, probe_train_transform
 from xtra.errors import DataError

@@ -233,7 +233,7 @@ def test_encoder_flex_path_forward_equals_dense_path(order: str) -> None:
 
 
 def test_attention_bench_reports_every_cpu_path(capsys: pytest.CaptureFixture) -> None:
-    from xtra.model.bench import run_attention_bench
+    from xtra.bench.attention import run_attention_bench
 
     rows = run_attention_bench(
         "tiny", batch=2, steps=1, warmup=0, device="cpu", overrides={"depth": 1, "predictor_depth": 1}
@@ -284,7 +284,8 @@ def test_predictor_fp32_runs_the_predictor_alone_in_fp32() -> None:
 
 def test_gpu_bench_plumbing_on_cpu(capsys: pytest.CaptureFixture, one_thread) -> None:
     """`xtra bench gpu`'s table on CPU with shrunken models (FlexAttention rows need CUDA): plumbing only."""
-    from xtra.model.bench import run_gpu_bench, train_flops_per_image
+    from xtra.bench.gpu import run_gpu_bench
+    from xtra.model.flops import train_flops_per_image
 
     shrink = {
         "preset": "tiny",

@@ -22,7 +22,7 @@ import yaml
 from xtra.cli import main as xtra_main
 from xtra.config import load_params, validate_params
 from xtra.errors import ParamsError
-from xtra.profiles import apply_overrides
+from xtra.pipeline.profiles import apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "profiles"
@@ -369,7 +369,7 @@ def test_ablations_are_accepted_by_dvc(name, tmp_path):
 @pytest.mark.parametrize("name", ["demo", "paper_b16", "paper_h14"])
 def test_shipped_profiles_spell_out_every_schema_key(name):
     """DVC sees only what the file says; `xtra profile --fill` writes the schema's defaults in."""
-    from xtra.fill import missing_keys
+    from xtra.pipeline.fill import missing_keys
 
     assert missing_keys((PROFILES / f"{name}.yaml").read_text()) == []
 

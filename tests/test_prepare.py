@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from xtra.data import prepare as prep
-from xtra.data.loaders import PreparedDataset
+from xtra.data.prepared import PreparedDataset
 from xtra.data.rng import derive_seed
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError, ParamsError

@@ -273,7 +273,7 @@ def test_cached_features_give_each_rank_its_share():
 
 
 def test_pixel_floor_is_probed_linear_only(inputs, tmp_path):
-    from xtra.model.pixels import write_pixels_model
+    from xtra.probe.pixels import write_pixels_model
 
     params = _params(inputs, "pixels")
     params["models"]["pix"] = {**params["models"]["rand"], "init": "pixels"}

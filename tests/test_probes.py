@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from xtra.data.loaders import make_loader
+from xtra.bench.sweep import run_sweep_bench
+from xtra.data.prepared import make_loader
 from xtra.errors import ParamsError
 from xtra.model.probes import AttentiveProbe, HeadBank, LinearProbe, probe_blocks
 from xtra.model.vit import Encoder
-from xtra.probe.bench import run_sweep_bench
 from xtra.probe.loop import (
     CachedFeatures,
     LiveFeatures,

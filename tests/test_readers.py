@@ -284,8 +284,8 @@ def test_imagenet21k_per_synset_classes_ids_and_heldout_split(tmp_path: Path) ->
 
 
 def test_imagenet21k_per_synset_prepares(tmp_path: Path) -> None:
-    from xtra.data.loaders import PreparedDataset
     from xtra.data.prepare import prepare_dataset
+    from xtra.data.prepared import PreparedDataset
 
     info = make_imagenet21k_synsets(tmp_path / "raw")
     manifest = prepare_dataset("in21k", {**info.params, "image_size": 0, "num_workers": 1}, tmp_path / "out")

@@ -8,7 +8,7 @@ import torch
 
 from xtra.model.arch import ArchConfig
 from xtra.model.xtra import XTRA, patchify_blocks
-from xtra.reconstruct import _denormalize, distinct_class_indices, reconstruction_grid
+from xtra.train.reconstruct import _denormalize, distinct_class_indices, reconstruction_grid
 
 
 def _arch(**kw) -> ArchConfig:

@@ -1,8 +1,9 @@
 """The two DAG front-ends plan the same pipeline: dvc.yaml (local, cached, experiments) and
-workflow/Snakefile (clusters), both made from xtra/dag.py's stage table, for the demo and both
-paper profiles, with the cluster requests of the paper runs; dvc.yaml is current; DVC re-runs
-only what a params change touches; the code deps are complete. (tests/test_staleness.py runs
-the edits through both front-ends.)
+workflow/Snakefile (clusters), both made from xtra/pipeline/dag.py's stage table, for the demo and
+both paper profiles, with the cluster requests of the paper runs (dvc.yaml has one stage more,
+`check`); dvc.yaml is current; its check stage stops a run of stale or incomplete params; DVC
+re-runs only what a params change touches; the code deps are complete. (tests/test_staleness.py
+runs the edits through both front-ends.)
 
 Everything that may write state (.dvc/tmp, .snakemake) runs in copies of the repository made from
 `git ls-files` (tracked and untracked-but-not-ignored files: no data, models, results or venv).
@@ -28,6 +29,7 @@ import yaml
 
 from xtra.cli import COMMANDS
 from xtra.cli import main as xtra_main
+from xtra.pipeline.dag import CHECK_STAGE, COMMAND_MODULES, check_stamp
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -162,8 +164,13 @@ def dvc_stages(path: Path) -> dict[str, dict]:
 
 
 def assert_same_pipeline(stages: dict[str, dict], jobs: list[Job], params: dict) -> None:
-    """The same stages under the same names, with the same outputs and the same commands."""
+    """The same stages under the same names, with the same outputs and the same commands; dvc.yaml
+    has one more, `check`, on which every other stage depends (Snakemake checks when it parses)."""
     jobs = {j.rule: j for j in jobs if j.rule != "all"}
+    stages = dict(stages)
+    check = stages.pop(CHECK_STAGE)
+    assert check["outs"] == [check_stamp(params)]
+    assert all(check_stamp(params) in s["deps"] for s in stages.values())
     assert set(stages) == set(jobs)
     for name, stage in stages.items():
         assert stage["outs"] == sorted(jobs[name].outputs), name
@@ -175,7 +182,7 @@ def assert_same_pipeline(stages: dict[str, dict], jobs: list[Job], params: dict)
 def n_probe_stages(params: dict) -> int:
     """One per (probed model, benchmark) with a kind to probe (the pixel floor: linear only)."""
     from xtra.config import validate_params
-    from xtra.dag import probe_kinds
+    from xtra.pipeline.dag import probe_kinds
 
     params = validate_params(json.loads(json.dumps(params)), check_paths=False)
     models = params["probe"].get("models") or params["models"]
@@ -189,26 +196,27 @@ def test_dvc_and_snakemake_plan_the_same_pipeline(key, copies, snakemake_runs):
     params = yaml.safe_load((path / "params.yaml").read_text())
     stages, jobs = dvc_stages(path), dry_run(snakemake_runs, key)
     assert_same_pipeline(stages, jobs, params)
-    counts = {kind: sum(s["kind"] == kind for s in stages.values()) for kind in STAGES}
+    counts = {kind: sum(s["kind"] == kind for s in stages.values()) for kind in (*STAGES, CHECK_STAGE)}
     assert counts == {
         "prepare": len(params["datasets"]),
         "pretrain": len(params["models"]),
         "probe": n_probe_stages(params),
         "report": 1,
+        CHECK_STAGE: 1,
     }
 
 
 def test_shipped_dvc_yaml_is_the_stage_table_of_params_yaml():
     """dvc.yaml is written by `xtra dag`; a changed import, dataset or benchmark needs a rewrite."""
     from xtra.config import load_params
-    from xtra.dag import dvc_yaml_problem
+    from xtra.pipeline.dag import dvc_yaml_problem
 
     assert dvc_yaml_problem(load_params(REPO / "params.yaml", check_paths=False), REPO) is None
 
 
 def test_profile_switch_rewrites_dvc_yaml(copies):
     from xtra.config import load_params
-    from xtra.dag import dvc_yaml_problem
+    from xtra.pipeline.dag import dvc_yaml_problem
 
     for key in ("b16", "h14"):
         path = copies[key]
@@ -309,8 +317,12 @@ def test_snakemake_refuses_a_config_that_is_not_params_yaml(snakemake_runs):
 
 
 def _fake_outputs(path: Path, stages: dict[str, dict]) -> None:
-    """Stand-ins for every stage output, so that DVC can record a complete lock file."""
-    for stage in stages.values():
+    """Stand-ins for every stage output (the check stage's own), so that DVC can record a complete lock file."""
+    for name, stage in stages.items():
+        if name == CHECK_STAGE:
+            stamp = ["--stamp", str(path / stage["outs"][0])]
+            assert xtra_main(["dag", "--check", "--params", str(path / "params.yaml"), *stamp]) == 0
+            continue
         for out in stage["outs"]:
             target = path / out
             if target.suffix in (".pt", ".json", ".csv"):
@@ -325,11 +337,11 @@ def _changed(path: Path) -> set[str]:
     from dvc.repo import Repo
 
     with Repo(str(path)) as repo:
-        return set(repo.status())
+        return set(repo.status()) - {CHECK_STAGE}  # always_changed; its constant output changes nothing
 
 
 def _edit(path: Path, key: str, value) -> None:
-    from xtra.profiles import apply_overrides
+    from xtra.pipeline.profiles import apply_overrides
 
     params = yaml.safe_load((path / "params.yaml").read_text())
     (path / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, [f"{key}={json.dumps(value)}"])))
@@ -376,7 +388,9 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
 
 # Plumbing every stage imports that only checks params (a change cannot alter a result without a
 # params change): not a dependency, so editing the CLI does not re-run a 100-epoch pre-training.
-PLUMBING = {"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.profiles", "xtra.dag", "xtra.fill"}
+PLUMBING = {"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.pipeline"} | {
+    f"xtra.pipeline.{m}" for m in ("dag", "fill", "profiles")
+}
 STAGE_MODULES = {kind: COMMANDS[kind][0] for kind in STAGES}  # the module each `xtra <kind>` runs
 
 
@@ -434,25 +448,83 @@ def test_one_schema_for_both_front_ends():
     assert link.is_symlink() and link.resolve() == (REPO / "xtra" / "schema" / "params.schema.yaml").resolve()
 
 
-def test_a_stage_of_a_stale_dvc_yaml_refuses_to_run_under_dvc(tmp_path):
-    """`dvc exp run -S 'probe.models=[...]'` changes the stage table: the first stage stops, naming the fix."""
-    from xtra.dag import check_under_dvc
-    from xtra.errors import ParamsError
-
+def test_the_check_stage_refuses_stale_or_incomplete_params(tmp_path, capsys):
+    """`xtra dag --check --stamp` (dvc.yaml's first stage) passes on the shipped files and writes its
+    constant stamp; a params change that alters the stage table, or a params file that leaves a key
+    out, fails, naming the fix and writing no stamp; an invalid file fails naming the key."""
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
-    env = {"DVC_STAGE": "report", "DVC_ROOT": str(tmp_path)}
-    check_under_dvc("report", str(tmp_path / "params.yaml"), env)
-    check_under_dvc("validate", str(tmp_path / "params.yaml"), env)  # not a stage command
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["probe"]["models"] = ["xtra_k2"]
+    stamp = tmp_path / "results" / ".params-checked"
+    check = ["dag", "--check", "--params", str(tmp_path / "params.yaml"), "--stamp", str(stamp)]
+    assert xtra_main(check) == 0
+    text = stamp.read_text()
+    stamp.unlink()
+    assert xtra_main(check) == 0 and stamp.read_text() == text  # constant: nothing after it becomes stale
+    stamp.unlink()
+    original = (tmp_path / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["probe"]["models"] = ["xtra_k2"]  # what `dvc exp run -S 'probe.models=[xtra_k2]'` would write
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamsError, match="run `xtra dag`"):
-        check_under_dvc("report", str(tmp_path / "params.yaml"), env)
-    check_under_dvc("report", str(tmp_path / "params.yaml"), {})  # outside DVC: no check
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("  min_lr: 1.0e-05\n", "", 1))
-    with pytest.raises(ParamsError, match=r"leaves out \['probe.min_lr'\].*xtra profile --fill"):
-        check_under_dvc("report", str(tmp_path / "params.yaml"), env)
+    capsys.readouterr()
+    assert xtra_main(check) == 1 and not stamp.exists()
+    assert "run `xtra dag`" in capsys.readouterr().err
+    (tmp_path / "params.yaml").write_text(original.replace("  min_lr: 1.0e-05\n", "", 1))
+    assert xtra_main(check) == 1 and not stamp.exists()
+    assert re.search(r"leaves out \['probe.min_lr'\].*xtra profile --fill", capsys.readouterr().err)
+    (tmp_path / "params.yaml").write_text(original.replace("  grad_clip: 3.0\n", "  grad_clip: -3.0\n", 1))
+    assert xtra_main(check) == 2 and "probe.grad_clip" in capsys.readouterr().err
+
+
+def test_the_cli_is_a_leaf_and_names_the_stage_modules():
+    """No module of the package imports xtra.cli (it imports the commands, lazily), and its stage
+    commands run the modules the DAG's code dependencies start from."""
+    importers = []
+    for path in sorted((REPO / "xtra").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if "xtra.cli" in names or (
+                isinstance(node, ast.ImportFrom) and node.module == "xtra" and any(a.name == "cli" for a in node.names)
+            ):
+                importers.append(path.relative_to(REPO).as_posix())
+    assert importers == []
+    assert {kind: COMMANDS[kind][0] for kind in STAGES} == COMMAND_MODULES
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_dvc_repro_runs_only_the_check_and_stops_on_a_stale_table(tmp_path):
+    """With real DVC and the stand-in `xtra` (tests/fixtures/fake_xtra.py) for the stage commands: an
+    up-to-date pipeline's `dvc repro` runs only `check`; a benchmark added to params.yaml without
+    `xtra dag` makes plain `dvc repro` stop at its first stage with the project's message and a
+    non-zero exit, running no other stage; `dvc exp run -S` still runs (and re-runs what it changes)."""
+    from tests.test_staleness import _run, copy_with_fake_xtra
+
+    path = copy_with_fake_xtra(tmp_path / "repo")
+    dvc = str(BIN / "dvc")
+    _run([dvc, "repro", "-q"], path)
+    (path / "RAN").unlink()
+    again = _run([dvc, "repro"], path)
+    assert re.findall(r"Running stage '([^']+)'", again.stdout) == [CHECK_STAGE], again.stdout
+    assert not (path / "RAN").exists()
+    original = (path / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["probe"]["benchmarks"]["digits2"] = {**params["probe"]["benchmarks"]["digits"], "epochs": 3}
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = _run([dvc, "repro"], path, check=False)
+    assert stale.returncode != 0
+    assert "run `xtra dag`" in stale.stdout + stale.stderr
+    assert re.findall(r"Running stage '([^']+)'", stale.stdout) == [CHECK_STAGE]
+    assert not (path / "RAN").exists()
+    (path / "params.yaml").write_text(original)
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    _run([*git, "add", "-A"], path)
+    _run([*git, "commit", "-qm", "run"], path)
+    exp = _run([dvc, "exp", "run", "-S", "probe.benchmarks.mnist.lrs=[0.001,0.01]"], path)
+    assert exp.returncode == 0
+    assert set((path / "RAN").read_text().split()) == {
+        f"probe-{m}-mnist" for m in ("xtra_k2", "xtra_k1", "random_k2", "pixels")
+    } | {"report"}
 
 
 def test_the_pipelines_never_write_the_readme():

@@ -1,4 +1,8 @@
-"""The `xtra` command: one sub-command per pipeline stage, each in its own module."""
+"""The `xtra` command: one sub-command per pipeline stage, each in its own module.
+
+A leaf: no module of the package imports it, and it imports a command's module only when that
+command runs (`xtra --help` parses nothing else).
+"""
 
 from __future__ import annotations
 
@@ -14,15 +18,15 @@ __all__ = ["main", "COMMANDS"]
 # sub-command -> (module, one-line help). Modules are imported only when used.
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("xtra.config", "validate params.yaml against the schema"),
-    "profile": ("xtra.profiles", "write a shipped profile (demo, paper_b16, paper_h14) to params.yaml"),
-    "dag": ("xtra.dag", "write dvc.yaml: the stage table of params.yaml (--check: is it current?)"),
+    "profile": ("xtra.pipeline.profiles", "write a shipped profile (demo, paper_b16, paper_h14) to params.yaml"),
+    "dag": ("xtra.pipeline.dag", "write dvc.yaml: the stage table of params.yaml (--check: is it current?)"),
     "prepare": ("xtra.data.prepare", "convert a raw dataset into checksummed WebDataset shards"),
     "pretrain": ("xtra.train.pretrain", "pre-train (or initialise) one model of params.yaml"),
     "probe": ("xtra.probe.cli", "probe one model's frozen encoder on its benchmarks"),
     "report": ("xtra.report.cli", "write result tables and figures"),
-    "reconstruct": ("xtra.reconstruct", "PNG grid of input, target and predicted next blocks"),
+    "reconstruct": ("xtra.train.reconstruct", "PNG grid of input, target and predicted next blocks"),
     "convert-checkpoint": ("xtra.model.convert", "import an official XTRA checkpoint"),
-    "bench": ("xtra.bench", "throughput benchmarks (attention paths, data loading, probe sweep)"),
+    "bench": ("xtra.bench.cli", "throughput benchmarks (GPU recipes, attention paths, data loading, probe sweep)"),
 }
 
 
@@ -50,9 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     module = _module_for(args.command)
     try:
-        from xtra.dag import check_under_dvc  # a stage of a stale dvc.yaml stops here, naming the fix
-
-        check_under_dvc(args.command, getattr(args, "params", "params.yaml"))
         return int(module.run(args) or 0)
     except XtraError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-# Shared by the rules: the params checks, the stage table (xtra/dag.py, the one dvc.yaml is written
+# Shared by the rules: the params checks, the stage table (xtra/pipeline/dag.py, the one dvc.yaml is written
 # from: the same jobs, inputs, outputs and params identities), and the translation of a params `resources` request into the resources the Slurm and LSF
 # executor plugins read.
 import os
@@ -8,7 +8,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from xtra.config import validate_params
-from xtra.dag import identity, param_value, stage_table
+from xtra.pipeline.dag import identity, param_value, stage_table
 from xtra.errors import ParamsError
 
 # The xtra commands read this file themselves (their default --params), so it is the only source

@@ -63,8 +63,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from xtra.data.decode import decode_rgb
-from xtra.data.loaders import load_manifest
+from xtra.data.prepared import decode_rgb, load_manifest
 from xtra.data.rng import derive_seed, seeded
 from xtra.data.shards import ShardIndex, index_shards
 from xtra.errors import DataError

@@ -115,7 +115,7 @@ def load_artifact_encoder(
     loaded strictly from the file's `encoder.*` tensors (a full model or an encoder-only file).
     """
     from xtra.model.artifact import read_model_artifact
-    from xtra.model.pixels import PixelEncoder
+    from xtra.probe.pixels import PixelEncoder
 
     artifact = read_model_artifact(path)
     cfg = _check_arch(ArchConfig.from_dict(artifact.arch), expected_arch, str(path))

@@ -8,5 +8,5 @@
 - `state`: the resumable state of a job (`results/probe-state/<model>/<benchmark>/`);
 - `dist`: multi-device jobs (torch.distributed, synchronised BatchNorm statistics);
 - `driver`: Ray tasks and in-process runs with retries, failure records;
-- `bench`: `xtra bench sweep`, the one-pass ratio against separate runs.
+- `pixels`: the pixel floor, a "model" whose features are the normalised pixels.
 """

@@ -119,7 +119,7 @@ class JobData:
 
 
 def build_data(cfg: ProbeConfig, prepared: Path, img_size: int) -> JobData:
-    from xtra.data.loaders import PreparedDataset
+    from xtra.data.prepared import PreparedDataset
     from xtra.data.transforms import eval_transform
 
     root = Path(prepared) / cfg.dataset
@@ -156,7 +156,7 @@ def train_loader(cfg: ProbeConfig, ds: Dataset, rank: int, world_size: int, drop
 
 def eval_loader(cfg: ProbeConfig, ds: Dataset) -> DataLoader:
     """The in-order loader of a whole split (evaluation, feature caching)."""
-    from xtra.data.loaders import make_loader
+    from xtra.data.prepared import make_loader
 
     return make_loader(
         ds,

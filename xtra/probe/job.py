@@ -140,7 +140,7 @@ def plan_jobs(
 
 
 def _check_data(params: dict, cfg: ProbeConfig) -> None:
-    from xtra.data.loaders import load_manifest
+    from xtra.data.prepared import load_manifest
 
     root = Path(params["paths"]["prepared"]) / cfg.dataset
     try:

@@ -98,7 +98,7 @@ class PretrainData(L.LightningDataModule):
         make_dataset: Callable[..., Dataset] | None = None,
     ) -> None:
         super().__init__()
-        from xtra.data.loaders import PreparedDataset
+        from xtra.data.prepared import PreparedDataset
         from xtra.data.transforms import eval_transform, pretrain_transform
 
         make = make_dataset or PreparedDataset

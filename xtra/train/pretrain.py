@@ -80,7 +80,7 @@ def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> 
             if model_cfg["init"] == "official":
                 return _write_official(params, name, out)
             if model_cfg["init"] == "pixels":
-                from xtra.model.pixels import write_pixels_model  # the probe package's pixel floor
+                from xtra.probe.pixels import write_pixels_model  # the probe package's pixel floor
 
                 return write_pixels_model(params, name, out)
             return _train(params, name, out, restart)
@@ -99,7 +99,7 @@ def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
     L.seed_everything(params["seed"], verbose=False)
     model = XTRA(ArchConfig.from_dict(arch))
     _write_json(out / "metrics.json", {"init": "random", "steps": 0, "images_seen": 0, "seed": params["seed"]})
-    from xtra.reconstruct import write_model_reconstruction
+    from xtra.train.reconstruct import write_model_reconstruction
 
     write_model_reconstruction(params, name, model, out)  # the control is drawn like the trained models
     save_model_artifact(
@@ -293,7 +293,8 @@ def _plan(
     run_dir: Path,
     resume: Path | None,
 ) -> dict[str, Any]:
-    from xtra.model.bench import peak_flops_per_s, resolved_attention
+    from xtra.model.flops import peak_flops_per_s
+    from xtra.model.mask import resolve_attn_impl
 
     train = params["models"][name]["train"]
     world, accum, batch = trainer.world_size, train["accumulate_grad_batches"], train["batch_size"]
@@ -317,7 +318,7 @@ def _plan(
         "parameters": _counts(module.model),
         "precision": train["precision"],
         "strategy": train["strategy"],
-        "attention": resolved_attention(module.model.cfg.attn_impl, trainer.strategy.root_device),
+        "attention": resolve_attn_impl(module.model.cfg.attn_impl, trainer.strategy.root_device, training=False),
         "peak_flops_per_s": peak_flops_per_s(trainer.strategy.root_device),
         "val_every_n_steps": train["val_every_n_steps"],
     }
@@ -339,7 +340,7 @@ def _summary(plan: dict[str, Any]) -> str:
 def _train(params: dict[str, Any], name: str, out: Path, restart: bool) -> Path:
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from xtra.model.bench import train_flops_per_image
+    from xtra.model.flops import train_flops_per_image
 
     model_cfg = params["models"][name]
     train, seed = model_cfg["train"], params["seed"]
@@ -435,7 +436,7 @@ def _finish(
         if (run_dir / log).exists():
             shutil.copyfile(run_dir / log, out / f"{log}.tmp")
             (out / f"{log}.tmp").replace(out / log)
-    from xtra.reconstruct import write_model_reconstruction
+    from xtra.train.reconstruct import write_model_reconstruction
 
     write_model_reconstruction(params, name, module.model, out)
     _write_json(out / "metrics.json", metrics)

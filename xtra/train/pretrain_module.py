@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from xtra.data.rng import derive_seed
 from xtra.errors import XtraError
 from xtra.model.arch import ArchConfig
+from xtra.model.flops import peak_memory_mb
 from xtra.model.xtra import XTRA
 from xtra.train.schedule import decay_groups, release_warmup_cosine
 
@@ -146,12 +146,6 @@ class PretrainModule(L.LightningModule):
         return loss
 
 
-def _peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
 def _truncate_csv(path: Path, fields: list[str], last_step: int) -> None:
     """Keep only the rows up to `last_step` (a resumed run re-logs what follows), in `fields`' columns."""
     rows = []
@@ -211,7 +205,7 @@ class StepLog(L.Callback):
             "grad_norm": pl_module.last_grad_norm,
             "images_per_s": images_per_s,
             "step_time_s": step_time,
-            "peak_mem_mb": _peak_mem_mb(pl_module.device),
+            "peak_mem_mb": peak_memory_mb(pl_module.device),
             "mfu": mfu,
         }
         row = {

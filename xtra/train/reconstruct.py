@@ -93,7 +93,7 @@ def reconstruction_grid_from_dataset(
 ) -> Path:
     """Write the grid for `count` images of distinct classes of a prepared split (val if present,
     else test, else train)."""
-    from xtra.data.loaders import PreparedDataset, load_manifest
+    from xtra.data.prepared import PreparedDataset, load_manifest
     from xtra.data.transforms import eval_transform
 
     splits = load_manifest(Path(prepared))["splits"]

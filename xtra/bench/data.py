@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from xtra.data.decode import decode_rgb
-from xtra.data.loaders import PreparedDataset
+from xtra.data.prepared import PreparedDataset, decode_rgb
 from xtra.data.rng import derive_seed, seeded
 from xtra.data.streaming import ShardStream, make_stream_loader
 from xtra.data.transforms import pretrain_transform

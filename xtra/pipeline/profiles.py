@@ -11,9 +11,9 @@ would deep-merge two profiles into one, and DVC cannot see it at all.)
   style, as `dvc exp run -S` does; the result is re-validated and written as plain YAML under a
   header naming the profile and the overrides (docs/ABLATIONS.md lists the paper's ablations).
 - `--fill` writes every key the schema defines into params.yaml and every shipped profile
-  (xtra.fill: DVC sees only what the file spells out, and `dvc exp run -S` overrides only that).
+  (xtra.pipeline.fill: DVC sees only what the file spells out, and `dvc exp run -S` overrides only that).
 - Writing params.yaml also rewrites dvc.yaml beside it (`xtra dag`): its stages are the table of
-  the new params (xtra.dag).
+  the new params (xtra.pipeline.dag).
 - params.yaml is only overwritten when nothing would be lost: when it equals a shipped profile, or
   is a file this command wrote and nobody edited since (its header carries the body's sha256).
   Otherwise `--force` is needed.
@@ -168,7 +168,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _fill_all(target: Path, profiles_dir: Path) -> int:
-    from xtra.fill import fill_file
+    from xtra.pipeline.fill import fill_file
 
     for path in [target, *sorted(Path(profiles_dir).glob("*.yaml"))]:
         if path.is_file():
@@ -180,7 +180,7 @@ def _fill_all(target: Path, profiles_dir: Path) -> int:
 def _write_dag(target: Path) -> None:
     """dvc.yaml beside a params.yaml: the stage table of its params (only where a dvc.yaml lives)."""
     from xtra.config import load_params
-    from xtra.dag import write_dvc_yaml
+    from xtra.pipeline.dag import write_dvc_yaml
 
     if (target.resolve().parent / "dvc.yaml").exists():
         write_dvc_yaml(load_params(target, check_paths=False), target.resolve().parent)

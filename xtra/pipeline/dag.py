@@ -17,13 +17,20 @@ result depends on:
 its own benchmark's dataset or kinds: its parser has no nested `${...}` and no list-valued
 fields), and `workflow/Snakefile` makes one rule per entry of the same table, so the two
 front-ends cannot disagree on what is stale. `xtra dag --check` says whether dvc.yaml is current.
+
+dvc.yaml begins with one more stage, `check` (`always_changed`): it runs `xtra dag --check --stamp`,
+which validates params.yaml, refuses a params file that leaves a schema key out (DVC would not see
+it) and a dvc.yaml that is not the stage table of the params, each naming the fix. Every other
+stage depends on its small, constant output, so `dvc repro` (or `dvc exp run -S ...`) runs it first
+and stops there; when it passes, the unchanged output leaves every other stage as it was.
+Snakemake needs no such stage: the Snakefile validates params.yaml when it is parsed.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
@@ -40,7 +47,7 @@ __all__ = [
     "NOT_RESULT_KEYS",
     "REPO",
     "DVC_YAML",
-    "STAGE_COMMANDS",
+    "COMMAND_MODULES",
     "code_files",
     "stage_table",
     "probe_kinds",
@@ -49,18 +56,24 @@ __all__ = [
     "param_value",
     "identity",
     "render_dvc_yaml",
+    "CHECK_STAGE",
+    "CHECK_STAMP",
+    "check_stamp",
     "dvc_yaml_problem",
+    "params_problem",
     "write_dvc_yaml",
-    "check_under_dvc",
     "configure_parser",
     "run",
 ]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DVC_YAML = "dvc.yaml"
 # Modules every command imports that only parse or check params: not a dependency, so editing the
 # CLI does not re-run a 100-epoch pre-training (a params change is what changes a result).
-PLUMBING = frozenset({"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.profiles", "xtra.dag"})
+PLUMBING = frozenset(
+    {"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.pipeline"}
+    | {f"xtra.pipeline.{name}" for name in ("dag", "fill", "profiles")}
+)
 # Keys of each schema section that change no result (the shards do not depend on num_workers;
 # the pre-training is the same for any log or checkpoint cadence or checkpoints kept). The train
 # loader's num_workers is a result key: the streaming reader splits each rank's share of an epoch
@@ -74,7 +87,8 @@ NOT_RESULT_KEYS = {
     "benchmark": frozenset({"resources"}),
     "report": frozenset(),
 }
-# The command module of each stage kind, and the data files (not Python) each one reads.
+# The command module of each stage kind (`xtra <kind>`; xtra.cli.COMMANDS names the same, a test
+# says so), and the data files (not Python) each one reads.
 COMMAND_MODULES = {
     "prepare": "xtra.data.prepare",
     "pretrain": "xtra.train.pretrain",
@@ -121,12 +135,6 @@ def _imports(path: Path) -> Iterator[str]:
             yield from (a.name for a in node.names if a.name.split(".")[0] == "xtra")
 
 
-def _command_module(kind: str) -> str:
-    from xtra.cli import COMMANDS  # the module each `xtra <kind>` runs (after a merge too)
-
-    return COMMANDS[kind][0] if kind in COMMANDS else COMMAND_MODULES[kind]
-
-
 @cache
 def code_files(kind: str) -> tuple[str, ...]:
     """Repository files a stage kind's command runs (transitive imports) or reads, sorted.
@@ -134,7 +142,7 @@ def code_files(kind: str) -> tuple[str, ...]:
     Empty files (a bare `__init__.py`) are left out: they change nothing, and DVC warns on them.
     """
     seen: set[Path] = set()
-    todo = [_command_module(kind)]
+    todo = [COMMAND_MODULES[kind]]
     while todo:
         name = todo.pop()
         path = _module_file(name)
@@ -294,9 +302,13 @@ def stage_table(params: dict[str, Any]) -> list[Stage]:
 # ---------------------------------------------------------------- dvc.yaml
 
 _HEADER = """\
-# dvc.yaml: WRITTEN BY `xtra dag` from params.yaml and xtra/dag.py (do not edit; `xtra profile NAME`
-# rewrites it, and `xtra dag --check` says whether it is current). The local front-end of the
-# pipeline; workflow/Snakefile makes one rule per stage of the same table (xtra/dag.py).
+# dvc.yaml: WRITTEN BY `xtra dag` from params.yaml and xtra/pipeline/dag.py (do not edit; `xtra profile
+# NAME` rewrites it, and `xtra dag --check` says whether it is current). The local front-end of the
+# pipeline; workflow/Snakefile makes one rule per stage of the same table (xtra/pipeline/dag.py).
+#
+# The first stage, `check`, runs on every `dvc repro`: it stops the run, naming the fix, when
+# params.yaml is invalid, leaves a schema key out (`xtra profile --fill`) or is not the table this
+# file was written from (`xtra dag`). Every other stage depends on its constant output.
 #
 #   dvc repro                          # everything that is out of date
 #   dvc exp run -S 'models.xtra_k2.arch.block_size=1'    # an ablation (docs/ABLATIONS.md)
@@ -340,8 +352,18 @@ _PLOTS = [
 ]
 
 
-def _dvc_stage(stage: Stage) -> dict[str, Any]:
-    entry: dict[str, Any] = {"cmd": stage.cmd, "deps": stage.data + stage.code, "params": stage.params}
+CHECK_STAGE = "check"
+CHECK_STAMP = ".params-checked"  # the check stage's output, in paths.results
+_STAMP_TEXT = "params.yaml is valid, complete and the stage table of dvc.yaml\n"
+
+
+def check_stamp(params: dict[str, Any]) -> str:
+    """The path of the check stage's output (constant content: no stage after it becomes stale)."""
+    return f"{params['paths']['results']}/{CHECK_STAMP}"
+
+
+def _dvc_stage(stage: Stage, stamp: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"cmd": stage.cmd, "deps": [stamp, *stage.data, *stage.code], "params": stage.params}
     if stage.kind == "prepare":
         entry["outs"] = [{o: {"cache": False, "persist": True}} for o in stage.outs]
     else:
@@ -352,8 +374,10 @@ def _dvc_stage(stage: Stage) -> dict[str, Any]:
 
 
 def render_dvc_yaml(params: dict[str, Any]) -> str:
-    """The text of dvc.yaml for a validated params dict."""
-    stages = {s.name: _dvc_stage(s) for s in stage_table(params)}
+    """The text of dvc.yaml for a validated params dict: the check stage, then the stage table."""
+    stamp = check_stamp(params)
+    check = {"cmd": f"xtra dag --check --stamp {stamp}", "always_changed": True, "outs": [{stamp: {"cache": False}}]}
+    stages = {CHECK_STAGE: check, **{s.name: _dvc_stage(s, stamp) for s in stage_table(params)}}
     results = params["paths"]["results"]
     plots = [
         {k.format(results=results): v for k, v in p.items()} if isinstance(p, dict) else p.format(results=results)
@@ -377,30 +401,20 @@ def dvc_yaml_problem(params: dict[str, Any], root: Path) -> str | None:
     return None
 
 
-STAGE_COMMANDS = frozenset(COMMAND_MODULES)
+def params_problem(params_file: str | Path) -> str | None:
+    """Why a params file cannot drive DVC: schema keys it leaves to their defaults (None when complete).
 
-
-def check_under_dvc(command: str, params_file: str, environ: dict[str, str] | None = None) -> None:
-    """Inside `dvc repro` / `dvc exp run` (DVC sets DVC_STAGE), refuse to run a stage when the params
-    file leaves a schema key to its default (DVC would not see it), or when dvc.yaml is not the
-    stage table of the params: a `-S` override can change the table (a benchmark, a model's init),
-    and DVC would then run and record the wrong stages."""
-    environ = dict(os.environ if environ is None else environ)
-    if command not in STAGE_COMMANDS or "DVC_STAGE" not in environ:
-        return
-    from xtra.config import load_params
-    from xtra.fill import missing_keys
+    DVC compares only what the file spells out: a stage would run, then DVC would refuse to record it.
+    """
+    from xtra.pipeline.fill import missing_keys
 
     missing = missing_keys(Path(params_file).read_text())
-    if missing:  # DVC would run the stage, then refuse to record it (MissingParamsError)
-        raise ParamsError(
-            f"stage {environ['DVC_STAGE']}: {params_file} leaves out {missing[:6]}: DVC sees only what "
-            f"the file spells out. Run `xtra profile --fill` to write every schema key into it"
+    if missing:
+        return (
+            f"{params_file} leaves out {missing[:6]}: DVC sees only what the file spells out. "
+            "Run `xtra profile --fill` to write every schema key into it"
         )
-    root = Path(environ.get("DVC_ROOT") or Path(params_file).resolve().parent)
-    problem = dvc_yaml_problem(load_params(params_file, check_paths=False), root)
-    if problem:
-        raise ParamsError(f"stage {environ['DVC_STAGE']}: {problem} (then `dvc repro` again)")
+    return None
 
 
 def write_dvc_yaml(params: dict[str, Any], root: Path) -> Path:
@@ -411,18 +425,37 @@ def write_dvc_yaml(params: dict[str, Any], root: Path) -> Path:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--check", action="store_true", help="only say whether dvc.yaml is current (exit 1 if not)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check: params valid and complete, dvc.yaml its stage table (exit 1 if not, naming the fix)",
+    )
+    parser.add_argument(
+        "--stamp",
+        metavar="PATH",
+        default=None,
+        help="with --check: write PATH when it passes (the check stage's output)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from xtra.config import load_params
 
-    params = load_params(args.params, check_paths=False)
+    params = load_params(args.params, check_paths=False)  # an invalid file: ParamsError naming the key
     root = Path(args.params).resolve().parent
     if args.check:
-        problem = dvc_yaml_problem(params, root)
-        print(problem or f"{root / DVC_YAML}: current")
-        return 1 if problem else 0
+        problems = [p for p in (params_problem(args.params), dvc_yaml_problem(params, root)) if p]
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        if problems:
+            print("(then run again)", file=sys.stderr)
+            return 1
+        print(f"{root / DVC_YAML}: current; {args.params}: valid and complete")
+        if args.stamp:
+            from xtra.atomic import write_atomic
+
+            write_atomic(args.stamp, _STAMP_TEXT)
+        return 0
     path = write_dvc_yaml(params, root)
-    print(f"{path}: {len(stage_table(params))} stages")
+    print(f"{path}: {len(stage_table(params))} stages and the check stage")
     return 0

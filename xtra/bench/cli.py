@@ -1,4 +1,4 @@
-"""`xtra bench attention|data|sweep`: measured throughput, printed as tables with ratios.
+"""`xtra bench gpu|attention|data|sweep`: measured throughput, printed as tables with ratios (one module each).
 
 - gpu: XTRA-B/16 and H/14 training images/s, step time, peak memory and MFU in bf16 (dense-mask
   SDPA vs compiled FlexAttention) and the release's fp16 recipe, as ratios;
@@ -53,7 +53,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.bench == "attention":
-        from xtra.model.bench import run_attention_bench
+        from xtra.bench.attention import run_attention_bench
 
         overrides = {k: v for k, v in (("img_size", args.img_size), ("patch_size", args.patch_size)) if v}
         run_attention_bench(
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             overrides=overrides,
         )
     elif args.bench == "gpu":
-        from xtra.model.bench import run_gpu_bench
+        from xtra.bench.gpu import run_gpu_bench
 
         run_gpu_bench(
             tuple(args.preset or ("xtra_b16", "xtra_h14")),
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
             args.device,
         )
     elif args.bench == "data":
+        from xtra.bench.data import run_data_bench
         from xtra.config import load_params
-        from xtra.data.bench import run_data_bench
 
         params = load_params(args.params)
         if args.dataset not in params["datasets"]:
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch,
         )
     else:
-        from xtra.probe.bench import run_sweep_bench
+        from xtra.bench.sweep import run_sweep_bench
 
         run_sweep_bench(
             kinds=tuple(args.kind or ("linear", "attentive")),
