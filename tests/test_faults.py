@@ -31,8 +31,9 @@ import yaml
 from PIL import Image
 
 from tests.conftest import REPO, SMALL_ARCH, XTRA, run_xtra, small_model
+from xtra.atomic import sha256_file
 from xtra.config import validate_params
-from xtra.data.shards import MANIFEST, sha256_file
+from xtra.data.shards import MANIFEST
 from xtra.data.source import RawDataset, Sample
 
 pytestmark = pytest.mark.faults

@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 import torch
 
+from xtra.atomic import sha256_file
 from xtra.config import validate_params
 from xtra.data.prepare import prepare_dataset
+from xtra.data.readers.common import stratified_indices
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import CheckpointError, DataError, ParamsError
 from xtra.model.arch import ArchConfig
 from xtra.model.artifact import save_model_artifact
-from xtra.model.checkpoint import file_sha256
 from xtra.model.xtra import XTRA
 from xtra.probe.cli import configure_parser, probe_model, run
 from xtra.probe.driver import ATTEMPT_LOG_ENV, FAIL_ENV, init_ray
-from xtra.probe.job import ProbeJob, plan_jobs, preflight, stratified_split
+from xtra.probe.job import ProbeJob, plan_jobs, preflight
 
 ARCH = {
     "preset": "tiny",
@@ -133,9 +134,9 @@ def _check_result(params: dict, bench: str, kind: str) -> dict:
     if best is not None:
         assert data["top1"] == best["top1"] and data["selected"]["lr"] == best["lr"]
     ckpt = Path(params["paths"]["models"]) / "rand" / "model.pt"
-    assert data["checkpoint_sha256"] == file_sha256(ckpt)
+    assert data["checkpoint_sha256"] == sha256_file(ckpt)
     manifest = Path(params["paths"]["prepared"]) / params["probe"]["benchmarks"][bench]["dataset"] / "manifest.json"
-    assert data["manifest_sha256"] == file_sha256(manifest)
+    assert data["manifest_sha256"] == sha256_file(manifest)
     assert data["images_seen_pretrain"] == 1234 and data["features"] == "cached"
     assert data["epochs"] == params["probe"]["benchmarks"][bench]["epochs"] and data["seed"] == 0
     assert data["num_eval"] == 20 and data["wall_time_s"] > 0
@@ -175,7 +176,7 @@ def test_augmented_bf16_run_recomputes_features(workspace, tmp_path):
 
 def test_stratified_split_keeps_every_class():
     labels = np.repeat(np.arange(4), [10, 5, 2, 1])
-    kept, held = stratified_split(labels, 0.2, seed=3)
+    kept, held = stratified_indices(labels, 0.2, seed=3)
     assert sorted(np.concatenate([kept, held]).tolist()) == list(range(len(labels)))
     assert len(held) == round(0.2 * len(labels)) == 4
     assert np.bincount(labels[held], minlength=4).tolist()[:2] == [2, 1]  # exact quotas; 1 more by remainder

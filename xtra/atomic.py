@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary file beside the target, then a rename.
+"""Atomic file writes (a temporary file beside the target, then a rename) and the sha256 of a file.
 
 A reader (a later stage, DVC, Snakemake) never sees half a file, and a failed write leaves no
 temporary file behind. Write errors stay the OSError they are; `xtra.errors.writing_to` turns the
@@ -8,13 +8,14 @@ disk-full kind into a message that names the output folder.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_atomic", "write_json_atomic", "save_torch_atomic"]
+__all__ = ["write_atomic", "write_json_atomic", "save_torch_atomic", "sha256_file"]
 
 Data = str | bytes | memoryview
 
@@ -72,6 +73,12 @@ def save_torch_atomic(obj: Any, path: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (`hashlib.file_digest`: the standard library's chunked reader)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _disk_full(path: Path) -> bool:

@@ -39,8 +39,6 @@ SCHEMA_PATH = Path(str(resources.files("xtra") / "schema" / "params.schema.yaml"
 # Variables a Slurm or LSF job step sets: Lightning starts a multi-node run only inside one of them
 # (SLURMEnvironment / LSFEnvironment); elsewhere it waits for processes that never come.
 SCHEDULER_ENV = ("SLURM_NTASKS", "LSB_JOBID")
-# Dataset kinds whose data ships inside registry packages: they need no `root`.
-EMBEDDED_KINDS = frozenset({"mnist5k", "digits"})
 
 
 @lru_cache(maxsize=1)
@@ -108,6 +106,7 @@ def validate_params(params: dict[str, Any], source: str = "params.yaml", check_p
 
 
 def _cross_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
+    from xtra.data.readers import EMBEDDED_KINDS  # kinds whose data ships inside a package: no root
     from xtra.model.arch import ArchConfig
 
     datasets = params["datasets"]

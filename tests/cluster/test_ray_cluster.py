@@ -1,7 +1,7 @@
 """The probe driver on a real two-node Ray cluster (127.0.0.1), one worker killed in the middle of a job.
 
 `ray start --head` and `ray start --address` make two nodes of one CPU each; `xtra probe MODEL`
-submits its jobs (one per benchmark, contract 3) to the cluster named by `probe.ray.address`, so
+submits its jobs (one per benchmark) to the cluster named by `probe.ray.address`, so
 both nodes run one. Once every job has saved its state after an epoch
 (results/probe-state/MODEL/B/), the worker process running a job on the second node is killed
 (SIGKILL, as the kernel's OOM killer would): Ray retries the task (`probe.ray.max_retries`), the

@@ -44,7 +44,7 @@ def snakemake_slurm(
 
 
 def final_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """The final weights of a pre-training: models/<m>/model.pt (contract 1), else the older last.ckpt."""
+    """The final weights of a pre-training: models/<m>/model.pt (xtra.model.artifact), else the older last.ckpt."""
     from xtra.model.artifact import ARTIFACT_NAME, read_model_artifact
 
     if (model_dir / ARTIFACT_NAME).exists():

@@ -128,7 +128,7 @@ def _random_access(root: Path, split: str, tf: Callable, n: int, seed: int, batc
 
 
 def _seeding_ms(seed: int, n: int) -> float:
-    """CPU ms per sample of entering and leaving the per-sample augmentation seed (contract interface 5)."""
+    """CPU ms per sample of entering and leaving the per-sample augmentation seed (`xtra.data.rng`)."""
     start = time.process_time()
     for i in range(n):
         with seeded(derive_seed(seed, "aug", 0, i)):

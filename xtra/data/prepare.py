@@ -55,11 +55,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from xtra.atomic import sha256_file
 from xtra.config import load_schema
 from xtra.data.fingerprint import listing_fingerprint, preparation_hash, shard_params, tree_fingerprint
 from xtra.data.images import IMAGE_POLICY, Converted, convert_image
 from xtra.data.rng import derive_seed
-from xtra.data.shards import MANIFEST, ShardWriter, sha256_file
+from xtra.data.shards import MANIFEST, ShardWriter
 from xtra.data.source import RawDataset, Reader, Sample
 from xtra.errors import DataError, ParamsError, writing_to
 

@@ -23,7 +23,6 @@ dataset size not divisible by world_size, DistributedSampler pads by repeating a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from xtra.atomic import sha256_file
 from xtra.data.images import DECODE_ERRORS
 from xtra.data.shards import MANIFEST, ShardReader, index_shards
 from xtra.errors import DataError
@@ -95,7 +95,7 @@ class PreparedDataset(Dataset):
         self.num_classes: int = int(self.manifest["num_classes"])
         self._reader = ShardReader(index_shards(self.root, splits[split]["shards"]))
         self.targets: np.ndarray = self._reader.index.label  # (N,) int64
-        self.manifest_sha256 = hashlib.sha256((self.root / MANIFEST).read_bytes()).hexdigest()
+        self.manifest_sha256 = sha256_file(self.root / MANIFEST)
 
     def __len__(self) -> int:
         return len(self._reader.index)

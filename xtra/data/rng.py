@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
-import torch
 
 __all__ = ["derive_seed", "seeded"]
 
@@ -30,6 +29,8 @@ def derive_seed(*parts: int | str) -> int:
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run the body with `random`, numpy and torch's CPU generator seeded from `seed`; restore them after."""
+    import torch  # here: the readers derive seeds without torch
+
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % (1 << 32))

@@ -31,7 +31,6 @@ per-process, bounded cache of file descriptors (re-opened after a fork).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xtra.atomic import sha256_file
 from xtra.errors import DataError
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "IMAGE_EXTS",
     "shard_name",
     "member_key",
-    "sha256_file",
     "INDEX_DTYPE",
     "index_name",
     "ShardWriter",
@@ -74,12 +73,6 @@ def member_key(key: str) -> str:
     """A sample key made safe as a WebDataset member key (no dots, no slashes)."""
     safe = _UNSAFE.sub("_", key)
     return safe or "_"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes (`hashlib.file_digest`: the standard library's chunked reader)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # One row of a shard's sidecar index, `<split>-NNNNNN.idx.npy`, per sample (in tar order).

@@ -1,6 +1,6 @@
 """What a dataset reader returns: the samples of each split of a raw dataset, before preparation.
 
-A reader (see `xtra.data.benchmarks`) only *lists* samples; it opens no image. The preparation
+A reader (see `xtra.data.readers`) only *lists* samples; it opens no image. The preparation
 stage (`xtra.data.prepare`) opens, checks, resizes and shards them, so a corrupt file is skipped
 with its reason instead of killing the run.
 """

@@ -6,7 +6,6 @@ whose `state_dict` keys are `model.encoder.*`, `model.proj.*`, `model.predictor.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,16 +25,9 @@ __all__ = [
     "load_strict",
     "load_encoder",
     "load_xtra",
-    "file_sha256",
     "save_model_checkpoint",
     "load_artifact_encoder",
 ]
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes (`hashlib.file_digest` reads it in chunks)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
+from xtra.atomic import sha256_file
 from xtra.errors import CheckpointError, ParamsError
 from xtra.model.arch import MODEL_PRESETS, ArchConfig
 from xtra.model.artifact import save_model_artifact
-from xtra.model.checkpoint import file_sha256, load_strict
+from xtra.model.checkpoint import load_strict
 from xtra.model.xtra import XTRA, build_arch_encoder
 
 __all__ = [
@@ -270,7 +271,7 @@ def convert_official(
         weights = module.state_dict()
     provenance = {
         "converted_from": str(src),
-        "source_sha256": file_sha256(src),
+        "source_sha256": sha256_file(src),
         "encoder_only": encoder_only,
         "hyper_parameters_checked": checked,
         "dropped_prefixes": list(drop),

@@ -38,6 +38,8 @@ __all__ = [
     "probe_blocks",
     "pool_blocks",
     "make_probe",
+    "PIXEL_FLOOR_INIT",
+    "model_kinds",
     "HeadBank",
 ]
 
@@ -190,6 +192,15 @@ def make_probe(kind: str, dim: int, num_classes: int, attn_heads: int = 16, norm
     if kind == "attentive":
         return AttentiveProbe(dim, num_classes, attn_heads, norm)
     raise ParamsError(f"unknown probe kind {kind!r}; expected one of {list(PROBE_KINDS)}")
+
+
+PIXEL_FLOOR_INIT = "pixels"  # a model of this init is the pixel floor (xtra.probe.pixels)
+
+
+def model_kinds(init: str, kinds: Sequence[str]) -> tuple[str, ...]:
+    """The kinds of `kinds` a model of `init` is probed with: the pixel floor (one token of pixels)
+    by the linear kind only. The one place that decides it (jobs, stage table, report)."""
+    return tuple(k for k in kinds if init != PIXEL_FLOOR_INIT or k == "linear")
 
 
 class HeadBank(nn.Module):

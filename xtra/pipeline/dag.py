@@ -238,9 +238,10 @@ def _pretrain(params: dict[str, Any], name: str) -> Stage:
 
 
 def probe_kinds(params: dict[str, Any], model: str, benchmark: str) -> list[str]:
-    """The kinds a (model, benchmark) job writes: the benchmark's, only linear for a pixels model."""
-    kinds = list(params["probe"]["benchmarks"][benchmark]["kinds"])
-    return [k for k in kinds if k == "linear"] if params["models"][model]["init"] == "pixels" else kinds
+    """The kinds a (model, benchmark) job writes: the benchmark's that the model is probed with."""
+    from xtra.model.probes import model_kinds
+
+    return list(model_kinds(params["models"][model]["init"], params["probe"]["benchmarks"][benchmark]["kinds"]))
 
 
 def _probe(params: dict[str, Any], model: str, bench: str) -> Stage:

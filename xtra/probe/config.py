@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from xtra.errors import ParamsError
-from xtra.model.probes import PROBE_KINDS, probe_blocks
+from xtra.model.probes import PROBE_KINDS, model_kinds, probe_blocks
 
-__all__ = ["SweepConfig", "ProbeConfig", "probe_config", "model_kinds", "settings_grid", "AUGMENTATIONS", "PIXEL_KINDS"]
+__all__ = ["SweepConfig", "ProbeConfig", "probe_config", "settings_grid", "AUGMENTATIONS"]
 
 AUGMENTATIONS = ("none", "randaugment", "crop_flip")
-PIXEL_KINDS = ("linear",)  # the pixel floor is probed by the linear kind only
 
 
 def settings_grid(lrs: Sequence[float], weight_decays: Sequence[float]) -> tuple[tuple[float, float], ...]:
@@ -136,7 +135,7 @@ def probe_config(params: dict, model: str, benchmark: str, kinds: Sequence[str] 
             f"probe.benchmarks has no benchmark {benchmark!r}; known: {sorted(params['probe']['benchmarks'])}"
         )
     probe, bench = params["probe"], params["probe"]["benchmarks"][benchmark]
-    kinds = tuple(kinds or model_kinds(params, model, bench["kinds"]))
+    kinds = tuple(kinds or model_kinds(params["models"][model]["init"], bench["kinds"]))
     bad = [k for k in kinds if k not in PROBE_KINDS]
     if bad:
         raise ParamsError(f"unknown probe kind {bad}; expected some of {list(PROBE_KINDS)}")
@@ -155,10 +154,3 @@ def probe_config(params: dict, model: str, benchmark: str, kinds: Sequence[str] 
         seed=params["seed"],
         sweeps=tuple(_sweep(params, benchmark, k) for k in kinds),
     )
-
-
-def model_kinds(params: dict, model: str, kinds: Sequence[str]) -> tuple[str, ...]:
-    """The kinds of `kinds` a model is probed with (the pixel floor: linear only)."""
-    if params["models"][model]["init"] == "pixels":
-        return tuple(k for k in kinds if k in PIXEL_KINDS)
-    return tuple(kinds)

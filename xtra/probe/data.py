@@ -1,6 +1,6 @@
 """The data of a probe job: splits, per-kind training transforms, seeded augmentation, loaders.
 
-Augmentation is reproducible (contract: `xtra.data.rng`): the training sampler yields `(epoch, i)`
+Augmentation is reproducible (the rule of `xtra.data.rng`): the training sampler yields `(epoch, i)`
 pairs (`EpochTagged`), and `SeededView` runs the transform of sample i in epoch e under
 `seeded(derive_seed(seed, "aug", e, i))`, i being the sample's index in the prepared split. The
 draws then depend on neither the rank, the loader worker, nor a resume.
@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms as T
 
+from xtra.data.readers.common import stratified_indices
 from xtra.data.rng import derive_seed, seeded
-from xtra.errors import DataError, ParamsError
+from xtra.errors import ParamsError
 from xtra.probe.config import ProbeConfig
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "train_transform",
     "eval_loader",
     "train_loader",
-    "stratified_split",
 ]
 
 
@@ -128,7 +128,7 @@ def build_data(cfg: ProbeConfig, prepared: Path, img_size: int) -> JobData:
     evaluation = PreparedDataset(root, cfg.eval_split, eval_tf)
     kept, heldout = None, None
     if cfg.protocol == "heldout":
-        kept, held = stratified_split(np.asarray(base.targets), cfg.heldout_fraction, cfg.seed)
+        kept, held = stratified_indices(np.asarray(base.targets), cfg.heldout_fraction, cfg.seed)
         heldout = SeededView(base, held.tolist(), eval_tf, cfg.seed)
     return JobData(base, kept, evaluation, heldout, evaluation.num_classes, evaluation.manifest_sha256)
 
@@ -168,31 +168,3 @@ def eval_loader(cfg: ProbeConfig, ds: Dataset) -> DataLoader:
         world_size=1,
         drop_last=False,
     )
-
-
-def _quotas(counts: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Per-class held-out counts summing to round(fraction * n) (largest remainders; >= 1 kept per class)."""
-    exact = fraction * counts
-    quota = np.minimum(np.floor(exact).astype(np.int64), counts - 1)
-    short = int(round(fraction * counts.sum())) - int(quota.sum())
-    order = np.lexsort((rng.random(len(counts)), -(exact - np.floor(exact))))  # largest remainder first
-    for c in order:
-        if short <= 0:
-            break
-        if quota[c] < counts[c] - 1:
-            quota[c] += 1
-            short -= 1
-    return quota
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (kept, held-out) indices: about `fraction` of each class held out, round(fraction * n) in all."""
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = _quotas(counts, fraction, rng)
-    held = [rng.permutation(np.flatnonzero(labels == cls))[:q] for cls, q in zip(classes, quota)]
-    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
-    kept_idx = np.setdiff1d(np.arange(len(labels)), held_idx)
-    if len(held_idx) == 0:
-        raise DataError(f"probe.heldout_fraction {fraction}: holds out no sample of {len(labels)}")
-    return kept_idx, held_idx

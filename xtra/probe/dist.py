@@ -21,7 +21,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["run_on_devices", "job_device"]
+__all__ = ["world", "run_on_devices", "job_device"]
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the initialised process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def job_device(local_rank: int = 0) -> torch.device:

@@ -124,7 +124,7 @@ def _finished(params: dict, job: ProbeJob, results: dict[str, dict]) -> None:
 
 def is_finished(params: dict, job: ProbeJob) -> bool:
     """True when every result file of the job exists and its saved state finished this very job."""
-    from xtra.model.checkpoint import file_sha256
+    from xtra.atomic import sha256_file
     from xtra.probe.config import probe_config
     from xtra.probe.job import model_path
     from xtra.probe.state import job_fingerprint, load_state, state_path
@@ -135,7 +135,7 @@ def is_finished(params: dict, job: ProbeJob) -> bool:
     manifest = Path(params["paths"]["prepared"]) / cfg.dataset / "manifest.json"
     if not manifest.is_file():
         return False
-    fingerprint = job_fingerprint(cfg, file_sha256(model_path(params, job.model)), file_sha256(manifest))
+    fingerprint = job_fingerprint(cfg, sha256_file(model_path(params, job.model)), sha256_file(manifest))
     state = load_state(state_path(params["paths"]["results"], cfg), fingerprint)
     return state is not None and state["epochs_done"] >= cfg.sweeps[0].epochs
 

@@ -30,9 +30,10 @@ import torch
 
 from xtra.atomic import write_json_atomic
 from xtra.errors import DataError, ParamsError
-from xtra.model.probes import PROBE_KINDS, HeadBank
-from xtra.probe.config import PIXEL_KINDS, ProbeConfig, model_kinds, probe_config
-from xtra.probe.data import JobData, build_data, eval_loader, stratified_split, train_loader
+from xtra.model.probes import PIXEL_FLOOR_INIT, PROBE_KINDS, HeadBank, model_kinds
+from xtra.probe.config import ProbeConfig, probe_config
+from xtra.probe.data import JobData, build_data, eval_loader, train_loader
+from xtra.probe.dist import world
 from xtra.probe.loop import (
     BankTrainer,
     CachedFeatures,
@@ -43,7 +44,6 @@ from xtra.probe.loop import (
     encoded_batches,
     evaluate_bank,
     train_banks,
-    world,
 )
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "write_results",
     "result_path",
     "model_path",
-    "stratified_split",
     "CACHE_LIMIT_ENV",
     "InjectedFailure",
 ]
@@ -117,15 +116,15 @@ def plan_jobs(
     bad_kinds = [k for k in kinds or [] if k not in PROBE_KINDS]
     if bad_kinds:
         raise ParamsError(f"unknown probe kind {bad_kinds}; expected some of {list(PROBE_KINDS)}")
-    pixels = params["models"][model]["init"] == "pixels"
+    init = params["models"][model]["init"]
     jobs = []
     for bench in benchmarks or list(configured):
-        allowed = model_kinds(params, model, configured[bench]["kinds"])
+        allowed = model_kinds(init, configured[bench]["kinds"])
         missing = [k for k in kinds or [] if k not in allowed]
         if missing and benchmarks:  # a benchmark named on the command line must have every kind asked for
             why = (
-                f"model {model} is the pixel floor (kinds {list(PIXEL_KINDS)} only)"
-                if pixels
+                f"model {model} is the pixel floor (kinds {list(model_kinds(init, PROBE_KINDS))} only)"
+                if init == PIXEL_FLOOR_INIT
                 else f"{source}: probe.benchmarks.{bench}.kinds is {configured[bench]['kinds']}"
             )
             raise ParamsError(f"{why}; benchmark {bench} has no {missing} for it")
@@ -284,7 +283,8 @@ def _run_rank(
     device: torch.device, params: dict, job: ProbeJob, hooks: JobHooks, log: Callable[[str], None]
 ) -> dict[str, dict] | None:
     """The job on this rank; rank 0 evaluates and returns the results, the other ranks None."""
-    from xtra.model.checkpoint import file_sha256, load_artifact_encoder
+    from xtra.atomic import sha256_file
+    from xtra.model.checkpoint import load_artifact_encoder
     from xtra.probe.state import job_fingerprint, state_path
 
     start = time.perf_counter()
@@ -294,7 +294,7 @@ def _run_rank(
     encoder.to(device)
     _check_shapes(cfg, encoder)
     data = build_data(cfg, Path(params["paths"]["prepared"]), arch.img_size)
-    sha = file_sha256(path)
+    sha = sha256_file(path)
     fingerprint = job_fingerprint(cfg, sha, data.manifest_sha256)
     spath = state_path(params["paths"]["results"], cfg)
     banks = {

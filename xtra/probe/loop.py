@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from xtra.errors import ParamsError
 from xtra.model.probes import HeadBank, pool_blocks
 from xtra.probe.config import SweepConfig, settings_grid
+from xtra.probe.dist import world
 from xtra.train.schedule import release_warmup_cosine, warmup_cosine
 
 __all__ = [
@@ -52,18 +53,10 @@ __all__ = [
     "autocast_for",
     "settings_grid",
     "lr_at",
-    "world",
 ]
 
 Features = torch.Tensor | dict[str, torch.Tensor]  # one kind's pooled features, or one per kind
 Batch = tuple[Features, torch.Tensor]
-
-
-def world() -> tuple[int, int]:
-    """(rank, world_size) of the initialised process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:

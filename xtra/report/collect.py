@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from xtra.errors import XtraError
+from xtra.model.probes import PIXEL_FLOOR_INIT, model_kinds
 from xtra.report.reference import BENCHMARKS, KIND_ORDER, PROTOCOLS
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "read_pretrain_log",
     "pixel_floor_models",
     "FLOOR_INIT",
-    "FLOOR_KINDS",
 ]
 
 RESULT_COLUMNS: tuple[str, ...] = (
@@ -76,9 +76,7 @@ SWEEP_COLUMNS: tuple[str, ...] = (
 _HEAD_NUMBERS = ("lr", "weight_decay", "top1", "top5", "heldout_top1")
 _FAILURES = "failures.json"
 _REASON_KEYS = ("error", "reason", "message")
-# The pixel floor (contract interface 2): `init: pixels`, probed by the linear kind only.
-FLOOR_INIT = "pixels"
-FLOOR_KINDS: tuple[str, ...] = ("linear",)
+FLOOR_INIT = PIXEL_FLOOR_INIT  # the pixel floor's init; the kinds it is probed with: model_kinds
 
 
 @dataclass
@@ -239,13 +237,11 @@ def _expected(params: dict) -> list[tuple[str, str, str, str]]:
     """(model, benchmark, kind, protocol) of every probe job params asks for (the pixel floor:
     its linear kind only)."""
     protocol = params["probe"].get("protocol", "paper")
-    floor = set(pixel_floor_models(params))
     return [
         (model, benchmark, kind, protocol)
-        for model in params["models"]
+        for model, model_cfg in params["models"].items()
         for benchmark, cfg in params["probe"]["benchmarks"].items()
-        for kind in cfg.get("kinds", KIND_ORDER)
-        if model not in floor or kind in FLOOR_KINDS
+        for kind in model_kinds((model_cfg or {}).get("init", "pretrain"), cfg.get("kinds", KIND_ORDER))
     ]
 
 

@@ -13,7 +13,7 @@ Exact resume of `random` rests on three pure functions instead of saved generato
   (`torch.utils.data.DistributedSampler`, `drop_last=True`: the remainder of len % world_size samples
   is left out of that epoch, a different remainder every epoch);
 - the augmentation of sample i in epoch e runs under `seeded(derive_seed(seed, "aug", e, i))`
-  (contract interface 5), so it does not depend on the rank, the loader worker or a resume;
+  (`xtra.data.rng`), so it does not depend on the rank, the loader worker or a resume;
 - model randomness is reseeded every micro-batch from (seed, rank, step) (`pretrain_module`).
 The loader's position is then one number, the batches of the current epoch already trained on. It
 is saved in every checkpoint (the data module's `state_dict`) and a resumed run's sampler skips
@@ -71,7 +71,7 @@ class ResumableSampler(DistributedSampler):
 
 
 class SeededSamples(Dataset):
-    """Item `(epoch, i)` -> `transform(image i)`, drawn under interface 5's per-sample seed."""
+    """Item `(epoch, i)` -> `transform(image i)`, drawn under the per-sample seed of (seed, epoch, i)."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset, self.seed = dataset, seed

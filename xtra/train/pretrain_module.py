@@ -59,7 +59,7 @@ def schedule_steps(train: dict[str, Any], steps_per_epoch: int) -> tuple[int, in
 
 
 def model_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
-    """Contract interface 5: the seed of model randomness of (rank, optimiser step, micro-batch of the step)."""
+    """The seed of model randomness (stochastic depth) of (rank, optimiser step, micro-batch of the step)."""
     return derive_seed(seed, "model", rank, step, micro)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -165,13 +166,38 @@ def check_unique_keys(splits: dict[str, list[Sample]], source: str) -> None:
 
 
 def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (kept, held-out) indices of a stratified split holding out `fraction` of the samples."""
+    """Sorted (kept, held-out) indices of a stratified split holding out `fraction` of the samples: the
+    project's one stratified split (the demo and EuroSAT splits, the probe's held-out protocol).
+
+    scikit-learn's stratified `train_test_split` (`random_state=seed`, ceil(fraction * n) held out).
+    Where that cannot stratify (a class of one sample, or fewer held-out or kept samples than
+    classes), each class holds out its share instead: round(fraction * n) in all, the rounding
+    remainders given to the largest fractions, at least one sample of every class kept.
+    """
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < fraction < 1.0:
         raise DataError(f"heldout_fraction must be in (0, 1), got {fraction}")
-    kept, held = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed)
-    return np.sort(kept), np.sort(held)
+    classes, counts = np.unique(labels, return_counts=True)
+    n_held = math.ceil(fraction * len(labels))
+    if counts.min() >= 2 and min(n_held, len(labels) - n_held) >= len(classes):
+        kept, held = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed)
+        return np.sort(kept), np.sort(held)
+    rng = np.random.default_rng(seed)
+    exact = fraction * counts
+    quota = np.minimum(np.floor(exact).astype(np.int64), counts - 1)  # per class, one sample always kept
+    short = int(round(fraction * counts.sum())) - int(quota.sum())
+    for c in np.lexsort((rng.random(len(counts)), -(exact - np.floor(exact)))):  # largest remainder first
+        if short <= 0:
+            break
+        if quota[c] < counts[c] - 1:
+            quota[c] += 1
+            short -= 1
+    held = [rng.permutation(np.flatnonzero(labels == cls))[:q] for cls, q in zip(classes, quota)]
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    if len(held_idx) == 0:
+        raise DataError(f"a held-out fraction of {fraction} holds out no sample of {len(labels)}")
+    return np.setdiff1d(np.arange(len(labels)), held_idx), held_idx
 
 
 def read_lines(path: Path, what: str) -> list[str]:
