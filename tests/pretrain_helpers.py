@@ -35,14 +35,14 @@ TINY_ARCH = {
 # launcher re-runs this file for rank 1, so every rank is patched the same way)
 KILLER = """
 import os, signal, sys
-from xtra.train import pretrain
+from xtra.train import module
 step = int(os.environ["KILL_AFTER_STEP"])
-original = pretrain.RetainedCheckpoint._save_checkpoint
+original = module.KeepCheckpoints._save_checkpoint
 def save_then_die(self, trainer, filepath):
     original(self, trainer, filepath)
     if trainer.global_step == step:
         os.kill(os.getpid(), signal.SIGKILL)
-pretrain.RetainedCheckpoint._save_checkpoint = save_then_die
+module.KeepCheckpoints._save_checkpoint = save_then_die
 from xtra.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -18,7 +18,7 @@ from xtra.data.images import resize_shorter
 from xtra.data.prepare import prepare_dataset
 from xtra.data.prepared import PreparedDataset, make_loader
 from xtra.data.source import RawDataset, Sample
-from xtra.data.transforms import eval_transform, pretrain_transform, probe_train_transform
+from xtra.data.transforms import eval_transform, pretrain_transform, randaugment_transform
 from xtra.errors import DataError
 
 N, S = 40, 16
@@ -62,7 +62,7 @@ def test_items_are_the_stored_images(prepared: Path) -> None:
     "make, bounded",
     [
         (pretrain_transform, True),
-        (probe_train_transform, False),  # random erasing fills with N(0, 1) noise, past the pixel range
+        (randaugment_transform, False),  # random erasing fills with N(0, 1) noise, past the pixel range
         (lambda s: eval_transform(s, resize=s + 2), True),
     ],
 )
@@ -86,7 +86,7 @@ def test_probe_randaugment_survives_top_posterize_magnitude() -> None:
     """timm's PosterizeIncreasing at magnitude 10 keeps 0 bits, which Pillow 13 rejects."""
     from timm.data.auto_augment import RandAugment
 
-    tf = probe_train_transform(S)
+    tf = randaugment_transform(S)
     ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
     op = next(op for op in ra.ops if op.name == "PosterizeIncreasing")
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0

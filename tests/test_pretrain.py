@@ -6,7 +6,6 @@ import csv
 import hashlib
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -211,7 +210,7 @@ def test_schedule_runs_from_warmup_start_to_lr_to_min_lr(small, tmp_path: Path, 
 
 
 def test_two_ranks_draw_different_drop_path_masks() -> None:
-    from xtra.train.pretrain_module import PretrainModule
+    from xtra.train.module import PretrainModule, model_seed
 
     arch = {**TINY_ARCH, "drop_path_rate": 0.5}
     train = validate_params(_params_with(small_model()), check_paths=False)["models"]["m"]["train"]
@@ -220,8 +219,7 @@ def test_two_ranks_draw_different_drop_path_masks() -> None:
     x = torch.randn(8, 3, 16, 16)
 
     def encoded(rank: int) -> torch.Tensor:
-        module._trainer = SimpleNamespace(global_rank=rank, accumulate_grad_batches=1, global_step=3)
-        module._reseed(batch_idx=0)
+        torch.manual_seed(model_seed(0, rank, step=3, micro=0))  # what training_step seeds on rank `rank`
         return module.model.encoder(x)
 
     assert torch.equal(encoded(0), encoded(0))  # a pure function of (seed, rank, step)
@@ -265,7 +263,7 @@ def test_truncated_resume_checkpoint_falls_back_to_the_previous_one_and_nothing_
 
 
 def test_keep_last_checkpoints_and_every_nth(tmp_path: Path) -> None:
-    from xtra.train.pretrain import prune_checkpoints
+    from xtra.train.module import prune_checkpoints
 
     for step in range(1, 11):
         (tmp_path / f"step-{step:06d}.ckpt").write_bytes(b"x")
@@ -287,8 +285,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     import yaml
 
     from xtra.model import xtra as xtra_module
+    from xtra.train.module import NonFiniteLossError
     from xtra.train.pretrain import pretrain_model
-    from xtra.train.pretrain_module import NonFiniteLossError
 
     original = xtra_module.XTRA.loss
 

@@ -15,6 +15,12 @@ decode is lost to the conversion; a tensor-only transform pipeline would be fast
 images/s for the whole pre-training transform) but gives different pixels than the PIL bicubic
 resize every published pipeline uses.
 
+Training over random access (probe heads; pre-training with `train.loader: random`) draws its
+augmentation the way the stream does (`xtra.data.rng`): `EpochSampler` yields `(epoch, i)` pairs and
+`SeededView` transforms sample i of epoch e under `seeded(derive_seed(seed, "aug", e, i))`, i being
+the sample's index in the prepared split, so the draws depend on neither the rank, the loader worker
+nor a resume. `EpochSampler.skip_batches` resumes an epoch after the batches already trained on.
+
 `make_loader` always uses a `DistributedSampler` (one replica by default): the order is a function
 of (seed, epoch) only, each rank gets a disjoint 1/world_size of it. With `drop_last=False` and a
 dataset size not divisible by world_size, DistributedSampler pads by repeating a few samples
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +43,11 @@ from torch.utils.data.distributed import DistributedSampler
 
 from xtra.atomic import sha256_file
 from xtra.data.images import DECODE_ERRORS
+from xtra.data.rng import derive_seed, seeded
 from xtra.data.shards import MANIFEST, ShardReader, index_shards
 from xtra.errors import DataError
 
-__all__ = ["MANIFEST", "load_manifest", "decode_rgb", "PreparedDataset", "make_loader"]
+__all__ = ["MANIFEST", "load_manifest", "decode_rgb", "PreparedDataset", "SeededView", "EpochSampler", "make_loader"]
 
 SUPPORTED_VERSIONS = (1, 2)
 
@@ -118,6 +125,55 @@ class PreparedDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"PreparedDataset({self.name!r}, split={self.split!r}, n={len(self)}, classes={self.num_classes})"
+
+
+class SeededView(Dataset):
+    """Samples `indices` (None: all) of a prepared split; item (epoch, j) is sample indices[j] transformed
+    under its seed of (seed, epoch, sample); a plain j reads epoch 0."""
+
+    def __init__(self, base: PreparedDataset, indices: Sequence[int] | None, transform: Callable, seed: int) -> None:
+        self.base, self.transform, self.seed = base, transform, seed
+        self.indices = list(range(len(base))) if indices is None else [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.asarray(self.base.targets)[self.indices]
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, j = item if isinstance(item, tuple) else (0, item)
+        i = self.indices[j]
+        image = self.base.image(i)
+        with seeded(derive_seed(self.seed, "aug", int(epoch), i)):
+            x = self.transform(image)  # (3, S, S)
+        return x, int(self.base.targets[i])
+
+
+class EpochSampler(DistributedSampler):
+    """A shuffling DistributedSampler that yields `(epoch, index)` and can skip the first batches of one epoch.
+
+    `len()` stays the full share of the epoch, so Lightning's batch counters (restored from a
+    checkpoint) line up with the batches that follow the skipped ones.
+    """
+
+    def __init__(
+        self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, drop_last: bool, batch_size: int = 1
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self.batch_size = batch_size
+        self._skip: tuple[int, int] | None = None  # (epoch, batches to skip)
+
+    def skip_batches(self, epoch: int, batches: int) -> None:
+        self._skip = (epoch, batches) if batches > 0 else None
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        indices = list(super().__iter__())
+        if self._skip is not None and self._skip[0] == self.epoch:
+            indices = indices[self._skip[1] * self.batch_size :]
+            self._skip = None  # the next epoch starts at its beginning
+        return iter([(self.epoch, i) for i in indices])
 
 
 def make_loader(

@@ -1,9 +1,12 @@
 """The image transforms of METHOD.md: PIL RGB image -> normalised float tensor (3, S, S).
 
 - pre-training: RandomResizedCrop(S, scale 0.3-1.0, ratio 0.75-1.5, bicubic) + horizontal flip;
-- probe training: timm's ImageNet training transform: RandomResizedCrop(S) (timm's default scale
+- probe training, by `probe.kinds.<kind>.augmentation` (`probe_train_transform`):
+  `randaugment`: timm's ImageNet training transform: RandomResizedCrop(S) (timm's default scale
   0.08-1, ratio 3/4-4/3, bicubic) + flip + RandAugment `rand-m9-mstd0.5-inc1` (bicubic) + random
-  erasing p 0.25, pixel mode, on CPU (colour jitter is off, as timm does with RandAugment);
+  erasing p 0.25, pixel mode, on CPU (colour jitter is off, as timm does with RandAugment; the
+  release's attentive probes and its H/14 linear probe); `crop_flip`: RandomResizedCrop(S, scale
+  0.08-1, bicubic) + horizontal flip (the release's B/16 linear probe); `none`: the evaluation transform;
 - evaluation: resize the shorter side to `resize` (bicubic) + centre crop S.
 All end with ToTensor and ImageNet mean/std normalisation (timm's constants).
 
@@ -33,7 +36,9 @@ __all__ = [
     "ToNormalisedTensor",
     "PRETRAIN_SCALE",
     "PRETRAIN_RATIO",
+    "AUGMENTATIONS",
     "pretrain_transform",
+    "randaugment_transform",
     "probe_train_transform",
     "eval_transform",
     "default_eval_resize",
@@ -45,6 +50,7 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 PRETRAIN_SCALE = (0.3, 1.0)
 PRETRAIN_RATIO = (0.75, 1.5)
 RANDOM_ERASING_P = 0.25
+AUGMENTATIONS = ("randaugment", "crop_flip", "none")  # probe training transforms (the schema's enum)
 
 
 class ToNormalisedTensor:
@@ -110,7 +116,7 @@ def _patch_posterize(transform: T.Compose) -> T.Compose:
     return transform
 
 
-def probe_train_transform(img_size: int) -> Transform:
+def randaugment_transform(img_size: int) -> Transform:
     """Probe-training augmentation (timm: RRC + flip + RandAugment + random erasing) -> (3, S, S)."""
     transform = create_transform(
         input_size=img_size,
@@ -125,6 +131,24 @@ def probe_train_transform(img_size: int) -> Transform:
         re_count=1,
     )
     return _patch_posterize(transform)
+
+
+def probe_train_transform(augmentation: str, img_size: int, eval_resize: int) -> Transform:
+    """The probe-training transform named by `augmentation` (one of AUGMENTATIONS) -> (3, S, S)."""
+    if augmentation == "randaugment":
+        return randaugment_transform(img_size)
+    if augmentation == "crop_flip":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(0.5),
+                T.ToTensor(),
+                T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+            ]
+        )
+    if augmentation == "none":
+        return eval_transform(img_size, eval_resize)
+    raise ParamsError(f"probe augmentation {augmentation!r}: expected one of {list(AUGMENTATIONS)}")
 
 
 def default_eval_resize(img_size: int) -> int:

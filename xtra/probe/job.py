@@ -1,9 +1,10 @@
 """One probe job: (model, benchmark) -> one result dict per kind, `results/probe/<model>/<benchmark>-<kind>.json`.
 
-`plan_jobs` turns the command line into jobs (unknown benchmark or kind: ParamsError), `preflight`
-checks every job's inputs before any training starts (model file and architecture, prepared dataset
-and splits, sweep grids, probe shapes), `run_job` trains every kind's bank and evaluates them,
-`write_results` writes the JSONs atomically.
+Read top-down: `plan_jobs` turns the command line into jobs (unknown benchmark or kind:
+ParamsError), `preflight` checks every job's inputs before any training starts (model file and
+architecture, prepared dataset and splits, sweep grids, probe shapes), `run_job` runs a job on its
+devices and `_run_rank` is the job on one of them: config -> encoder -> data -> banks -> epochs
+(resumable) -> selection and results; `write_results` writes the JSONs atomically.
 
 One job runs all the kinds of its benchmark: kinds with the same training transform share one
 encoder forward per batch (`xtra.probe.loop`); a kind with its own transform gets its own pass in
@@ -28,12 +29,15 @@ from pathlib import Path
 
 import torch
 
-from xtra.atomic import write_json_atomic
+from xtra.atomic import sha256_file, write_json_atomic
+from xtra.data.prepared import load_manifest
 from xtra.errors import DataError, ParamsError
+from xtra.model.artifact import ARTIFACT_NAME
+from xtra.model.checkpoint import load_artifact_encoder
 from xtra.model.probes import PIXEL_FLOOR_INIT, PROBE_KINDS, HeadBank, model_kinds
 from xtra.probe.config import ProbeConfig, probe_config
 from xtra.probe.data import JobData, build_data, eval_loader, train_loader
-from xtra.probe.dist import world
+from xtra.probe.dist import run_on_devices, world
 from xtra.probe.loop import (
     BankTrainer,
     CachedFeatures,
@@ -45,6 +49,7 @@ from xtra.probe.loop import (
     evaluate_bank,
     train_banks,
 )
+from xtra.probe.state import job_fingerprint, load_state, log_progress, save_state, state_path
 
 __all__ = [
     "ProbeJob",
@@ -90,8 +95,6 @@ class JobHooks:
 
 
 def model_path(params: dict, model: str) -> Path:
-    from xtra.model.artifact import ARTIFACT_NAME
-
     return Path(params["paths"]["models"]) / model / ARTIFACT_NAME
 
 
@@ -138,9 +141,17 @@ def plan_jobs(
     return jobs
 
 
-def _check_data(params: dict, cfg: ProbeConfig) -> None:
-    from xtra.data.prepared import load_manifest
+def preflight(params: dict, model: str, jobs: Sequence[ProbeJob]) -> None:
+    """Every check that needs no training, for all jobs, before any of them starts."""
+    encoder, _, _ = load_artifact_encoder(model_path(params, model), params["models"][model]["arch"])
+    for job in jobs:
+        cfg = probe_config(params, model, job.benchmark, job.kinds)
+        _check_shapes(cfg, encoder)
+        _check_data(params, cfg)
+    del encoder
 
+
+def _check_data(params: dict, cfg: ProbeConfig) -> None:
     root = Path(params["paths"]["prepared"]) / cfg.dataset
     try:
         manifest = load_manifest(root)
@@ -172,109 +183,10 @@ def _check_shapes(cfg: ProbeConfig, encoder: torch.nn.Module) -> None:
             )
 
 
-def preflight(params: dict, model: str, jobs: Sequence[ProbeJob]) -> None:
-    """Every check that needs no training, for all jobs, before any of them starts."""
-    from xtra.model.checkpoint import load_artifact_encoder
-
-    encoder, _, _ = load_artifact_encoder(model_path(params, model), params["models"][model]["arch"])
-    for job in jobs:
-        cfg = probe_config(params, model, job.benchmark, job.kinds)
-        _check_shapes(cfg, encoder)
-        _check_data(params, cfg)
-    del encoder
-
-
-def write_results(params: dict, job: ProbeJob, results: dict[str, dict]) -> list[Path]:
-    return [
-        write_json_atomic(result_path(params, job.model, job.benchmark, kind), result, indent=1)
-        for kind, result in results.items()
-    ]
-
-
-def _cache_limit_bytes() -> float:
-    return float(os.environ.get(CACHE_LIMIT_ENV, DEFAULT_CACHE_GB)) * 2**30
-
-
-def _train_source(
-    cfg: ProbeConfig,
-    encoder: torch.nn.Module,
-    data: JobData,
-    augmentation: str,
-    sweeps: tuple,
-    img_size: int,
-    device: torch.device,
-) -> tuple[FeatureSource, str]:
-    """Cached features when the batches are the same every epoch (no augmentation) and they fit."""
-    train = data.train(augmentation, img_size, cfg.eval_resize, cfg.seed)
-    drop_last = len(train) >= cfg.batch_size
-    tokens = {"linear": 1, "attentive": getattr(encoder, "grid", 1) ** 2}
-    per_sample = sum(encoder.width * tokens[s.kind] * 4 for s in sweeps)  # float32 bytes
-    if augmentation == "none" and len(train) * per_sample <= _cache_limit_bytes():
-        feats, labels = cache_features(encoder, eval_loader(cfg, train), sweeps, device)
-        return CachedFeatures(
-            feats, labels, cfg.batch_size, seed=cfg.seed, drop_last=drop_last, device=device
-        ), "cached"
-    rank, size = world()
-    return LiveFeatures(encoder, train_loader(cfg, train, rank, size, drop_last), sweeps, device), "recomputed"
-
-
-def _best(values: Sequence[float]) -> int:
-    """Index of the highest value (the first of ties: the smallest lr of the lowest weight decay)."""
-    return int(max(range(len(values)), key=lambda i: (values[i], -i)))
-
-
-def _images_seen(params: dict, model: str) -> int | None:
-    path = Path(params["paths"]["models"]) / model / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text()).get("images_seen")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DataError(f"{path}: cannot read images_seen: {exc}") from exc
-    return int(value) if isinstance(value, (int, float)) else None
-
-
-def _selection(settings: Sequence[tuple[float, float]], i: int, scores: HeadScores) -> dict:
-    lr, wd = settings[i]
-    return {"selected": {"lr": lr, "weight_decay": wd}, "top1": scores.top1[i], "top5": scores.top5[i]}
-
-
-def _select(
-    cfg: ProbeConfig, kind: str, bank: HeadBank, encoder: torch.nn.Module, data: JobData, device: torch.device
-) -> dict:
-    """Every head's accuracy, and the selection of the protocol (and the held-out one when run)."""
-    sweep = cfg.sweep(kind)
-
-    def scores_on(ds: torch.utils.data.Dataset) -> HeadScores:
-        batches = encoded_batches(encoder, eval_loader(cfg, ds), sweep, device)
-        return evaluate_bank(bank, batches, data.num_classes, device, sweep.precision)
-
-    scores = scores_on(data.eval)
-    heads = [
-        {"lr": lr, "weight_decay": wd, "top1": scores.top1[i], "top5": scores.top5[i], "heldout_top1": None}
-        for i, (lr, wd) in enumerate(sweep.settings)
-    ]
-    paper, heldout = _selection(sweep.settings, _best(scores.top1), scores), None
-    if data.heldout is not None:
-        held = scores_on(data.heldout)
-        for head, value in zip(heads, held.top1):
-            head["heldout_top1"] = value
-        heldout = {
-            **_selection(sweep.settings, _best(held.top1), scores),
-            "heldout_top1": max(held.top1),
-            "fraction": cfg.heldout_fraction,
-            "num_heldout": held.count,
-        }
-    chosen = heldout if cfg.protocol == "heldout" else paper
-    return {"protocol": cfg.protocol, **chosen, "heads": heads, "heldout": heldout, "num_eval": scores.count}
-
-
 def run_job(
     params: dict, job: ProbeJob, hooks: JobHooks = JobHooks(), log: Callable[[str], None] = print
 ) -> dict[str, dict]:
     """Train and evaluate one job on its devices; returns {kind: probe-result dict} (docs/ARCHITECTURE.md)."""
-    from xtra.probe.dist import run_on_devices
-
     devices = params["probe"]["benchmarks"][job.benchmark]["devices"]
     return run_on_devices(_run_rank, devices, params, job, hooks, log)
 
@@ -283,10 +195,6 @@ def _run_rank(
     device: torch.device, params: dict, job: ProbeJob, hooks: JobHooks, log: Callable[[str], None]
 ) -> dict[str, dict] | None:
     """The job on this rank; rank 0 evaluates and returns the results, the other ranks None."""
-    from xtra.atomic import sha256_file
-    from xtra.model.checkpoint import load_artifact_encoder
-    from xtra.probe.state import job_fingerprint, state_path
-
     start = time.perf_counter()
     cfg = probe_config(params, job.model, job.benchmark, job.kinds)
     path = model_path(params, job.model)
@@ -333,6 +241,107 @@ def _run_rank(
     return results
 
 
+def _train_source(
+    cfg: ProbeConfig,
+    encoder: torch.nn.Module,
+    data: JobData,
+    augmentation: str,
+    sweeps: tuple,
+    img_size: int,
+    device: torch.device,
+) -> tuple[FeatureSource, str]:
+    """Cached features when the batches are the same every epoch (no augmentation) and they fit."""
+    train = data.train(augmentation, img_size, cfg.eval_resize, cfg.seed)
+    drop_last = len(train) >= cfg.batch_size
+    tokens = {"linear": 1, "attentive": getattr(encoder, "grid", 1) ** 2}
+    per_sample = sum(encoder.width * tokens[s.kind] * 4 for s in sweeps)  # float32 bytes
+    if augmentation == "none" and len(train) * per_sample <= _cache_limit_bytes():
+        feats, labels = cache_features(encoder, eval_loader(cfg, train), sweeps, device)
+        return CachedFeatures(
+            feats, labels, cfg.batch_size, seed=cfg.seed, drop_last=drop_last, device=device
+        ), "cached"
+    rank, size = world()
+    return LiveFeatures(encoder, train_loader(cfg, train, rank, size, drop_last), sweeps, device), "recomputed"
+
+
+def _cache_limit_bytes() -> float:
+    return float(os.environ.get(CACHE_LIMIT_ENV, DEFAULT_CACHE_GB)) * 2**30
+
+
+def _resume(spath: Path, fingerprint: str, groups: list, log: Callable[[str], None], job: ProbeJob) -> int:
+    """Load the saved state of this job into its trainers; returns the first epoch to train."""
+    state = load_state(spath, fingerprint)
+    if state is None:
+        if world()[0] == 0:
+            log_progress(spath, "start epoch 0")
+        return 0
+    for _, _, trainers in groups:
+        for t in trainers:
+            t.load_state_dict(state["trainers"][t.cfg.kind])
+    first = int(state["epochs_done"])
+    if world()[0] == 0:
+        log_progress(spath, f"resume epoch {first}")
+    log(f"[{job.model}/{job.name}] resuming after epoch {first} from {spath}")
+    return first
+
+
+def _end_epoch(spath: Path, fingerprint: str, epoch: int, groups: list, hooks: JobHooks, first: int) -> None:
+    """Save the state (rank 0, atomically), then the fault-injection hooks of the tests."""
+    if world()[0] == 0:
+        trainers = {t.cfg.kind: t.state_dict() for _, _, ts in groups for t in ts}
+        save_state(spath, fingerprint, epoch + 1, trainers)
+    _barrier()
+    if hooks.kill_after_epoch is not None and epoch + 1 == hooks.kill_after_epoch:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if hooks.fail_after_epoch is not None and epoch + 1 == hooks.fail_after_epoch and first < epoch + 1:
+        raise InjectedFailure(f"injected failure after epoch {epoch + 1} (state saved at {spath})")
+
+
+def _barrier() -> None:
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _select(
+    cfg: ProbeConfig, kind: str, bank: HeadBank, encoder: torch.nn.Module, data: JobData, device: torch.device
+) -> dict:
+    """Every head's accuracy, and the selection of the protocol (and the held-out one when run)."""
+    sweep = cfg.sweep(kind)
+
+    def scores_on(ds: torch.utils.data.Dataset) -> HeadScores:
+        batches = encoded_batches(encoder, eval_loader(cfg, ds), sweep, device)
+        return evaluate_bank(bank, batches, data.num_classes, device, sweep.precision)
+
+    scores = scores_on(data.eval)
+    heads = [
+        {"lr": lr, "weight_decay": wd, "top1": scores.top1[i], "top5": scores.top5[i], "heldout_top1": None}
+        for i, (lr, wd) in enumerate(sweep.settings)
+    ]
+    paper, heldout = _selection(sweep.settings, _best(scores.top1), scores), None
+    if data.heldout is not None:
+        held = scores_on(data.heldout)
+        for head, value in zip(heads, held.top1):
+            head["heldout_top1"] = value
+        heldout = {
+            **_selection(sweep.settings, _best(held.top1), scores),
+            "heldout_top1": max(held.top1),
+            "fraction": cfg.heldout_fraction,
+            "num_heldout": held.count,
+        }
+    chosen = heldout if cfg.protocol == "heldout" else paper
+    return {"protocol": cfg.protocol, **chosen, "heads": heads, "heldout": heldout, "num_eval": scores.count}
+
+
+def _best(values: Sequence[float]) -> int:
+    """Index of the highest value (the first of ties: the smallest lr of the lowest weight decay)."""
+    return int(max(range(len(values)), key=lambda i: (values[i], -i)))
+
+
+def _selection(settings: Sequence[tuple[float, float]], i: int, scores: HeadScores) -> dict:
+    lr, wd = settings[i]
+    return {"selected": {"lr": lr, "weight_decay": wd}, "top1": scores.top1[i], "top5": scores.top5[i]}
+
+
 def _facts(params: dict, cfg: ProbeConfig, kind: str, features: str, data: JobData, sha: str, device: str) -> dict:
     """The result file's description of the run (unchanged keys: the report reads them)."""
     sweep = cfg.sweep(kind)
@@ -361,39 +370,19 @@ def _facts(params: dict, cfg: ProbeConfig, kind: str, features: str, data: JobDa
     }
 
 
-def _barrier() -> None:
-    if world()[1] > 1:
-        torch.distributed.barrier()
+def _images_seen(params: dict, model: str) -> int | None:
+    path = Path(params["paths"]["models"]) / model / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("images_seen")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: cannot read images_seen: {exc}") from exc
+    return int(value) if isinstance(value, (int, float)) else None
 
 
-def _resume(spath: Path, fingerprint: str, groups: list, log: Callable[[str], None], job: ProbeJob) -> int:
-    """Load the saved state of this job into its trainers; returns the first epoch to train."""
-    from xtra.probe.state import load_state, log_progress
-
-    state = load_state(spath, fingerprint)
-    if state is None:
-        if world()[0] == 0:
-            log_progress(spath, "start epoch 0")
-        return 0
-    for _, _, trainers in groups:
-        for t in trainers:
-            t.load_state_dict(state["trainers"][t.cfg.kind])
-    first = int(state["epochs_done"])
-    if world()[0] == 0:
-        log_progress(spath, f"resume epoch {first}")
-    log(f"[{job.model}/{job.name}] resuming after epoch {first} from {spath}")
-    return first
-
-
-def _end_epoch(spath: Path, fingerprint: str, epoch: int, groups: list, hooks: JobHooks, first: int) -> None:
-    """Save the state (rank 0, atomically), then the fault-injection hooks of the tests."""
-    from xtra.probe.state import save_state
-
-    if world()[0] == 0:
-        trainers = {t.cfg.kind: t.state_dict() for _, _, ts in groups for t in ts}
-        save_state(spath, fingerprint, epoch + 1, trainers)
-    _barrier()
-    if hooks.kill_after_epoch is not None and epoch + 1 == hooks.kill_after_epoch:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if hooks.fail_after_epoch is not None and epoch + 1 == hooks.fail_after_epoch and first < epoch + 1:
-        raise InjectedFailure(f"injected failure after epoch {epoch + 1} (state saved at {spath})")
+def write_results(params: dict, job: ProbeJob, results: dict[str, dict]) -> list[Path]:
+    return [
+        write_json_atomic(result_path(params, job.model, job.benchmark, kind), result, indent=1)
+        for kind, result in results.items()
+    ]

@@ -1,5 +1,9 @@
 """`xtra pretrain MODEL`: pre-train (or initialise, or convert) one model of params.yaml.
 
+Read top-down: `pretrain_model` dispatches on the model's `init`; `_train` is the pre-training:
+config -> data -> model -> trainer -> fit -> finish. The step itself (data -> loss -> optimiser) is
+`xtra.train.module`.
+
 Outputs in `<paths.models>/<model>/`:
 - `checkpoints/<run id>/step-NNNNNN.ckpt`: resumable Lightning checkpoints of one run (see
   `xtra.train.identity`), every `checkpoint_every_n_steps` and at the end; the newest
@@ -14,6 +18,7 @@ Outputs in `<paths.models>/<model>/`:
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 import warnings
@@ -23,23 +28,39 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 
-from xtra.atomic import save_torch_atomic, write_json_atomic
+from xtra.atomic import write_json_atomic
 from xtra.config import load_params
 from xtra.errors import CheckpointError, ParamsError, writing_to
 from xtra.model.arch import ArchConfig
 from xtra.model.artifact import ARTIFACT_NAME, save_model_artifact
+from xtra.model.flops import peak_flops_per_s, train_flops_per_image
+from xtra.model.mask import resolve_attn_impl
 from xtra.model.xtra import XTRA
 from xtra.train import identity
-from xtra.train.data import PretrainData, batches_per_epoch, steps_per_epoch
-from xtra.train.pretrain_module import PretrainModule, RankDigest, StepLog, ValLog
+from xtra.train.module import (
+    CheckSameResumeOnEveryRank,
+    DigestRankWeights,
+    KeepCheckpoints,
+    LogSteps,
+    LogValidationLoss,
+    PretrainData,
+    PretrainModule,
+    SameFolderCheckpointIO,
+    prune_checkpoints,
+)
+from xtra.train.reconstruct import write_model_reconstruction
+from xtra.train.schedule import batches_per_epoch, steps_per_epoch
+
+__all__ = ["configure_parser", "run", "pretrain_model", "find_resume_checkpoint", "FINAL_FILES"]
 
 # the files that exist only once the stage has finished (model.pt is written last)
 FINAL_FILES = (ARTIFACT_NAME, "metrics.json")
 
-__all__ = ["configure_parser", "run", "pretrain_model", "find_resume_checkpoint", "FINAL_FILES"]
+# The run folder holds the run's trajectory.json and logs before its first checkpoint, by design.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -58,15 +79,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    write_json_atomic(path, payload, indent=2, sort_keys=True)
-
-
 def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> Path:
     """Run the pretrain stage for model `name`; returns its output directory."""
     if name not in params["models"]:
         raise ParamsError(f"models.{name}: no such model; known: {sorted(params['models'])}")
-    model_cfg = params["models"][name]
+    init = params["models"][name]["init"]
     out = Path(params["paths"]["models"]) / name
     with writing_to(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -75,11 +92,11 @@ def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> 
         for stale in FINAL_FILES:
             (out / stale).unlink(missing_ok=True)
         try:
-            if model_cfg["init"] == "random":
+            if init == "random":
                 return _write_random(params, name, out)
-            if model_cfg["init"] == "official":
+            if init == "official":
                 return _write_official(params, name, out)
-            if model_cfg["init"] == "pixels":
+            if init == "pixels":
                 from xtra.probe.pixels import write_pixels_model  # the probe package's pixel floor
 
                 return write_pixels_model(params, name, out)
@@ -87,10 +104,14 @@ def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> 
         except BaseException:
             for leftover in (ARTIFACT_NAME + ".tmp", "log.csv.tmp", "reconstruction.tmp.png"):
                 (out / leftover).unlink(missing_ok=True)
-            if model_cfg["init"] != "pretrain":  # nothing to resume: no final file without the other
+            if init != "pretrain":  # nothing to resume: no final file without the other
                 for final in FINAL_FILES:
                     (out / final).unlink(missing_ok=True)
             raise
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    write_json_atomic(path, payload, indent=2, sort_keys=True)
 
 
 def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
@@ -99,8 +120,6 @@ def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
     L.seed_everything(params["seed"], verbose=False)
     model = XTRA(ArchConfig.from_dict(arch))
     _write_json(out / "metrics.json", {"init": "random", "steps": 0, "images_seen": 0, "seed": params["seed"]})
-    from xtra.train.reconstruct import write_model_reconstruction
-
     write_model_reconstruction(params, name, model, out)  # the control is drawn like the trained models
     save_model_artifact(
         out / ARTIFACT_NAME,
@@ -125,102 +144,63 @@ def _write_official(params: dict[str, Any], name: str, out: Path) -> Path:
     return out
 
 
-def _read_resumable(path: Path) -> dict[str, Any]:
-    """The small part of a checkpoint that decides whether it resumes this run (mapped, not read whole)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, with its reason
-        raise CheckpointError(f"checkpoint {path} cannot be read (truncated?): {exc}") from exc
-    if not isinstance(ckpt, dict) or "global_step" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint")
-    return {"global_step": int(ckpt["global_step"]), "run_id": (ckpt.get("hyper_parameters") or {}).get("run_id")}
-
-
-def find_resume_checkpoint(run_dir: Path, expected_run: str) -> Path | None:
-    """The newest readable checkpoint of this run, or None. Read-only: every rank calls it itself.
-
-    A file that cannot be read (a truncated or foreign one) is skipped with a warning; nothing is
-    deleted. A checkpoint naming another run is an error (it was copied into the wrong folder).
-    """
-    if not run_dir.is_dir():
-        return None
-    for path in sorted(run_dir.glob("step-*.ckpt"), reverse=True):
-        try:
-            info = _read_resumable(path)
-        except CheckpointError as exc:
-            print(f"warning: skipping unreadable checkpoint {path}: {exc}")
-            continue
-        if info["run_id"] != expected_run:
-            raise CheckpointError(f"{path} belongs to run {info['run_id']!r}, not {expected_run!r} (its folder)")
-        return path
-    return None
-
-
-class _SameFolderCheckpointIO(TorchCheckpointIO):
-    """Saves a checkpoint through a temporary file beside it, then a rename.
-
-    Lightning's own save copies a temporary file from $TMPDIR over the final name: a full disk then
-    leaves a truncated `step-*.ckpt`, and $TMPDIR needs a whole checkpoint's space free.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            super().save_checkpoint(checkpoint, path, storage_options)  # refuses them, with Lightning's message
-            return
-        save_torch_atomic(checkpoint, path)
-
-    def load_checkpoint(
-        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        """The resumed checkpoint memory-mapped: its tensors are paged in as they are copied into the
-        model and optimiser, so a resume does not hold a second ~10 GB (H/14 with AdamW) in memory."""
-        return torch.load(path, map_location=map_location or "cpu", mmap=True, weights_only=False)
-
-
-class RetainedCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that keeps the newest `keep_last` step checkpoints (and every `keep_every`-th step)."""
-
-    def __init__(self, keep_last: int, keep_every: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.keep_last, self.keep_every = keep_last, keep_every
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        if trainer.is_global_zero:
-            prune_checkpoints(Path(filepath).parent, self.keep_last, self.keep_every)
-
-
-def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Remove step checkpoints beyond the newest `keep_last`, except multiples of `keep_every`; returns them."""
-
-    def step_of(path: Path) -> int:
-        return int(path.stem.split("-")[1])
-
-    ckpts = sorted(run_dir.glob("step-*.ckpt"), key=step_of)
-    old = ckpts[:-keep_last] if keep_last > 0 else []
-    removed = [p for p in old if not (keep_every > 0 and step_of(p) % keep_every == 0)]
-    for path in removed:
-        path.unlink(missing_ok=True)
-    return removed
-
-
-class _SameResumeOnEveryRank(L.Callback):
-    """Once the process group exists: every rank must resume from the same checkpoint (shared storage)."""
-
-    def __init__(self, resume: Path | None) -> None:
-        self.resume = str(resume) if resume else ""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        chosen = trainer.strategy.broadcast(self.resume)
-        if not trainer.strategy.reduce_boolean_decision(chosen == self.resume, all=True):
-            raise CheckpointError(
-                f"rank {trainer.global_rank} resumes from {self.resume or 'nothing'!r}, rank 0 "
-                f"from {chosen or 'nothing'!r}: the ranks do not see the same checkpoint folder"
-            )
-
-
-# The run folder holds the run's trajectory.json and logs before its first checkpoint, by design.
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+def _train(params: dict[str, Any], name: str, out: Path, restart: bool) -> Path:
+    """Pre-train model `name`: config -> data -> model -> trainer -> fit -> finish (see the module doc)."""
+    model_cfg = params["models"][name]
+    train, seed = model_cfg["train"], params["seed"]
+    L.seed_everything(seed, verbose=False)
+    root = Path(params["paths"]["prepared"]) / model_cfg["dataset"]
+    data = PretrainData(root, train, model_cfg["arch"]["img_size"], model_cfg["eval_resize"], seed)
+    trainer = _trainer(train)  # the world size is the trainer's, however `devices` is spelled
+    values = identity.trajectory(params, name, trainer.world_size, identity.data_fingerprint(root))
+    run = identity.run_id(values)
+    steps = steps_per_epoch(
+        len(data.train_set), train["batch_size"], trainer.world_size, train["accumulate_grad_batches"]
+    )
+    module = PretrainModule(model_cfg["arch"], train, steps, run, seed)
+    trainer.fit_loop.epoch_loop.max_steps = module.total_steps
+    run_dir = _run_dir(out, run, restart, trainer.is_global_zero)
+    resume = find_resume_checkpoint(run_dir, run)  # every rank, read-only: no broadcast before fit
+    plan = _plan(params, name, trainer, data, module, run, run_dir, resume)
+    trainer.callbacks[:0] = [
+        LogSteps(
+            run_dir / "log.csv",
+            train["log_every_n_steps"],
+            plan["global_batch"],
+            train_flops_per_image(module.model.cfg),
+            plan["peak_flops_per_s"],
+        ),
+        LogValidationLoss(run_dir / "val.csv"),
+        DigestRankWeights(run_dir),
+        CheckSameResumeOnEveryRank(resume),
+    ]
+    trainer.callbacks.append(  # last: it saves after the other callbacks' end-of-batch work
+        KeepCheckpoints(
+            train["keep_last_checkpoints"],
+            train["keep_every_n_steps"],
+            dirpath=run_dir,
+            filename="step-{step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=train["checkpoint_every_n_steps"],
+            save_top_k=-1,
+            save_last=False,
+        )
+    )
+    trainer.loggers = [TensorBoardLogger(save_dir=str(out / "tb"), name="", version=run, default_hp_metric=False)]
+    if trainer.is_global_zero:
+        _other_runs(out, run, values)
+        _write_json(run_dir / "trajectory.json", values)
+        _write_json(out / "run.json", plan)
+        print(_summary(plan), flush=True)
+    started = time.time()
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    if trainer.global_step % train["checkpoint_every_n_steps"] != 0 or trainer.global_step == 0:
+        # the end state (same decision on every rank), so that extending epochs/max_steps continues from it
+        trainer.save_checkpoint(run_dir / f"step-{trainer.global_step:06d}.ckpt")
+    if trainer.is_global_zero:
+        prune_checkpoints(run_dir, train["keep_last_checkpoints"], train["keep_every_n_steps"])
+        _finish(params, name, out, module, trainer, plan, run_dir, time.time() - started)
+    return out
 
 
 def _trainer(train: dict[str, Any]) -> L.Trainer:
@@ -235,12 +215,12 @@ def _trainer(train: dict[str, Any]) -> L.Trainer:
         gradient_clip_val=train["grad_clip"] or None,
         accumulate_grad_batches=train["accumulate_grad_batches"],
         logger=False,
-        enable_checkpointing=False,  # no default ModelCheckpoint: RetainedCheckpoint is added later
+        enable_checkpointing=False,  # no default ModelCheckpoint: KeepCheckpoints is added by _train
         use_distributed_sampler=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=train["log_every_n_steps"],
-        plugins=[_SameFolderCheckpointIO()],
+        plugins=[SameFolderCheckpointIO()],
         val_check_interval=val * train["accumulate_grad_batches"] if val > 0 else None,
         check_val_every_n_epoch=None if val > 0 else 1,
         limit_val_batches=1.0 if val > 0 else 0,
@@ -262,10 +242,33 @@ def _run_dir(out: Path, run: str, restart: bool, is_zero: bool) -> Path:
     return run_dir
 
 
+def find_resume_checkpoint(run_dir: Path, expected_run: str) -> Path | None:
+    """The newest readable checkpoint of this run, or None. Read-only: every rank calls it itself.
+
+    A file that cannot be read (a truncated or foreign one) is skipped with a warning; nothing is
+    deleted. A checkpoint naming another run is an error (it was copied into the wrong folder).
+    Only the small part of each checkpoint that decides this is read (it is memory-mapped).
+    """
+    if not run_dir.is_dir():
+        return None
+    for path in sorted(run_dir.glob("step-*.ckpt"), reverse=True):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, with its reason
+            print(f"warning: skipping unreadable checkpoint {path}: cannot be read (truncated?): {exc}")
+            continue
+        if not isinstance(ckpt, dict) or "global_step" not in ckpt:
+            print(f"warning: skipping unreadable checkpoint {path}: not a Lightning checkpoint")
+            continue
+        found = (ckpt.get("hyper_parameters") or {}).get("run_id")
+        if found != expected_run:
+            raise CheckpointError(f"{path} belongs to run {found!r}, not {expected_run!r} (its folder)")
+        return path
+    return None
+
+
 def _other_runs(out: Path, run: str, values: dict[str, Any]) -> None:
     """Say which keys differ from the newest other run of this model (kept in its own folder)."""
-    import json
-
     others = sorted(
         (p for p in (out / "checkpoints").glob("*/trajectory.json") if p.parent.name != run),
         key=lambda p: p.stat().st_mtime,
@@ -274,13 +277,6 @@ def _other_runs(out: Path, run: str, values: dict[str, Any]) -> None:
         old = json.loads(others[-1].read_text())
         changes = "; ".join(identity.changed_keys(old, values)) or "none"
         print(f"note: run {run} differs from run {others[-1].parent.name} (kept, untouched) in: {changes}")
-
-
-def _counts(model: XTRA) -> dict[str, int]:
-    return {
-        "total": sum(p.numel() for p in model.parameters()),
-        "encoder": sum(p.numel() for p in model.encoder.parameters()),
-    }
 
 
 def _plan(
@@ -293,11 +289,10 @@ def _plan(
     run_dir: Path,
     resume: Path | None,
 ) -> dict[str, Any]:
-    from xtra.model.flops import peak_flops_per_s
-    from xtra.model.mask import resolve_attn_impl
-
+    """What the run will do (run.json): its layout, batches, schedule, parameters and attention path."""
     train = params["models"][name]["train"]
     world, accum, batch = trainer.world_size, train["accumulate_grad_batches"], train["batch_size"]
+    device = trainer.strategy.root_device
     return {
         "model": name,
         "run_id": run,
@@ -315,11 +310,14 @@ def _plan(
         "total_steps": module.total_steps,
         "schedule": "release_warmup_cosine",
         "resume_from": str(resume) if resume else None,
-        "parameters": _counts(module.model),
+        "parameters": {
+            "total": sum(p.numel() for p in module.model.parameters()),
+            "encoder": sum(p.numel() for p in module.model.encoder.parameters()),
+        },
         "precision": train["precision"],
         "strategy": train["strategy"],
-        "attention": resolve_attn_impl(module.model.cfg.attn_impl, trainer.strategy.root_device, training=False),
-        "peak_flops_per_s": peak_flops_per_s(trainer.strategy.root_device),
+        "attention": resolve_attn_impl(module.model.cfg.attn_impl, device, training=False),
+        "peak_flops_per_s": peak_flops_per_s(device),
         "val_every_n_steps": train["val_every_n_steps"],
     }
 
@@ -337,76 +335,6 @@ def _summary(plan: dict[str, Any]) -> str:
     )
 
 
-def _train(params: dict[str, Any], name: str, out: Path, restart: bool) -> Path:
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from xtra.model.flops import train_flops_per_image
-
-    model_cfg = params["models"][name]
-    train, seed = model_cfg["train"], params["seed"]
-    L.seed_everything(seed, verbose=False)
-    root = Path(params["paths"]["prepared"]) / model_cfg["dataset"]
-    data = PretrainData(root, train, model_cfg["arch"]["img_size"], model_cfg["eval_resize"], seed)
-    trainer = _trainer(train)  # the world size is the trainer's, however `devices` is spelled
-    values = identity.trajectory(params, name, trainer.world_size, identity.data_fingerprint(root))
-    run = identity.run_id(values)
-    steps = steps_per_epoch(
-        len(data.train_set), train["batch_size"], trainer.world_size, train["accumulate_grad_batches"]
-    )
-    module = PretrainModule(model_cfg["arch"], train, steps, run, seed)
-    trainer.fit_loop.epoch_loop.max_steps = module.total_steps
-    run_dir = _run_dir(out, run, restart, trainer.is_global_zero)
-    resume = find_resume_checkpoint(run_dir, run)  # every rank, read-only: no broadcast before fit
-    plan = _plan(params, name, trainer, data, module, run, run_dir, resume)
-    global_batch = plan["global_batch"]
-    _callbacks(
-        trainer, train, run_dir, global_batch, train_flops_per_image(module.model.cfg), plan["peak_flops_per_s"], resume
-    )
-    trainer.loggers = [TensorBoardLogger(save_dir=str(out / "tb"), name="", version=run, default_hp_metric=False)]
-    if trainer.is_global_zero:
-        _other_runs(out, run, values)
-        _write_json(run_dir / "trajectory.json", values)
-        _write_json(out / "run.json", plan)
-        print(_summary(plan), flush=True)
-    started = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
-    if trainer.global_step % train["checkpoint_every_n_steps"] != 0 or trainer.global_step == 0:
-        # the end state (same decision on every rank), so that extending epochs/max_steps continues from it
-        trainer.save_checkpoint(run_dir / f"step-{trainer.global_step:06d}.ckpt")
-    if trainer.is_global_zero:
-        prune_checkpoints(run_dir, train["keep_last_checkpoints"], train["keep_every_n_steps"])
-        _finish(params, name, out, module, trainer, plan, run_dir, time.time() - started)
-    return out
-
-
-def _callbacks(
-    trainer: L.Trainer,
-    train: dict[str, Any],
-    run_dir: Path,
-    global_batch: int,
-    flops: float,
-    peak: float | None,
-    resume: Path | None,
-) -> None:
-    ckpt = RetainedCheckpoint(
-        train["keep_last_checkpoints"],
-        train["keep_every_n_steps"],
-        dirpath=run_dir,
-        filename="step-{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=train["checkpoint_every_n_steps"],
-        save_top_k=-1,
-        save_last=False,
-    )
-    trainer.callbacks[:0] = [
-        StepLog(run_dir / "log.csv", train["log_every_n_steps"], global_batch, flops, peak),
-        ValLog(run_dir / "val.csv"),
-        RankDigest(run_dir),
-        _SameResumeOnEveryRank(resume),
-    ]
-    trainer.callbacks.append(ckpt)  # last: it saves after the other callbacks' end-of-batch work
-
-
 def _finish(
     params: dict[str, Any],
     name: str,
@@ -417,8 +345,8 @@ def _finish(
     run_dir: Path,
     wall: float,
 ) -> None:
+    """The final files (rank 0): metrics.json, the curves, the reconstruction, and model.pt last."""
     digests = {p.name: p.read_text().strip() for p in run_dir.glob("rank-*.sha256")}
-    model_cfg = params["models"][name]
     metrics = {
         "init": "pretrain",
         "steps": trainer.global_step,
@@ -430,21 +358,19 @@ def _finish(
         "world_size": trainer.world_size,
         "ranks_in_sync": len(set(digests.values())) <= 1,
         "run_id": plan["run_id"],
-        "final_lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
-    }  # the schedule's rate after the last step
+        "final_lr": float(trainer.optimizers[0].param_groups[0]["lr"]),  # the schedule's rate after the last step
+    }
     for log in ("log.csv", "val.csv"):  # this run's curves, where dvc plots finds them
         if (run_dir / log).exists():
             shutil.copyfile(run_dir / log, out / f"{log}.tmp")
             (out / f"{log}.tmp").replace(out / log)
-    from xtra.train.reconstruct import write_model_reconstruction
-
     write_model_reconstruction(params, name, module.model, out)
     _write_json(out / "metrics.json", metrics)
     provenance = {k: metrics[k] for k in ("steps", "images_seen", "run_id", "final_loss")}
     save_model_artifact(
         out / ARTIFACT_NAME,
         init="pretrain",
-        arch=model_cfg["arch"],
+        arch=params["models"][name]["arch"],
         state_dict=module.model.state_dict(),
         provenance={
             **provenance,

@@ -1,13 +1,21 @@
-"""Learning-rate schedules and AdamW parameter groups shared by pre-training and probing."""
+"""Learning-rate schedules, a pre-training's step counts and AdamW parameter groups (pre-training and probing)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
-__all__ = ["warmup_cosine", "release_warmup_cosine", "decay_groups"]
+__all__ = [
+    "warmup_cosine",
+    "release_warmup_cosine",
+    "batches_per_epoch",
+    "steps_per_epoch",
+    "schedule_steps",
+    "decay_groups",
+]
 
 
 def warmup_cosine(
@@ -48,6 +56,24 @@ def release_warmup_cosine(
         peak, span, t = base_lr, max(1, total_steps - warmup_steps), step - warmup_steps
     progress = min(1.0, t / span)
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Batches each rank trains on per epoch (drop_last: the remainder samples wait for the next epoch)."""
+    return (num_samples // world_size) // batch_size
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, accumulate: int) -> int:
+    """Optimiser steps per epoch, rounded up: Lightning steps on an epoch's last, partial accumulation."""
+    return max(1, -(-batches_per_epoch(num_samples, batch_size, world_size) // accumulate))
+
+
+def schedule_steps(train: dict[str, Any], steps_per_epoch: int) -> tuple[int, int]:
+    """(warm-up steps, total optimiser steps) of a pre-training: epochs x steps per epoch, capped by max_steps."""
+    total = train["epochs"] * steps_per_epoch
+    if train["max_steps"] >= 0:
+        total = min(total, train["max_steps"])
+    return int(round(train["warmup_epochs"] * steps_per_epoch)), total
 
 
 def decay_groups(modules: Iterable[nn.Module] | nn.Module, weight_decay: float) -> list[dict]:
