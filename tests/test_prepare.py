@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xtra.config import section_defaults
 from xtra.data import prepare as prep
 from xtra.data.prepared import PreparedDataset
 from xtra.data.rng import derive_seed
@@ -293,9 +294,10 @@ def test_duplicate_keys_and_odd_keys(tmp_path: Path) -> None:
 def fake_cli_modules(monkeypatch, tmp_path: Path) -> None:
     """Stand-ins for xtra.config (params loading) and xtra.data.readers (the reader registry)."""
     config = types.ModuleType("xtra.config")
+    validated = {**section_defaults("dataset"), **params()}  # what the real load_params returns
     config.load_params = lambda path: {  # type: ignore[attr-defined]
         "paths": {"prepared": str(tmp_path / "prepared")},
-        "datasets": {"toy": params()},
+        "datasets": {"toy": validated},
     }
     readers = types.ModuleType("xtra.data.readers")
     readers.read_dataset = array_reader()  # type: ignore[attr-defined]

@@ -210,11 +210,12 @@ def test_schedule_runs_from_warmup_start_to_lr_to_min_lr(small, tmp_path: Path, 
 
 
 def test_two_ranks_draw_different_drop_path_masks() -> None:
+    from xtra.train.config import TrainConfig
     from xtra.train.module import PretrainModule, model_seed
 
     arch = {**TINY_ARCH, "drop_path_rate": 0.5}
     train = validate_params(_params_with(small_model()), check_paths=False)["models"]["m"]["train"]
-    module = PretrainModule(arch, train, steps_per_epoch=10, run_id="r", seed=0)
+    module = PretrainModule(arch, TrainConfig.from_dict(train), steps_per_epoch=10, run_id="r", seed=0)
     module.model.train()
     x = torch.randn(8, 3, 16, 16)
 

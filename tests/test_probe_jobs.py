@@ -54,7 +54,7 @@ def _run(tmp: Path, results: str, kinds=None, **probe) -> dict:
 def _outcome(params: dict, kinds: tuple[str, ...]) -> tuple[dict, dict]:
     """(the final bank tensors per kind, the result JSON per kind) of bench_b."""
     cfg = probe_config(params, "rand", "bench_b", kinds)
-    state = torch.load(state_path(params["paths"]["results"], cfg), weights_only=True)
+    state = torch.load(state_path(cfg), weights_only=True)
     banks = {k: state["trainers"][k]["bank"] for k in kinds}
     res = Path(params["paths"]["results"]) / "probe" / "rand"
     results = {k: json.loads((res / f"bench_b-{k}.json").read_text()) for k in kinds}
@@ -120,12 +120,12 @@ def test_a_sigkilled_job_resumes_to_the_result_of_an_uninterrupted_one(inputs):
     killed = _cli(params_file, env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     cfg = probe_config(params, "rand", "bench_b")
-    assert torch.load(state_path(params["paths"]["results"], cfg), weights_only=True)["epochs_done"] == 1
+    assert torch.load(state_path(cfg), weights_only=True)["epochs_done"] == 1
     env.pop("XTRA_PROBE_KILL_AFTER_EPOCH")
     resumed = _cli(params_file, env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch 1" in resumed.stdout
-    log = state_path(params["paths"]["results"], cfg).with_suffix(".log").read_text().splitlines()
+    log = state_path(cfg).with_suffix(".log").read_text().splitlines()
     assert log == ["start epoch 0", "resume epoch 1"]
     banks, results = _outcome(params, BOTH)
     banks_whole, results_whole = _outcome(whole, BOTH)
@@ -277,7 +277,7 @@ def test_pixel_floor_is_probed_linear_only(inputs, tmp_path):
 
     params = _params(inputs, "pixels")
     params["models"]["pix"] = {**params["models"]["rand"], "init": "pixels"}
-    path = write_pixels_model(params, "pix", Path(params["paths"]["models"]) / "pix")
+    path = write_pixels_model("pix", params["models"]["pix"]["arch"], Path(params["paths"]["models"]) / "pix")
     assert path.name == "model.pt" and json.loads((path.parent / "metrics.json").read_text())["init"] == "pixels"
     assert [j.kinds for j in plan_jobs(params, "pix", ["bench_b"])] == [("linear",)]
     with pytest.raises(ParamsError, match="pixel floor"):
@@ -307,7 +307,7 @@ def test_a_ray_retry_continues_from_the_saved_epoch(inputs, tmp_path, monkeypatc
         ray.shutdown()
     assert attempts.read_text().splitlines() == ["rand/bench_b"] * 2  # Ray retried the task once
     cfg = probe_config(params, "rand", "bench_b")
-    log = state_path(params["paths"]["results"], cfg).with_suffix(".log").read_text().splitlines()
+    log = state_path(cfg).with_suffix(".log").read_text().splitlines()
     assert log == ["start epoch 0", "resume epoch 2"]  # the retry continued instead of restarting
     banks, results = _outcome(params, BOTH)
     banks_ref, results_ref = _outcome(reference, BOTH)

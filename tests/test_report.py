@@ -24,6 +24,7 @@ from xtra.errors import XtraError  # noqa: E402
 from xtra.report import build_report, update_readme  # noqa: E402
 from xtra.report.cli import MARKERS, configure_parser, run  # noqa: E402
 from xtra.report.collect import collect_results, read_pretrain_log  # noqa: E402
+from xtra.report.config import ReportConfig  # noqa: E402
 from xtra.report.figures import bars_figure  # noqa: E402
 from xtra.report.reference import BENCHMARKS, PUBLISHED_IMAGES_SEEN, load_reference  # noqa: E402
 from xtra.report.tables import results_table, run_rows, to_markdown  # noqa: E402
@@ -190,7 +191,7 @@ def test_reference_keeps_published_cells_with_sources():
 
 
 def test_collect_marks_missing_failed_and_partial(demo):
-    collected = collect_results(demo)
+    collected = collect_results(ReportConfig.from_params(demo))
     res = collected.results.set_index(["model", "benchmark", "kind", "protocol"])
     assert len(res) == 8 and (res["status"] == "ok").sum() == 5
     assert set(collected.results["protocol"]) == {"paper"}
@@ -218,7 +219,7 @@ def test_protocol_is_a_column(tmp_path):
     _write_json(probe / "digits-linear.json", _result("m", "digits", "linear", 91.0, "heldout"))
     # a stale file of the other protocol: its own row, and the expected row says why it is absent
     _write_json(probe / "mnist-linear.json", _result("m", "mnist", "linear", 99.0, "paper"))
-    collected = collect_results(params)
+    collected = collect_results(ReportConfig.from_params(params))
     res = collected.results.set_index(["benchmark", "protocol"])
     assert res.loc[("digits", "heldout"), "top1"] == 91.0
     assert res.loc[("mnist", "paper"), "top1"] == 99.0
@@ -276,7 +277,7 @@ def test_mean_over_15_and_differences(tmp_path):
             tmp_path / "results" / "probe" / "h14" / f"{b}-attentive.json",
             _result("h14", b, "attentive", AIM_TOP1[b] + 1.0),
         )
-    collected = collect_results(params)
+    collected = collect_results(ReportConfig.from_params(params))
     table = results_table(
         collected.results, load_reference(), collected.benchmarks, ["XTRA-B/16", "XTRA-H/14", "AIM-0.6B"]
     )
@@ -294,7 +295,7 @@ def test_mean_over_15_and_differences(tmp_path):
     assert d["mean15"] == pytest.approx(76.64 - 73.5)
     # one benchmark missing: no mean over the 15, the mean over the 14 present instead
     (tmp_path / "results" / "probe" / "h14" / "rxrx1-attentive.json").unlink()
-    collected = collect_results(params)
+    collected = collect_results(ReportConfig.from_params(params))
     run_row = run_rows(collected.results, collected.benchmarks).iloc[0]
     assert math.isnan(run_row["mean15"]) and run_row["n_present"] == 14
     assert run_row["mean_present"] == pytest.approx(np.mean([AIM_TOP1[b] + 1 for b in BENCHMARKS if b != "rxrx1"]))
@@ -527,16 +528,17 @@ def test_malformed_result_names_the_file(demo, content):
     bad = Path(demo["paths"]["results"]) / "probe" / "xtra" / "digits-attentive.json"
     bad.write_text(content)
     with pytest.raises(XtraError, match=str(bad)):
-        collect_results(demo)
+        collect_results(ReportConfig.from_params(demo))
 
 
 def test_malformed_failures_and_metrics_name_the_file(demo, tmp_path):
     failures = Path(demo["paths"]["results"]) / "probe" / "random" / "failures.json"
     failures.write_text('[{"error": "no job named"}]')
     with pytest.raises(XtraError, match=str(failures)):
-        collect_results(demo)
+        collect_results(ReportConfig.from_params(demo))
     failures.write_text('{"in1k-linear": "killed"}')
-    assert "killed" in collect_results(demo).results.query("status == 'failed'")["reason"].iloc[0]
+    failed = collect_results(ReportConfig.from_params(demo)).results.query("status == 'failed'")
+    assert "killed" in failed["reason"].iloc[0]
     metrics = tmp_path / "models" / "xtra" / "metrics.json"
     metrics.write_text("{")
     with pytest.raises(XtraError, match=str(metrics)):

@@ -1,7 +1,10 @@
 """params.yaml: strict validation against the JSON schema, defaults, and cross-field checks.
 
-`load_params(path)` returns the params as a plain nested dict with every default filled in. Any
-problem raises `ParamsError` naming the file and the key (`models.xtra_k2.arch.block_size`).
+`load_params(path)` returns the params as a plain nested dict with every default filled in (the
+DAG hashes its values); each stage builds its typed config from it once (`xtra.data.config`,
+`xtra.train.config`, `xtra.probe.config`, `xtra.report.config`). Any problem raises `ParamsError`
+naming the file and the key (`models.xtra_k2.arch.block_size`). The schema is the one home of
+every default and enum: `schema_section` and `section_defaults` read them for the typed configs.
 `xtra validate` is the command-line face of the same checks.
 """
 
@@ -28,6 +31,8 @@ __all__ = [
     "load_params",
     "validate_params",
     "load_schema",
+    "schema_section",
+    "section_defaults",
     "params_hash",
     "model_arch",
     "launch_problems",
@@ -53,6 +58,22 @@ def _resolve_local_ref(ref: str) -> dict[str, Any]:
     for part in ref.removeprefix("#/").split("/"):
         node = node[part]
     return node
+
+
+def schema_section(section: str) -> dict[str, Any]:
+    """The schema of a params section, its `$ref`s followed: a `$defs` name (`train`, `dataset`, `arch`,
+    `probe`, `benchmark`, ...) or a top-level key (`report`, `paths`)."""
+    schema = load_schema()
+    node = schema["$defs"][section] if section in schema["$defs"] else schema["properties"][section]
+    while "$ref" in node:
+        node = {**_resolve_local_ref(node["$ref"]), **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
+
+
+def section_defaults(section: str) -> dict[str, Any]:
+    """The schema's default of every key of a section that has one (fresh copies)."""
+    props = schema_section(section).get("properties", {})
+    return {k: json.loads(json.dumps(v["default"])) for k, v in props.items() if "default" in v}
 
 
 def _with_defaults(cls):

@@ -41,7 +41,6 @@ prepares again on any difference; `force=True` always prepares.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import multiprocessing as mp
 import shutil
@@ -56,13 +55,13 @@ import numpy as np
 from tqdm import tqdm
 
 from xtra.atomic import sha256_file
-from xtra.config import load_schema
+from xtra.config import section_defaults
 from xtra.data.fingerprint import listing_fingerprint, preparation_hash, shard_params, tree_fingerprint
 from xtra.data.images import IMAGE_POLICY, Converted, convert_image
 from xtra.data.rng import derive_seed
 from xtra.data.shards import MANIFEST, ShardWriter
 from xtra.data.source import RawDataset, Reader, Sample
-from xtra.errors import DataError, ParamsError, writing_to
+from xtra.errors import DataError, writing_to
 
 __all__ = [
     "FORMAT_VERSION",
@@ -79,8 +78,7 @@ SAMPLE_ORDER = 'sorted by key, then a fixed permutation per split: derive_seed("
 
 def dataset_defaults() -> dict:
     """The schema's default of every key of a dataset section (the one table of defaults)."""
-    props = load_schema()["$defs"]["dataset"]["properties"]
-    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+    return section_defaults("dataset")
 
 
 # The work of the conversion processes: (samples, image_size, keep_original). Set before the pool
@@ -390,18 +388,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """CLI entry: load params, prepare the dataset, print the summary."""
     from xtra.config import load_params
+    from xtra.data.config import PrepareConfig
 
-    params = load_params(args.params)
-    datasets = params.get("datasets") or {}
-    if args.dataset not in datasets:
-        known = ", ".join(sorted(datasets)) or "none"
-        raise ParamsError(f"{args.params}: datasets.{args.dataset} is not defined (defined: {known})")
-    prepare_dataset(
-        args.dataset,
-        datasets[args.dataset],
-        Path(params["paths"]["prepared"]),
-        force=args.force,
-        verify=getattr(args, "verify", False),
-    )
+    cfg = PrepareConfig.from_params(load_params(args.params), args.dataset, args.params)
+    prepare_dataset(cfg.name, cfg.section(), cfg.out_root, force=args.force, verify=getattr(args, "verify", False))
     sys.stdout.flush()
     return 0

@@ -1,7 +1,10 @@
-"""The architecture config of XTRA: size presets and every knob of METHOD.md, checked without torch.
+"""The architecture config of XTRA and its presets: the size presets (`PRESETS`: width, depth and
+attention heads of tiny .. huge) and the paper's two models (`MODEL_PRESETS`), one home for both.
 
-Kept free of torch imports so that validating params.yaml (`xtra validate`, Snakemake's DAG
-planning) takes about a second.
+`ArchConfig` holds every knob of METHOD.md; its defaults and enums are those of the schema's
+`$defs/arch` (the enums are read from it, a test checks the defaults and that every field is a key
+and every key a field). Kept free of torch imports so that validating params.yaml (`xtra
+validate`, Snakemake's DAG planning) takes about a second.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from xtra.config import schema_section
 from xtra.errors import ParamsError
 
 __all__ = ["PRESETS", "MODEL_PRESETS", "ArchConfig"]
@@ -91,10 +95,10 @@ class ArchConfig:
                 f"arch.img_size {self.img_size} is not divisible by patch_size x block_size "
                 f"= {self.patch_size} x {self.block_size}"
             )
-        if self.loss not in ("mse", "l1"):
-            raise ParamsError(f"arch.loss: expected 'mse' or 'l1', got {self.loss!r}")
-        if self.block_order not in ("raster", "pseudo_random"):
-            raise ParamsError(f"arch.block_order: expected 'raster' or 'pseudo_random', got {self.block_order!r}")
+        props = schema_section("arch")["properties"]  # the one home of the enums
+        for key in ("loss", "block_order", "attn_impl"):
+            if getattr(self, key) not in props[key]["enum"]:
+                raise ParamsError(f"arch.{key}: expected one of {props[key]['enum']}, got {getattr(self, key)!r}")
         num_blocks = (self.img_size // (self.patch_size * self.block_size)) ** 2
         if self.num_block_orders is not None and not 1 <= self.num_block_orders <= num_blocks:
             raise ParamsError(

@@ -31,7 +31,7 @@ import torch
 
 from xtra.atomic import sha256_file
 from xtra.errors import CheckpointError, ParamsError
-from xtra.model.arch import MODEL_PRESETS, ArchConfig
+from xtra.model.arch import MODEL_PRESETS, PRESETS, ArchConfig
 from xtra.model.artifact import save_model_artifact
 from xtra.model.checkpoint import load_strict
 from xtra.model.xtra import XTRA, build_arch_encoder
@@ -299,8 +299,6 @@ def arch_from_cli(preset: str | None, arch_file: str | None, sets: Sequence[str]
     """The architecture of --preset (a size or a paper model) or --arch-file (YAML), then every --set."""
     import yaml
 
-    from xtra.model.arch import PRESETS
-
     if preset in MODEL_PRESETS:
         arch = dict(MODEL_PRESETS[preset])
     elif preset in PRESETS:
@@ -324,7 +322,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", help="model file to write (e.g. models/xtra_b16_official/model.pt)")
     parser.add_argument(
         "--preset",
-        choices=sorted({*MODEL_PRESETS, "tiny", "small", "base", "large", "huge"}),
+        choices=sorted({*MODEL_PRESETS, *PRESETS}),
         help="architecture of the release (xtra_b16, xtra_h14) or a size preset",
     )
     parser.add_argument("--arch-file", default=None, help="a YAML file of arch keys (a model's arch section)")

@@ -27,7 +27,7 @@ from xtra.model.mask import (
     resolve_attn_impl,
 )
 
-__all__ = ["PRESETS", "Attention", "Mlp", "Block", "Transformer", "Encoder", "build_encoder", "init_weights"]
+__all__ = ["Attention", "Mlp", "Block", "Transformer", "Encoder", "build_encoder", "init_weights"]
 
 LN_EPS = 1e-6
 

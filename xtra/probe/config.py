@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from xtra.errors import ParamsError
 from xtra.model.probes import PROBE_KINDS, model_kinds, probe_blocks
@@ -66,7 +67,7 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """One (model, benchmark) probe job: data, protocol, devices, and one SweepConfig per kind."""
+    """One (model, benchmark) probe job: data, protocol, devices, its folders, and one SweepConfig per kind."""
 
     model: str
     benchmark: str
@@ -80,6 +81,11 @@ class ProbeConfig:
     num_workers: int
     devices: int
     seed: int
+    augment: bool
+    arch: dict  # the model's arch section (the model file must have it)
+    model_dir: Path  # paths.models / model: model.pt, metrics.json
+    prepared: Path  # paths.prepared / dataset
+    results: Path  # paths.results: results/probe/<model>/, the resumable state in results/probe-state/
     sweeps: tuple[SweepConfig, ...] = field(default_factory=tuple)
 
     @property
@@ -152,5 +158,10 @@ def probe_config(params: dict, model: str, benchmark: str, kinds: Sequence[str] 
         num_workers=probe["num_workers"],
         devices=bench["devices"],
         seed=params["seed"],
+        augment=probe["augment"],
+        arch=dict(params["models"][model]["arch"]),
+        model_dir=Path(params["paths"]["models"]) / model,
+        prepared=Path(params["paths"]["prepared"]) / bench["dataset"],
+        results=Path(params["paths"]["results"]),
         sweeps=tuple(_sweep(params, benchmark, k) for k in kinds),
     )

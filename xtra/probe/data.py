@@ -11,7 +11,6 @@ evaluation transform (`xtra.data.transforms.probe_train_transform`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,9 +45,9 @@ class JobData:
         return len(self.base) if self.train_idx is None else len(self.train_idx)
 
 
-def build_data(cfg: ProbeConfig, prepared: Path, img_size: int) -> JobData:
+def build_data(cfg: ProbeConfig, img_size: int) -> JobData:
     """The job's splits: `heldout` holds out a stratified part of the train split for selection."""
-    root = Path(prepared) / cfg.dataset
+    root = cfg.prepared
     eval_tf = eval_transform(img_size, cfg.eval_resize)
     base = PreparedDataset(root, cfg.train_split, None)
     evaluation = PreparedDataset(root, cfg.eval_split, eval_tf)

@@ -132,11 +132,11 @@ def is_finished(params: dict, job: ProbeJob) -> bool:
     if not all(result_path(params, job.model, job.benchmark, k).is_file() for k in job.kinds):
         return False
     cfg = probe_config(params, job.model, job.benchmark, job.kinds)
-    manifest = Path(params["paths"]["prepared"]) / cfg.dataset / "manifest.json"
+    manifest = cfg.prepared / "manifest.json"
     if not manifest.is_file():
         return False
     fingerprint = job_fingerprint(cfg, sha256_file(model_path(params, job.model)), sha256_file(manifest))
-    state = load_state(state_path(params["paths"]["results"], cfg), fingerprint)
+    state = load_state(state_path(cfg), fingerprint)
     return state is not None and state["epochs_done"] >= cfg.sweeps[0].epochs
 
 

@@ -147,12 +147,12 @@ def preflight(params: dict, model: str, jobs: Sequence[ProbeJob]) -> None:
     for job in jobs:
         cfg = probe_config(params, model, job.benchmark, job.kinds)
         _check_shapes(cfg, encoder)
-        _check_data(params, cfg)
+        _check_data(cfg)
     del encoder
 
 
-def _check_data(params: dict, cfg: ProbeConfig) -> None:
-    root = Path(params["paths"]["prepared"]) / cfg.dataset
+def _check_data(cfg: ProbeConfig) -> None:
+    root = cfg.prepared
     try:
         manifest = load_manifest(root)
     except DataError as exc:
@@ -197,14 +197,14 @@ def _run_rank(
     """The job on this rank; rank 0 evaluates and returns the results, the other ranks None."""
     start = time.perf_counter()
     cfg = probe_config(params, job.model, job.benchmark, job.kinds)
-    path = model_path(params, job.model)
-    encoder, arch, _ = load_artifact_encoder(path, params["models"][job.model]["arch"])
+    path = cfg.model_dir / ARTIFACT_NAME
+    encoder, arch, _ = load_artifact_encoder(path, cfg.arch)
     encoder.to(device)
     _check_shapes(cfg, encoder)
-    data = build_data(cfg, Path(params["paths"]["prepared"]), arch.img_size)
+    data = build_data(cfg, arch.img_size)
     sha = sha256_file(path)
     fingerprint = job_fingerprint(cfg, sha, data.manifest_sha256)
-    spath = state_path(params["paths"]["results"], cfg)
+    spath = state_path(cfg)
     banks = {
         s.kind: HeadBank(s.kind, encoder.width, data.num_classes, s.settings, s.attn_heads, s.seed) for s in cfg.sweeps
     }
@@ -230,7 +230,7 @@ def _run_rank(
         results = {
             kind: {
                 **_select(cfg, kind, banks[kind], encoder, data, device),
-                **_facts(params, cfg, kind, features[kind], data, sha, str(device)),
+                **_facts(cfg, kind, features[kind], data, sha, str(device)),
             }
             for kind in cfg.kinds
         }
@@ -342,7 +342,7 @@ def _selection(settings: Sequence[tuple[float, float]], i: int, scores: HeadScor
     return {"selected": {"lr": lr, "weight_decay": wd}, "top1": scores.top1[i], "top5": scores.top5[i]}
 
 
-def _facts(params: dict, cfg: ProbeConfig, kind: str, features: str, data: JobData, sha: str, device: str) -> dict:
+def _facts(cfg: ProbeConfig, kind: str, features: str, data: JobData, sha: str, device: str) -> dict:
     """The result file's description of the run (unchanged keys: the report reads them)."""
     sweep = cfg.sweep(kind)
     return {
@@ -357,10 +357,10 @@ def _facts(params: dict, cfg: ProbeConfig, kind: str, features: str, data: JobDa
         "eval_split": cfg.eval_split,
         "num_train": data.num_train,
         "num_classes": data.num_classes,
-        "images_seen_pretrain": _images_seen(params, cfg.model),
+        "images_seen_pretrain": _images_seen(cfg.model_dir / "metrics.json"),
         "dataset": cfg.dataset,
         "features": features,
-        "augment": params["probe"]["augment"],
+        "augment": cfg.augment,
         "batch_size": cfg.batch_size,
         "accum_steps": sweep.accum_steps,
         "warmup_epochs": sweep.warmup_epochs,
@@ -370,8 +370,8 @@ def _facts(params: dict, cfg: ProbeConfig, kind: str, features: str, data: JobDa
     }
 
 
-def _images_seen(params: dict, model: str) -> int | None:
-    path = Path(params["paths"]["models"]) / model / "metrics.json"
+def _images_seen(path: Path) -> int | None:
+    """The pre-training's `images_seen` from the model's metrics.json (None when it has none)."""
     if not path.is_file():
         return None
     try:

@@ -1,6 +1,6 @@
 """The pixel floor: a "model" whose features are the flattened, normalised pixels of the image.
 
-`write_pixels_model(params, name, out_dir)` writes its `model.pt` (init "pixels", an empty
+`write_pixels_model(name, arch, out_dir)` writes its `model.pt` (init "pixels", an empty
 state_dict, the arch section with img_size) and `metrics.json`; nothing is trained and no dataset
 is read. `PixelEncoder` is what probing runs in place of an encoder: the evaluation-resized image
 (3, S, S), normalised with the ImageNet mean/std like every model's input, flattened to one token
@@ -10,7 +10,7 @@ of the normalised pixels under the same protocol, splits and selection as the mo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,11 @@ class PixelEncoder(nn.Module):
         return [flat for _ in blocks]
 
 
-def write_pixels_model(params: dict[str, Any], name: str, out_dir: str | Path) -> Path:
-    """Write models/<name>/model.pt and metrics.json of a pixel-floor model; returns model.pt's path."""
+def write_pixels_model(name: str, arch: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Write models/<name>/model.pt and metrics.json of a pixel-floor model of `arch` (its params
+    section); returns model.pt's path."""
     out = Path(out_dir)
-    arch = dict(params["models"][name]["arch"])
+    arch = dict(arch)
     path = out / ARTIFACT_NAME
     save_model_artifact(
         path,

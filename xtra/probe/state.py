@@ -27,14 +27,18 @@ __all__ = ["STATE_DIR", "state_path", "job_fingerprint", "save_state", "load_sta
 STATE_DIR = "probe-state"
 
 
-def state_path(results: str | Path, cfg: ProbeConfig) -> Path:
-    return Path(results) / STATE_DIR / cfg.model / cfg.benchmark / f"{'+'.join(cfg.kinds)}.pt"
+def state_path(cfg: ProbeConfig) -> Path:
+    return cfg.results / STATE_DIR / cfg.model / cfg.benchmark / f"{'+'.join(cfg.kinds)}.pt"
+
+
+# what a job may change and still continue from its state: devices (the result is the same up to
+# summation order), loader workers, and where its folders are (the model and data are hashed)
+NOT_IN_FINGERPRINT = ("devices", "num_workers", "model_dir", "prepared", "results")
 
 
 def job_fingerprint(cfg: ProbeConfig, checkpoint_sha256: str, manifest_sha256: str) -> str:
-    """What a resumed job must share with the one that saved the state (devices excluded: a job may
-    continue on another number of devices, the result is the same up to summation order)."""
-    payload = {**cfg.as_dict(), "devices": None, "num_workers": None}
+    """What a resumed job must share with the one that saved the state (see NOT_IN_FINGERPRINT)."""
+    payload = {k: v for k, v in cfg.as_dict().items() if k not in NOT_IN_FINGERPRINT}
     return params_hash({"config": payload, "checkpoint": checkpoint_sha256, "manifest": manifest_sha256})
 
 

@@ -18,10 +18,10 @@ the Markdown table between the two markers of FILE.
 A missing/partial result and a selected lr at the edge of its grid are each a `warning:` line on
 stderr (and a line under the Markdown table).
 
-Params read: `paths.results`, `paths.models`, `models`, `probe.benchmarks` (kinds), `probe.protocol`
-and, all optional, `report.reference_models` (published models beside this run; default
-DEFAULT_REFERENCES), `report.reference_dir` (default: the package's `reference/`),
-`report.figure_formats` (default png, pdf) and `report.dpi` (default 150).
+Params read, once, into the stage's typed config (`xtra.report.config.ReportConfig`): `paths.results`,
+`paths.models`, `models`, `probe.benchmarks` (kinds), `probe.protocol` and the `report` section:
+`reference_models` (published models beside this run), `reference_dir` (null: the package's
+`reference/`), `figure_formats` and `dpi` (their defaults are the schema's).
 Every file is written atomically and only from sorted, formatted data, so an unchanged input
 gives byte-identical outputs.
 """
@@ -41,12 +41,12 @@ from xtra.atomic import write_atomic
 from xtra.errors import XtraError
 from xtra.report import figures, tables
 from xtra.report.collect import Collected, collect_results, read_images_seen, read_pretrain_log
-from xtra.report.reference import BENCHMARKS, DEFAULT_REFERENCES, load_reference
+from xtra.report.config import ReportConfig
+from xtra.report.reference import BENCHMARKS, load_reference
 
 __all__ = ["MARKERS", "Report", "build_report", "update_readme", "configure_parser", "run"]
 
 MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
-_FORMATS = ("png", "pdf")
 
 
 @dataclass
@@ -73,14 +73,15 @@ def _write(path: Path, data: str | bytes) -> Path:
 _NOT_TRAINED = {"random": "random-init control: not trained", "pixels": "pixel floor: no encoder, not trained"}
 
 
-def _inits(params: dict, models: list[str]) -> dict[str, str]:
-    return {m: str((params["models"].get(m) or {}).get("init", "pretrain")) for m in models}
+def _inits(cfg: ReportConfig, models: list[str]) -> dict[str, str]:
+    """Each model's init (a model found on disk but not in params: pretrain)."""
+    return {m: cfg.models[m].init if m in cfg.models else "pretrain" for m in models}
 
 
-def _model_inputs(params: dict, models: list[str]) -> tuple[dict, dict, dict, dict]:
+def _model_inputs(cfg: ReportConfig, models: list[str]) -> tuple[dict, dict, dict, dict]:
     """Each model's pre-training log and images seen, with why either is missing."""
-    models_dir = Path(params["paths"]["models"])
-    inits = _inits(params, models)
+    models_dir = cfg.models_dir
+    inits = _inits(cfg, models)
     logs, no_log, seen, not_seen = {}, {}, {}, {}
     for model in models:
         if inits[model] in _NOT_TRAINED:
@@ -108,33 +109,30 @@ def _not_shown(results: pd.DataFrame) -> dict[str, str]:
     return {f"{r['model']}/{r['benchmark']}/{r['kind']}": f"{r['status']}: {r['reason']}" for _, r in bad.iterrows()}
 
 
-def _reconstructions(params: dict, collected: Collected) -> tuple[dict, dict]:
+def _reconstructions(cfg: ReportConfig, collected: Collected) -> tuple[dict, dict]:
     """Every model with an encoder (the pixel floor has none): its reconstruction.png, a title."""
-    models_dir = Path(params["paths"]["models"])
-    inits = _inits(params, collected.models)
+    inits = _inits(cfg, collected.models)
     images, titles = {}, {}
     for model in collected.models:
         if model in collected.floor_models:
             continue
-        images[model] = models_dir / model / "reconstruction.png"
-        arch = (params["models"].get(model) or {}).get("arch") or {}
-        order = arch.get("block_order", "raster")
-        titles[model] = f"{model} (k = {arch.get('block_size', '?')}, {order} order" + (
-            ", untrained)" if inits[model] == "random" else ")"
-        )
+        images[model] = cfg.models_dir / model / "reconstruction.png"
+        known = cfg.models.get(model)
+        k, order = (known.block_size, known.block_order) if known else ("?", "raster")
+        titles[model] = f"{model} (k = {k}, {order} order" + (", untrained)" if inits[model] == "random" else ")")
     return images, titles
 
 
-def _figures(params: dict, report: Report, reference: pd.DataFrame) -> tuple[dict, dict]:
+def _figures(cfg: ReportConfig, report: Report, reference: pd.DataFrame) -> tuple[dict, dict]:
     """All figures, and the plot-data frames that go with them."""
     collected, table = report.collected, report.table
     run_benchmarks = [b for b in collected.benchmarks if b in set(collected.results["benchmark"])]
     own = table[table["row"].isin(list(tables.OWN_ROWS))]
     paper_columns = [*BENCHMARKS, "mean15"]
     paper_rows = table[table["row"].isin(["run", "published"])]
-    logs, no_log, seen, not_seen = _model_inputs(params, collected.models)
+    logs, no_log, seen, not_seen = _model_inputs(cfg, collected.models)
     points = tables.images_seen_frame(table[table["row"] == "run"], seen, reference)
-    images, titles = _reconstructions(params, collected)
+    images, titles = _reconstructions(cfg, collected)
     edges = [line.removeprefix("- ").split(": lr ")[0] for line in tables.edge_lines(collected.results)]
     figs = {
         "top1_bars": figures.bars_figure(own, run_benchmarks, _not_shown(collected.results)),
@@ -175,17 +173,14 @@ def _write_tables(out: Path, report: Report, reference: pd.DataFrame) -> list[Pa
 
 
 def build_report(params: dict, out: Path) -> Report:
-    """Collect the probe results of `params`; write every table, figure and metric under `out`."""
+    """Collect the probe results of `params` (its typed config, built here); write every table, figure
+    and metric under `out`."""
     out = Path(out)
-    cfg = params.get("report") or {}
-    reference = load_reference(cfg.get("reference_dir"))
-    collected = collect_results(params)
+    cfg = ReportConfig.from_params(params)
+    reference = load_reference(cfg.reference_dir)
+    collected = collect_results(cfg)
     table = tables.results_table(
-        collected.results,
-        reference,
-        collected.benchmarks,
-        list(cfg.get("reference_models", DEFAULT_REFERENCES)),
-        collected.floor_models,
+        collected.results, reference, collected.benchmarks, list(cfg.reference_models), collected.floor_models
     )
     run_table = table[table["row"].isin(list(tables.OWN_ROWS))]
     report = Report(
@@ -195,13 +190,12 @@ def build_report(params: dict, out: Path) -> Report:
         metrics=tables.metrics_dict(run_table, collected.benchmarks),
     )
     report.files += _write_tables(out, report, reference)
-    report.figures, plots = _figures(params, report, reference)
+    report.figures, plots = _figures(cfg, report, reference)
     for name, frame in {**_plot_frames(collected), **plots}.items():
         report.files.append(_write(out / "plots" / f"{name}.csv", tables.to_csv(frame)))
-    dpi = int(cfg.get("dpi", 150))
     for name, fig in report.figures.items():
-        for fmt in cfg.get("figure_formats", _FORMATS):
-            data = figures.figure_bytes(fig, fmt, dpi)
+        for fmt in cfg.figure_formats:
+            data = figures.figure_bytes(fig, fmt, cfg.dpi)
             report.files.append(_write(out / "figures" / f"{name}.{fmt}", data))
     return report
 

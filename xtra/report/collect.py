@@ -29,6 +29,7 @@ import pandas as pd
 
 from xtra.errors import XtraError
 from xtra.model.probes import PIXEL_FLOOR_INIT, model_kinds
+from xtra.report.config import ReportConfig
 from xtra.report.reference import BENCHMARKS, KIND_ORDER, PROTOCOLS
 
 __all__ = [
@@ -221,27 +222,26 @@ def _ordered(preferred: list[str], found: set[str]) -> list[str]:
     return [x for x in preferred if x in found] + sorted(found - set(preferred))
 
 
-def benchmark_order(params: dict, found: set[str] = frozenset()) -> list[str]:
+def benchmark_order(cfg: ReportConfig, found: set[str] = frozenset()) -> list[str]:
     """The 15 benchmarks in table order, then the others of params, then any other found."""
-    configured = list(params["probe"]["benchmarks"])
+    configured = list(cfg.benchmarks)
     extra = [b for b in configured if b not in BENCHMARKS]
     return list(BENCHMARKS) + extra + sorted(set(found) - set(BENCHMARKS) - set(extra))
 
 
-def pixel_floor_models(params: dict) -> list[str]:
+def pixel_floor_models(cfg: ReportConfig) -> list[str]:
     """The models of params whose `init` is `pixels` (the pixel floor), in params order."""
-    return [m for m, cfg in params["models"].items() if (cfg or {}).get("init") == FLOOR_INIT]
+    return [m for m, model in cfg.models.items() if model.init == FLOOR_INIT]
 
 
-def _expected(params: dict) -> list[tuple[str, str, str, str]]:
-    """(model, benchmark, kind, protocol) of every probe job params asks for (the pixel floor:
-    its linear kind only)."""
-    protocol = params["probe"].get("protocol", "paper")
+def _expected(cfg: ReportConfig) -> list[tuple[str, str, str, str]]:
+    """(model, benchmark, kind, protocol) of every probe job params asks for (each model with the kinds
+    it is probed with: `xtra.model.probes.model_kinds`)."""
     return [
-        (model, benchmark, kind, protocol)
-        for model, model_cfg in params["models"].items()
-        for benchmark, cfg in params["probe"]["benchmarks"].items()
-        for kind in model_kinds((model_cfg or {}).get("init", "pretrain"), cfg.get("kinds", KIND_ORDER))
+        (model, benchmark, kind, cfg.protocol)
+        for model, info in cfg.models.items()
+        for benchmark, kinds in cfg.benchmarks.items()
+        for kind in model_kinds(info.init, kinds)
     ]
 
 
@@ -281,9 +281,9 @@ def _missing_row(job: tuple[str, str, str, str], probe_dir: Path, failures: dict
     }
 
 
-def collect_results(params: dict) -> Collected:
+def collect_results(cfg: ReportConfig) -> Collected:
     """Read every probe JSON under `paths.results`/probe; add the expected but absent ones."""
-    probe_dir = Path(params["paths"]["results"]) / "probe"
+    probe_dir = cfg.results / "probe"
     rows, heads, failures = [], [], {}
     folders = sorted(p for p in probe_dir.glob("*") if p.is_dir()) if probe_dir.is_dir() else []
     for folder in folders:
@@ -292,10 +292,10 @@ def collect_results(params: dict) -> Collected:
         failures.update(failed)
     present = {(r["model"], r["benchmark"], r["kind"], r["protocol"]) for r in rows}
     files = {r["file"] for r in rows}
-    rows += [_missing_row(job, probe_dir, failures, files) for job in _expected(params) if job not in present]
+    rows += [_missing_row(job, probe_dir, failures, files) for job in _expected(cfg) if job not in present]
     results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
-    models = _ordered(list(params["models"]), set(results["model"]))
-    benchmarks = benchmark_order(params, set(results["benchmark"]))
+    models = _ordered(list(cfg.models), set(results["model"]))
+    benchmarks = benchmark_order(cfg, set(results["benchmark"]))
     results = _sort(results, models, benchmarks)
     sweep = pd.DataFrame(heads, columns=list(SWEEP_COLUMNS))
     sweep[list(_HEAD_NUMBERS)] = sweep[list(_HEAD_NUMBERS)].astype(float)
@@ -306,7 +306,7 @@ def collect_results(params: dict) -> Collected:
         sweep=sweep,
         models=models,
         benchmarks=benchmarks,
-        floor_models=[m for m in pixel_floor_models(params) if m in models],
+        floor_models=[m for m in pixel_floor_models(cfg) if m in models],
     )
 
 

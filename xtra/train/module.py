@@ -44,6 +44,7 @@ from xtra.errors import CheckpointError, XtraError
 from xtra.model.arch import ArchConfig
 from xtra.model.flops import peak_memory_mb
 from xtra.model.xtra import XTRA
+from xtra.train.config import TrainConfig
 from xtra.train.schedule import decay_groups, release_warmup_cosine, schedule_steps
 
 __all__ = [
@@ -85,10 +86,12 @@ class PretrainModule(L.LightningModule):
     """
 
     def __init__(
-        self, arch: dict[str, Any], train: dict[str, Any], steps_per_epoch: int, run_id: str, seed: int = 0
+        self, arch: dict[str, Any], train: TrainConfig, steps_per_epoch: int, run_id: str, seed: int = 0
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()  # plain dicts: a checkpoint names its arch, recipe and run
+        # plain data, never a pickled dataclass: a checkpoint names its arch, recipe and run
+        hparams = {"arch": dict(arch), "train": train.as_dict(), "steps_per_epoch": steps_per_epoch}
+        self.save_hyperparameters({**hparams, "run_id": run_id, "seed": seed})
         self.model = XTRA(ArchConfig.from_dict(arch))
         self.train_cfg, self.seed = train, seed
         self.steps_per_epoch = steps_per_epoch
@@ -119,17 +122,13 @@ class PretrainModule(L.LightningModule):
 
     def lr_at(self, step: int) -> float:
         cfg = self.train_cfg
-        return release_warmup_cosine(
-            step, cfg["lr"], self.total_steps, self.warmup_steps, cfg["warmup_start_lr"], cfg["min_lr"]
-        )
+        return release_warmup_cosine(step, cfg.lr, self.total_steps, self.warmup_steps, cfg.warmup_start_lr, cfg.min_lr)
 
     def configure_optimizers(self):
         cfg = self.train_cfg
-        optimizer = torch.optim.AdamW(
-            decay_groups(self.model, cfg["weight_decay"]), lr=cfg["lr"], betas=tuple(cfg["betas"])
-        )
+        optimizer = torch.optim.AdamW(decay_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
         # LambdaLR multiplies the base lr: express the absolute schedule as a factor of it.
-        scheduler = LambdaLR(optimizer, lambda step: self.lr_at(step) / cfg["lr"])
+        scheduler = LambdaLR(optimizer, lambda step: self.lr_at(step) / cfg.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -158,14 +157,14 @@ class PretrainModule(L.LightningModule):
 class PretrainData(L.LightningDataModule):
     """The train loader (resumable; see the module doc) and, with `val_every_n_steps` > 0, the validation loader."""
 
-    def __init__(self, root: Path, train: dict[str, Any], img_size: int, eval_resize: int, seed: int) -> None:
+    def __init__(self, root: Path, train: TrainConfig, img_size: int, eval_resize: int, seed: int) -> None:
         super().__init__()
         self.cfg, self.seed, self.root = train, seed, Path(root)
         self.train_transform = pretrain_transform(img_size)
         self.train_set = PreparedDataset(self.root, "train", None)  # its size; the random loader's samples
         self.val_set = None
-        if train["val_every_n_steps"] > 0:
-            self.val_set = PreparedDataset(self.root, train["val_split"], eval_transform(img_size, eval_resize))
+        if train.val_every_n_steps > 0:
+            self.val_set = PreparedDataset(self.root, train.val_split, eval_transform(img_size, eval_resize))
         self.sampler: EpochSampler | None = None
         self.stream: ShardStream | None = None
         self._resume: tuple[int, int] | None = None  # (epoch, batches done; -1: the epoch had ended)
@@ -177,7 +176,7 @@ class PretrainData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer, cfg = self.trainer, self.cfg
-        if cfg["loader"] == "stream":
+        if cfg.loader == "stream":
             self.stream = ShardStream(
                 self.root,
                 "train",
@@ -190,25 +189,25 @@ class PretrainData(L.LightningDataModule):
             # its counter only later, after the loader's first iteration may have begun)
             ended = self._resume is not None and self._resume[1] < 0
             self.stream.set_epoch(self._resume[0] + 1 if ended else trainer.current_epoch)
-            return make_stream_loader(self.stream, cfg["batch_size"], cfg["num_workers"], drop_last=True)
+            return make_stream_loader(self.stream, cfg.batch_size, cfg.num_workers, drop_last=True)
         self.sampler = EpochSampler(
             self.train_set,
             num_replicas=trainer.world_size,
             rank=trainer.global_rank,
             seed=self.seed,
             drop_last=True,
-            batch_size=cfg["batch_size"],
+            batch_size=cfg.batch_size,
         )
         self.sampler.set_epoch(trainer.current_epoch)
         if self._resume is not None and self._resume[1] > 0:
             self.sampler.skip_batches(*self._resume)
         return DataLoader(
             SeededView(self.train_set, None, self.train_transform, self.seed),
-            batch_size=cfg["batch_size"],
+            batch_size=cfg.batch_size,
             sampler=self.sampler,
-            num_workers=cfg["num_workers"],
+            num_workers=cfg.num_workers,
             drop_last=True,
-            persistent_workers=cfg["num_workers"] > 0,
+            persistent_workers=cfg.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -216,7 +215,7 @@ class PretrainData(L.LightningDataModule):
         if self.val_set is None:
             return []
         trainer, cfg = self.trainer, self.cfg
-        n = min(len(self.val_set), cfg["val_batches"] * cfg["batch_size"] * trainer.world_size)
+        n = min(len(self.val_set), cfg.val_batches * cfg.batch_size * trainer.world_size)
         subset = torch.utils.data.Subset(self.val_set, range(n))  # the same fixed held-out images every time
         sampler = DistributedSampler(
             subset,
@@ -225,7 +224,7 @@ class PretrainData(L.LightningDataModule):
             shuffle=False,
             drop_last=trainer.world_size > 1,
         )
-        return DataLoader(subset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=0)
+        return DataLoader(subset, batch_size=cfg.batch_size, sampler=sampler, num_workers=0)
 
     def state_dict(self) -> dict[str, int]:
         """The loader position at a checkpoint: the epoch, the batches of it already trained on (the random

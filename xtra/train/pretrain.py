@@ -1,8 +1,8 @@
 """`xtra pretrain MODEL`: pre-train (or initialise, or convert) one model of params.yaml.
 
-Read top-down: `pretrain_model` dispatches on the model's `init`; `_train` is the pre-training:
-config -> data -> model -> trainer -> fit -> finish. The step itself (data -> loss -> optimiser) is
-`xtra.train.module`.
+Read top-down: `pretrain_model` builds the stage's typed config (`xtra.train.config`) and dispatches
+on the model's `init`; `_train` is the pre-training: config -> data -> model -> trainer -> fit ->
+finish. The step itself (data -> loss -> optimiser) is `xtra.train.module`.
 
 Outputs in `<paths.models>/<model>/`:
 - `checkpoints/<run id>/step-NNNNNN.ckpt`: resumable Lightning checkpoints of one run (see
@@ -33,13 +33,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from xtra.atomic import write_json_atomic
 from xtra.config import load_params
-from xtra.errors import CheckpointError, ParamsError, writing_to
+from xtra.errors import CheckpointError, writing_to
 from xtra.model.arch import ArchConfig
 from xtra.model.artifact import ARTIFACT_NAME, save_model_artifact
 from xtra.model.flops import peak_flops_per_s, train_flops_per_image
 from xtra.model.mask import resolve_attn_impl
 from xtra.model.xtra import XTRA
 from xtra.train import identity
+from xtra.train.config import PretrainConfig, TrainConfig
 from xtra.train.module import (
     CheckSameResumeOnEveryRank,
     DigestRankWeights,
@@ -80,11 +81,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> Path:
-    """Run the pretrain stage for model `name`; returns its output directory."""
-    if name not in params["models"]:
-        raise ParamsError(f"models.{name}: no such model; known: {sorted(params['models'])}")
-    init = params["models"][name]["init"]
-    out = Path(params["paths"]["models"]) / name
+    """Run the pretrain stage for model `name` of validated params; returns its output directory."""
+    cfg = PretrainConfig.from_params(params, name)
+    init, out = cfg.init, cfg.out
     with writing_to(out):
         out.mkdir(parents=True, exist_ok=True)
         # a previous run's final files must not outlive a re-run that fails or is killed (every rank
@@ -93,14 +92,15 @@ def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> 
             (out / stale).unlink(missing_ok=True)
         try:
             if init == "random":
-                return _write_random(params, name, out)
+                return _write_random(cfg)
             if init == "official":
-                return _write_official(params, name, out)
+                return _write_official(cfg)
             if init == "pixels":
                 from xtra.probe.pixels import write_pixels_model  # the probe package's pixel floor
 
-                return write_pixels_model(params, name, out)
-            return _train(params, name, out, restart)
+                write_pixels_model(cfg.model, cfg.arch, out)
+                return out
+            return _train(cfg, params, restart)
         except BaseException:
             for leftover in (ARTIFACT_NAME + ".tmp", "log.csv.tmp", "reconstruction.tmp.png"):
                 (out / leftover).unlink(missing_ok=True)
@@ -114,58 +114,54 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     write_json_atomic(path, payload, indent=2, sort_keys=True)
 
 
-def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
+def _write_random(cfg: PretrainConfig) -> Path:
     """The random-init control: the model as initialised with the run's seed, never trained."""
-    arch = params["models"][name]["arch"]
-    L.seed_everything(params["seed"], verbose=False)
-    model = XTRA(ArchConfig.from_dict(arch))
-    _write_json(out / "metrics.json", {"init": "random", "steps": 0, "images_seen": 0, "seed": params["seed"]})
-    write_model_reconstruction(params, name, model, out)  # the control is drawn like the trained models
+    L.seed_everything(cfg.seed, verbose=False)
+    model = XTRA(ArchConfig.from_dict(cfg.arch))
+    _write_json(cfg.out / "metrics.json", {"init": "random", "steps": 0, "images_seen": 0, "seed": cfg.seed})
+    write_model_reconstruction(cfg, model)  # the control is drawn like the trained models
     save_model_artifact(
-        out / ARTIFACT_NAME,
+        cfg.out / ARTIFACT_NAME,
         init="random",
-        arch=arch,
+        arch=cfg.arch,
         state_dict=model.state_dict(),
-        provenance={"seed": params["seed"], "steps": 0},
+        provenance={"seed": cfg.seed, "steps": 0},
     )
-    print(f"{name}: wrote the random-init control to {out / ARTIFACT_NAME}")
-    return out
+    print(f"{cfg.model}: wrote the random-init control to {cfg.out / ARTIFACT_NAME}")
+    return cfg.out
 
 
-def _write_official(params: dict[str, Any], name: str, out: Path) -> Path:
+def _write_official(cfg: PretrainConfig) -> Path:
     """A released checkpoint through the hardened converter (`xtra.model.convert.convert_official`):
     weights-only loading, stored hyper_parameters checked, wrapper prefixes stripped, every key
     checked; an encoder-only release file becomes an encoder artifact that probing accepts."""
     from xtra.model.convert import convert_official
 
-    src = params["models"][name]["checkpoint"]
-    report = convert_official(src, out / ARTIFACT_NAME, params["models"][name]["arch"])
-    _write_json(out / "metrics.json", {"init": "official", "source": str(src), **report})
-    return out
+    report = convert_official(cfg.checkpoint, cfg.out / ARTIFACT_NAME, cfg.arch)
+    _write_json(cfg.out / "metrics.json", {"init": "official", "source": str(cfg.checkpoint), **report})
+    return cfg.out
 
 
-def _train(params: dict[str, Any], name: str, out: Path, restart: bool) -> Path:
-    """Pre-train model `name`: config -> data -> model -> trainer -> fit -> finish (see the module doc)."""
-    model_cfg = params["models"][name]
-    train, seed = model_cfg["train"], params["seed"]
-    L.seed_everything(seed, verbose=False)
-    root = Path(params["paths"]["prepared"]) / model_cfg["dataset"]
-    data = PretrainData(root, train, model_cfg["arch"]["img_size"], model_cfg["eval_resize"], seed)
+def _train(cfg: PretrainConfig, params: dict[str, Any], restart: bool) -> Path:
+    """Pre-train a model: config -> data -> model -> trainer -> fit -> finish (see the module doc).
+
+    `params` (the validated dict) gives the run's identity (`xtra.train.identity`), nothing else."""
+    train, out = cfg.train, cfg.out
+    L.seed_everything(cfg.seed, verbose=False)
+    data = PretrainData(cfg.prepared, train, cfg.arch["img_size"], cfg.eval_resize, cfg.seed)
     trainer = _trainer(train)  # the world size is the trainer's, however `devices` is spelled
-    values = identity.trajectory(params, name, trainer.world_size, identity.data_fingerprint(root))
+    values = identity.trajectory(params, cfg.model, trainer.world_size, identity.data_fingerprint(cfg.prepared))
     run = identity.run_id(values)
-    steps = steps_per_epoch(
-        len(data.train_set), train["batch_size"], trainer.world_size, train["accumulate_grad_batches"]
-    )
-    module = PretrainModule(model_cfg["arch"], train, steps, run, seed)
+    steps = steps_per_epoch(len(data.train_set), train.batch_size, trainer.world_size, train.accumulate_grad_batches)
+    module = PretrainModule(cfg.arch, train, steps, run, cfg.seed)
     trainer.fit_loop.epoch_loop.max_steps = module.total_steps
     run_dir = _run_dir(out, run, restart, trainer.is_global_zero)
     resume = find_resume_checkpoint(run_dir, run)  # every rank, read-only: no broadcast before fit
-    plan = _plan(params, name, trainer, data, module, run, run_dir, resume)
+    plan = _plan(cfg, trainer, data, module, run, run_dir, resume)
     trainer.callbacks[:0] = [
         LogSteps(
             run_dir / "log.csv",
-            train["log_every_n_steps"],
+            train.log_every_n_steps,
             plan["global_batch"],
             train_flops_per_image(module.model.cfg),
             plan["peak_flops_per_s"],
@@ -176,12 +172,12 @@ def _train(params: dict[str, Any], name: str, out: Path, restart: bool) -> Path:
     ]
     trainer.callbacks.append(  # last: it saves after the other callbacks' end-of-batch work
         KeepCheckpoints(
-            train["keep_last_checkpoints"],
-            train["keep_every_n_steps"],
+            train.keep_last_checkpoints,
+            train.keep_every_n_steps,
             dirpath=run_dir,
             filename="step-{step:06d}",
             auto_insert_metric_name=False,
-            every_n_train_steps=train["checkpoint_every_n_steps"],
+            every_n_train_steps=train.checkpoint_every_n_steps,
             save_top_k=-1,
             save_last=False,
         )
@@ -194,37 +190,37 @@ def _train(params: dict[str, Any], name: str, out: Path, restart: bool) -> Path:
         print(_summary(plan), flush=True)
     started = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
-    if trainer.global_step % train["checkpoint_every_n_steps"] != 0 or trainer.global_step == 0:
+    if trainer.global_step % train.checkpoint_every_n_steps != 0 or trainer.global_step == 0:
         # the end state (same decision on every rank), so that extending epochs/max_steps continues from it
         trainer.save_checkpoint(run_dir / f"step-{trainer.global_step:06d}.ckpt")
     if trainer.is_global_zero:
-        prune_checkpoints(run_dir, train["keep_last_checkpoints"], train["keep_every_n_steps"])
-        _finish(params, name, out, module, trainer, plan, run_dir, time.time() - started)
+        prune_checkpoints(run_dir, train.keep_last_checkpoints, train.keep_every_n_steps)
+        _finish(cfg, module, trainer, plan, run_dir, time.time() - started)
     return out
 
 
-def _trainer(train: dict[str, Any]) -> L.Trainer:
-    val = train["val_every_n_steps"]
+def _trainer(train: TrainConfig) -> L.Trainer:
+    val = train.val_every_n_steps
     return L.Trainer(
-        accelerator=train["accelerator"],
-        devices=train["devices"],
-        num_nodes=train["num_nodes"],
-        strategy=train["strategy"],
-        precision=train["precision"],
-        max_epochs=train["epochs"],
-        gradient_clip_val=train["grad_clip"] or None,
-        accumulate_grad_batches=train["accumulate_grad_batches"],
+        accelerator=train.accelerator,
+        devices=train.devices,
+        num_nodes=train.num_nodes,
+        strategy=train.strategy,
+        precision=train.precision,
+        max_epochs=train.epochs,
+        gradient_clip_val=train.grad_clip or None,
+        accumulate_grad_batches=train.accumulate_grad_batches,
         logger=False,
         enable_checkpointing=False,  # no default ModelCheckpoint: KeepCheckpoints is added by _train
         use_distributed_sampler=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=train["log_every_n_steps"],
+        log_every_n_steps=train.log_every_n_steps,
         plugins=[SameFolderCheckpointIO()],
-        val_check_interval=val * train["accumulate_grad_batches"] if val > 0 else None,
+        val_check_interval=val * train.accumulate_grad_batches if val > 0 else None,
         check_val_every_n_epoch=None if val > 0 else 1,
         limit_val_batches=1.0 if val > 0 else 0,
-        callbacks=[TQDMProgressBar(refresh_rate=max(1, train["log_every_n_steps"]))],
+        callbacks=[TQDMProgressBar(refresh_rate=max(1, train.log_every_n_steps))],
     )
 
 
@@ -280,8 +276,7 @@ def _other_runs(out: Path, run: str, values: dict[str, Any]) -> None:
 
 
 def _plan(
-    params: dict[str, Any],
-    name: str,
+    cfg: PretrainConfig,
     trainer: L.Trainer,
     data: PretrainData,
     module: PretrainModule,
@@ -290,11 +285,11 @@ def _plan(
     resume: Path | None,
 ) -> dict[str, Any]:
     """What the run will do (run.json): its layout, batches, schedule, parameters and attention path."""
-    train = params["models"][name]["train"]
-    world, accum, batch = trainer.world_size, train["accumulate_grad_batches"], train["batch_size"]
+    train = cfg.train
+    world, accum, batch = trainer.world_size, train.accumulate_grad_batches, train.batch_size
     device = trainer.strategy.root_device
     return {
-        "model": name,
+        "model": cfg.model,
         "run_id": run,
         "run_dir": str(run_dir),
         "world_size": world,
@@ -314,11 +309,11 @@ def _plan(
             "total": sum(p.numel() for p in module.model.parameters()),
             "encoder": sum(p.numel() for p in module.model.encoder.parameters()),
         },
-        "precision": train["precision"],
-        "strategy": train["strategy"],
+        "precision": train.precision,
+        "strategy": train.strategy,
         "attention": resolve_attn_impl(module.model.cfg.attn_impl, device, training=False),
         "peak_flops_per_s": peak_flops_per_s(device),
-        "val_every_n_steps": train["val_every_n_steps"],
+        "val_every_n_steps": train.val_every_n_steps,
     }
 
 
@@ -336,9 +331,7 @@ def _summary(plan: dict[str, Any]) -> str:
 
 
 def _finish(
-    params: dict[str, Any],
-    name: str,
-    out: Path,
+    cfg: PretrainConfig,
     module: PretrainModule,
     trainer: L.Trainer,
     plan: dict[str, Any],
@@ -360,17 +353,18 @@ def _finish(
         "run_id": plan["run_id"],
         "final_lr": float(trainer.optimizers[0].param_groups[0]["lr"]),  # the schedule's rate after the last step
     }
+    out = cfg.out
     for log in ("log.csv", "val.csv"):  # this run's curves, where dvc plots finds them
         if (run_dir / log).exists():
             shutil.copyfile(run_dir / log, out / f"{log}.tmp")
             (out / f"{log}.tmp").replace(out / log)
-    write_model_reconstruction(params, name, module.model, out)
+    write_model_reconstruction(cfg, module.model)
     _write_json(out / "metrics.json", metrics)
     provenance = {k: metrics[k] for k in ("steps", "images_seen", "run_id", "final_loss")}
     save_model_artifact(
         out / ARTIFACT_NAME,
         init="pretrain",
-        arch=params["models"][name]["arch"],
+        arch=cfg.arch,
         state_dict=module.model.state_dict(),
         provenance={
             **provenance,
@@ -378,4 +372,4 @@ def _finish(
             "resolved_arch": asdict(module.model.cfg),
         },
     )
-    print(f"{name}: {metrics['steps']} steps, final loss {metrics['final_loss']}, wrote {out / ARTIFACT_NAME}")
+    print(f"{cfg.model}: {metrics['steps']} steps, final loss {metrics['final_loss']}, wrote {out / ARTIFACT_NAME}")

@@ -24,6 +24,7 @@ from torchvision.utils import save_image
 
 from xtra.errors import DataError
 from xtra.model.xtra import XTRA, patchify_blocks, unpatchify_blocks
+from xtra.train.config import PretrainConfig
 
 __all__ = [
     "reconstruction_grid",
@@ -103,21 +104,17 @@ def reconstruction_grid_from_dataset(
     return _save(model, images, out)
 
 
-def write_model_reconstruction(params: dict, name: str, model: XTRA, out_dir: Path) -> Path | None:
-    """`<out_dir>/reconstruction.png` for model `name` of params (a trained model and the random
-    control alike) from its dataset; None (nothing written) when `train.reconstruct_images` is 0 or
-    the dataset is not prepared (which a trained model's stage has checked before)."""
-    cfg = params["models"][name]
-    count = int((cfg.get("train") or {}).get("reconstruct_images", 4))
+def write_model_reconstruction(cfg: PretrainConfig, model: XTRA) -> Path | None:
+    """`reconstruction.png` in the model's folder (a trained model and the random control alike) from
+    its dataset; None (nothing written) when `train.reconstruct_images` is 0 or the dataset is not
+    prepared (which a trained model's stage has checked before)."""
+    count = cfg.train.reconstruct_images
     if count <= 0:
         return None
-    prepared = Path(params["paths"]["prepared"]) / str(cfg.get("dataset"))
-    if not (prepared / "manifest.json").is_file():  # a control whose dataset is not prepared here
-        print(f"{name}: no reconstruction.png: {prepared} is not a prepared dataset")
+    if not (cfg.prepared / "manifest.json").is_file():  # a control whose dataset is not prepared here
+        print(f"{cfg.model}: no reconstruction.png: {cfg.prepared} is not a prepared dataset")
         return None
-    return reconstruction_grid_from_dataset(
-        model, prepared, Path(out_dir) / "reconstruction.png", count, cfg["eval_resize"]
-    )
+    return reconstruction_grid_from_dataset(model, cfg.prepared, cfg.out / "reconstruction.png", count, cfg.eval_resize)
 
 
 def _save(model: XTRA, images: torch.Tensor, out: Path) -> Path:

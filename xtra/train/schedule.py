@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from xtra.train.config import TrainConfig
 
 __all__ = [
     "warmup_cosine",
@@ -68,12 +71,12 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, accumula
     return max(1, -(-batches_per_epoch(num_samples, batch_size, world_size) // accumulate))
 
 
-def schedule_steps(train: dict[str, Any], steps_per_epoch: int) -> tuple[int, int]:
+def schedule_steps(train: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
     """(warm-up steps, total optimiser steps) of a pre-training: epochs x steps per epoch, capped by max_steps."""
-    total = train["epochs"] * steps_per_epoch
-    if train["max_steps"] >= 0:
-        total = min(total, train["max_steps"])
-    return int(round(train["warmup_epochs"] * steps_per_epoch)), total
+    total = train.epochs * steps_per_epoch
+    if train.max_steps >= 0:
+        total = min(total, train.max_steps)
+    return int(round(train.warmup_epochs * steps_per_epoch)), total
 
 
 def decay_groups(modules: Iterable[nn.Module] | nn.Module, weight_decay: float) -> list[dict]:

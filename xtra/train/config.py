@@ -1,0 +1,95 @@
+"""The typed config of the pretrain stage: what `xtra pretrain MODEL` reads from params, built once.
+
+`PretrainConfig.from_params(params, model)` takes the validated params dict (every default filled
+in by the schema, the one home of defaults and enums) and holds the model's settings, its `train`
+section as a `TrainConfig` (one field per schema key; a test checks both ways) and the paths of the
+stage. The `arch` section stays the params mapping: it is written into checkpoints and `model.pt`
+as plain data, and `ArchConfig.from_dict` resolves it where the model is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from xtra.errors import ParamsError
+
+__all__ = ["TrainConfig", "PretrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A model's `train` section (`$defs/train` of the schema, whose descriptions say what each does)."""
+
+    epochs: int
+    max_steps: int
+    batch_size: int  # per device
+    accumulate_grad_batches: int
+    lr: float
+    warmup_start_lr: float
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+    precision: str
+    accelerator: str
+    devices: int | str
+    num_nodes: int
+    strategy: str
+    num_workers: int
+    loader: str
+    checkpoint_every_n_steps: int
+    keep_last_checkpoints: int
+    keep_every_n_steps: int
+    log_every_n_steps: int
+    val_every_n_steps: int
+    val_split: str
+    val_batches: int
+    reconstruct_images: int
+
+    @classmethod
+    def from_dict(cls, train: Mapping[str, Any]) -> TrainConfig:
+        """From a validated `train` section (every key present)."""
+        return cls(**{**train, "betas": tuple(train["betas"])})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The section as plain data (what a checkpoint's `hyper_parameters` hold)."""
+        return {**asdict(self), "betas": list(self.betas)}
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One model's pretrain stage: its init, data, architecture section, recipe and folders."""
+
+    model: str
+    init: str  # pretrain | random | official | pixels
+    dataset: str | None
+    checkpoint: str | None  # init official: the release file to convert
+    eval_resize: int
+    arch: dict[str, Any]  # the params section (plain data)
+    train: TrainConfig
+    seed: int
+    prepared: Path  # the prepared dataset's folder (paths.prepared / dataset)
+    out: Path  # the model's folder (paths.models / model)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], model: str) -> PretrainConfig:
+        """From validated params; an unknown model is a ParamsError naming the known ones."""
+        if model not in params["models"]:
+            raise ParamsError(f"models.{model}: no such model; known: {sorted(params['models'])}")
+        section = params["models"][model]
+        return cls(
+            model=model,
+            init=section["init"],
+            dataset=section["dataset"],
+            checkpoint=section["checkpoint"],
+            eval_resize=section["eval_resize"],
+            arch=dict(section["arch"]),
+            train=TrainConfig.from_dict(section["train"]),
+            seed=params["seed"],
+            prepared=Path(params["paths"]["prepared"]) / str(section["dataset"]),
+            out=Path(params["paths"]["models"]) / model,
+        )
