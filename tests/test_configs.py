@@ -47,6 +47,22 @@ def test_arch_defaults_and_enums_are_the_schema_s():
             ArchConfig(**{key: "nonsense"}).resolved()
 
 
+def test_sweep_defaults_are_the_schema_s():
+    """A SweepConfig built without params (tests, the sweep bench) trains with the schema's recipe."""
+    from xtra.probe.config import SweepConfig, kind_settings
+
+    probe, bench = section_defaults("probe"), section_defaults("benchmark")
+    top = {"seed": schema_section("seed")["default"]}
+    want = {k: probe[k] for k in ("grad_clip", "min_lr", "warmup_start_factor", "precision", "schedule")}
+    want |= {"last_group_loss": probe["last_group_loss"], "betas": tuple(probe["betas"])}
+    want |= {k: bench[k] for k in ("warmup_epochs", "accum_steps")} | top
+    defaults = {f.name: f.default for f in dataclasses.fields(SweepConfig) if f.name in want}
+    assert defaults == want
+    attentive = SweepConfig(kind="attentive", settings=((1e-3, 0.0),), epochs=1)
+    assert attentive.options == {"num_last_blocks": 6, "num_heads": 16}  # the schema's probe.kinds.attentive
+    assert kind_settings("attentive")["weight_decays"] == [0.1] and kind_settings("linear")["weight_decays"] == [0.0]
+
+
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
 def test_every_stage_builds_its_config_from_a_shipped_profile(profile: Path):
     params = validate_params(yaml.safe_load(profile.read_text()), str(profile), check_paths=False)

@@ -110,7 +110,8 @@ def test_probing_is_the_golden_sweep(golden_run) -> None:
             "lrs": [0.001, 0.03],
         }
     }
-    params["probe"].update(augment=True, num_workers=0, num_last_blocks=2, attn_heads=2)
+    params["probe"].update(augment=True, num_workers=0)
+    params["probe"]["kinds"]["attentive"].update(num_last_blocks=2, num_heads=2)
     from xtra.config import validate_params
 
     params = validate_params(params)

@@ -77,7 +77,7 @@ BAD_PARAMS: list[tuple[str, Callable[[dict], None] | str, str]] = [
     ("typo-dataset-key", _rename("datasets.mnist5k.image_size", "imgae_size"), "['imgae_size']"),
     ("typo-arch-key", _rename("models.xtra_k2.arch.block_size", "blok_size"), "['blok_size']"),
     ("typo-train-key", _rename("models.xtra_k2.train.epochs", "epoch"), "['epoch']"),
-    ("typo-probe-key", _rename("probe.num_last_blocks", "num_last_block"), "['num_last_block']"),
+    ("typo-probe-key", _rename("probe.kinds.attentive.num_last_blocks", "num_last_block"), "['num_last_block']"),
     ("typo-benchmark-key", _rename("probe.benchmarks.mnist.lrs", "learning_rates"), "['learning_rates']"),
     ("typo-ray-key", _set("probe.ray.adress", "auto"), "['adress']"),
     ("wrong-type-epochs", _set("models.xtra_k1.train.epochs", "three"), "models.xtra_k1.train.epochs"),
@@ -222,10 +222,11 @@ def test_paper_b16_recipe():
     bench = p["probe"]["benchmarks"]["in1k"]
     assert bench["kinds"] == ["linear", "attentive"] and bench["lrs"] == IN1K_GRID
     assert (bench["epochs"], bench["batch_size"], bench["accum_steps"], bench["warmup_epochs"]) == (100, 1024, 4, 10)
-    assert p["probe"]["linear_weight_decays"] == [0.0] and p["probe"]["attentive_weight_decays"] == [0.1]
     probe = p["probe"]  # the release's recipe: betas, schedule, per-kind augmentation (B/16 linear: crop + flip)
+    linear, attentive = probe["kinds"]["linear"], probe["kinds"]["attentive"]
+    assert linear["weight_decays"] == [0.0] and attentive["weight_decays"] == [0.1]
     assert (probe["betas"], probe["schedule"], probe["last_group_loss"]) == ([0.9, 0.95], "release", "release")
-    assert probe["augmentation"] == {"linear": "crop_flip", "attentive": "randaugment"} and probe["augment"]
+    assert (linear["augmentation"], attentive["augmentation"]) == ("crop_flip", "randaugment") and probe["augment"]
     assert probe["models"] == ["xtra_b16", "pixels"] and p["models"]["pixels"]["init"] == "pixels"
 
 
@@ -288,8 +289,9 @@ def test_paper_h14_recipe():
         assert bench["warmup_epochs"] == (10 if name in ("in1k", "inat18") else 0), name
         grid = IN1K_GRID if name == "in1k" else LR_GRID + ([0.1] if name in ("inat18", "cars", "infograph") else [])
         assert bench["lrs"] == grid, name
-    assert p["probe"]["linear_weight_decays"] == [0.1] == p["probe"]["attentive_weight_decays"]
-    assert p["probe"]["augmentation"] == {"linear": "randaugment", "attentive": "randaugment"}
+    kinds = p["probe"]["kinds"]
+    assert kinds["linear"]["weight_decays"] == [0.1] == kinds["attentive"]["weight_decays"]
+    assert kinds["linear"]["augmentation"] == "randaugment" == kinds["attentive"]["augmentation"]
     assert p["probe"]["schedule"] == "release" and p["probe"]["betas"] == [0.9, 0.95]
     assert len(p["datasets"]) == 16 and all(d["root"].startswith("/datasets/") for d in p["datasets"].values())
     assert all(d["resources"]["gpus"] == 0 for d in p["datasets"].values())

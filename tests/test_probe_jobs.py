@@ -20,7 +20,9 @@ from torch import nn
 from tests.test_probe_stage import build_inputs, make_params
 from xtra.config import load_params
 from xtra.errors import ParamsError
-from xtra.model.probes import AttentiveProbe, FeatureNorm, HeadBank, LinearProbe
+from xtra.model.probe_kinds.attentive import AttentiveProbe
+from xtra.model.probe_kinds.linear import LinearProbe
+from xtra.model.probes import FeatureNorm, HeadBank
 from xtra.probe.cli import probe_model
 from xtra.probe.config import probe_config
 from xtra.probe.job import plan_jobs
@@ -166,7 +168,7 @@ def test_shared_norm_is_batchnorm_exactly():
 def test_a_bank_with_one_norm_equals_heads_with_their_own():
     torch.manual_seed(0)
     pooled = torch.randn(10, 4, 16)
-    bank = HeadBank("attentive", 16, 3, [(1e-3, 0.0), (1e-2, 0.0)], attn_heads=4, seed=2)
+    bank = HeadBank("attentive", 16, 3, [(1e-3, 0.0), (1e-2, 0.0)], {"num_heads": 4}, seed=2)
     torch.manual_seed(2)
     own = AttentiveProbe(16, 3, 4)  # a standalone head with its own BatchNorm, the same seed
     logits = bank(pooled)
@@ -211,7 +213,9 @@ def test_release_schedule_of_the_h14_profile(benchmark, num_train):
     bench = params["probe"]["benchmarks"][benchmark]
     batches = num_train // bench["batch_size"]  # drop_last
     for sweep in cfg.sweeps:
-        trainer = BankTrainer(HeadBank(sweep.kind, 32, 2, sweep.settings[:2], 4), sweep, batches, torch.device("cpu"))
+        trainer = BankTrainer(
+            HeadBank(sweep.kind, 32, 2, sweep.settings[:2], {"num_heads": 4}), sweep, batches, torch.device("cpu")
+        )
         for lr in (sweep.settings[0][0], sweep.settings[1][0]):
             steps_per_epoch = math.ceil(batches / bench["accum_steps"])
             expected = _bolts_rates(

@@ -91,8 +91,7 @@ def make_params(tmp: Path, lrs=(1e-3, 1e-2), epochs: int = 2, protocol: str = "p
                 },
             },
             "protocol": protocol,
-            "num_last_blocks": 2,
-            "attn_heads": 4,
+            "kinds": {"attentive": {"num_last_blocks": 2, "num_heads": 4}},
             "augment": False,
             "num_workers": 0,
             "ray": {"max_retries": 1, "cpus_per_job": 1},
@@ -263,8 +262,9 @@ def test_cli_reports_bad_input_without_traceback(workspace, tmp_path, capsys):
     path.write_text(yaml.safe_dump(workspace))
     assert main(["probe", "rand", "--params", str(path), "--benchmark", "nope", "--no-ray"]) == 2
     assert "error: " in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse refuses an unknown kind
-        main(["probe", "rand", "--params", str(path), "--kind", "knn"])
+    # an unknown kind is refused by the registry, naming the known ones
+    assert main(["probe", "rand", "--params", str(path), "--kind", "knn", "--no-ray"]) == 2
+    assert "unknown probe kind ['knn']; expected some of ['attentive', 'linear']" in capsys.readouterr().err
 
 
 def test_unknown_benchmark_or_kind_is_refused(workspace):
@@ -310,9 +310,10 @@ def test_missing_split_and_empty_grid_are_refused(workspace):
 
 def test_attentive_shape_errors_are_refused(workspace):
     params = json.loads(json.dumps(workspace))
-    params["probe"]["num_last_blocks"] = 3
-    with pytest.raises(ParamsError, match="num_last_blocks"):
+    attentive = params["probe"]["kinds"]["attentive"]
+    attentive["num_last_blocks"] = 3
+    with pytest.raises(ParamsError, match="probe.kinds.attentive.num_last_blocks"):
         preflight(params, "rand", [ProbeJob("rand", "bench_a", ("attentive",))])
-    params["probe"]["num_last_blocks"], params["probe"]["attn_heads"] = 2, 5
-    with pytest.raises(ParamsError, match="attn_heads"):
+    attentive["num_last_blocks"], attentive["num_heads"] = 2, 5
+    with pytest.raises(ParamsError, match="probe.kinds.attentive.num_heads"):
         preflight(params, "rand", [ProbeJob("rand", "bench_a", ("attentive",))])

@@ -13,7 +13,9 @@ from torch.utils.data import TensorDataset
 from xtra.bench.sweep import run_sweep_bench
 from xtra.data.prepared import make_loader
 from xtra.errors import ParamsError
-from xtra.model.probes import AttentiveProbe, HeadBank, LinearProbe, probe_blocks
+from xtra.model.probe_kinds.attentive import AttentiveProbe
+from xtra.model.probe_kinds.linear import LinearProbe
+from xtra.model.probes import HeadBank, probe_kind
 from xtra.model.vit import Encoder
 from xtra.probe.loop import (
     CachedFeatures,
@@ -49,7 +51,7 @@ def manual_blocks(encoder: Encoder, images: torch.Tensor) -> list[torch.Tensor]:
 def test_linear_probe_pools_the_last_block_before_the_final_norm():
     encoder = tiny_encoder()
     images = torch.randn(4, 3, 8, 8)
-    blocks = encoder.forward_features(images, probe_blocks("linear"))
+    blocks = encoder.forward_features(images, probe_kind("linear").blocks({}))
     pooled = LinearProbe.pool(blocks)  # (B, d)
     expected = manual_blocks(encoder, images)[-1].mean(dim=1)
     torch.testing.assert_close(pooled, expected)
@@ -65,7 +67,7 @@ def test_linear_probe_pools_the_last_block_before_the_final_norm():
 def test_attentive_probe_matches_a_direct_computation():
     encoder = tiny_encoder(depth=7)
     images = torch.randn(3, 3, 8, 8)
-    blocks = encoder.forward_features(images, probe_blocks("attentive", 6))
+    blocks = encoder.forward_features(images, probe_kind("attentive").blocks({"num_last_blocks": 6}))
     assert len(blocks) == 6 and blocks[0].shape == (3, 16, 16)
     pooled = AttentiveProbe.pool(blocks)  # (B, N, d)
     outs = manual_blocks(encoder, images)
@@ -89,14 +91,14 @@ def test_attentive_probe_matches_a_direct_computation():
 
 
 def test_probe_shape_errors():
-    with pytest.raises(ParamsError, match="attn_heads"):
+    with pytest.raises(ParamsError, match="probe.kinds.attentive.num_heads"):
         AttentiveProbe(16, 3, num_heads=5)
     with pytest.raises(ParamsError, match="empty sweep grid"):
         HeadBank("linear", 16, 3, [])
     with pytest.raises(ParamsError, match="empty sweep grid"):
         SweepConfig(kind="linear", settings=(), epochs=1)
     with pytest.raises(ParamsError, match="unknown probe kind"):
-        probe_blocks("knn")
+        probe_kind("knn")
 
 
 def _live_source(encoder: Encoder, cfg: SweepConfig) -> LiveFeatures:
@@ -119,18 +121,17 @@ def test_a_head_of_a_bank_trains_exactly_as_a_standalone_run(kind):
         accum_steps=2,
         grad_clip=0.5,
         min_lr=1e-4,
-        num_last_blocks=2,
-        attn_heads=4,
         seed=3,
+        options={"num_last_blocks": 2, "num_heads": 4} if kind == "attentive" else {},
     )
-    bank = HeadBank(kind, 16, 4, cfg.settings, cfg.attn_heads, cfg.seed)
+    bank = HeadBank(kind, 16, 4, cfg.settings, cfg.options, cfg.seed)
     history = train_bank(bank, _live_source(encoder, cfg), cfg, CPU)
     assert len(history) == 3 and len(history[0]) == 5
     finals = [head.state_dict() for head in bank.heads]
     assert not torch.allclose(finals[0]["linear.weight"], finals[-1]["linear.weight"])
     for i, setting in enumerate(cfg.settings):
         single_cfg = dataclasses.replace(cfg, settings=(setting,))
-        single = HeadBank(kind, 16, 4, single_cfg.settings, cfg.attn_heads, cfg.seed)
+        single = HeadBank(kind, 16, 4, single_cfg.settings, cfg.options, cfg.seed)
         train_bank(single, _live_source(encoder, single_cfg), single_cfg, CPU)
         for name, value in single.heads[0].state_dict().items():  # weights and BatchNorm statistics
             torch.testing.assert_close(finals[i][name], value, rtol=1e-5, atol=1e-6, msg=f"head {i}: {name}")
@@ -191,7 +192,7 @@ def test_sweep_bench_reports_the_one_pass_ratio_of_both_kinds(capsys):
         img_size=16,
         width=32,
         depth=4,
-        heads=2,
+        num_heads=2,
         num_last_blocks=2,
         num_threads=1,
     )

@@ -47,7 +47,8 @@ def _by_key(dataset: RawDataset) -> dict[str, tuple[str, int, object]]:
 
 def test_registry_covers_every_kind() -> None:
     assert set(READERS) == set(BUILDERS)
-    assert all(callable(reader) for reader in READERS.values())
+    assert all(callable(READERS[kind].read) for kind in READERS)
+    assert [kind for kind in READERS if READERS[kind].embedded] == ["digits", "mnist5k"]
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))

@@ -88,7 +88,7 @@ def _schema(old: str, new: str, refill: bool = False) -> Callable[[Path], None]:
 
 
 _MIN_LR = "min_lr: {type: number, minimum: 0, default: 0.00001}"
-_NUM_LAST = "      num_last_blocks: {type: integer, minimum: 1, default: 6}\n"
+_PROBE_CLIP = "      grad_clip: {type: number, minimum: 0, default: 3.0}\n"
 EDITS: list[tuple[str, Callable[[Path], None], set[str]]] = [
     ("dataset num_workers", _set("datasets.mnist5k.num_workers", 3), set()),
     ("dataset image_size", _set("datasets.digits.image_size", 24), {"prepare-digits", *probes("digits"), "report"}),
@@ -104,7 +104,7 @@ EDITS: list[tuple[str, Callable[[Path], None], set[str]]] = [
     # params.yaml spells out every key, so an existing default changes what no command sees ...
     ("schema default", _schema(_MIN_LR, _MIN_LR.replace("0.00001", "0.0001")), set()),
     # ... and a new key reaches params.yaml through `xtra profile --fill`: the stages that read it.
-    ("new schema key", _schema(_NUM_LAST, _NUM_LAST + NEW_KEY, refill=True), {*PROBES, "report"}),
+    ("new schema key", _schema(_PROBE_CLIP, _PROBE_CLIP + NEW_KEY, refill=True), {*PROBES, "report"}),
 ]
 
 
@@ -315,7 +315,7 @@ def test_staleness_matrix_is_exact_and_the_same_in_both_front_ends(built):
 def test_one_failed_probe_job_is_the_only_one_rerun(built):
     """DVC commits each stage when it succeeds, so the five finished probes stay done and cached."""
     snapshot = _snapshot(built)
-    _set("probe.num_last_blocks", 2)(built)
+    _set("probe.grad_clip", 2.0)(built)
     (built / "FAIL").write_text("probe-xtra_k1-digits\n")
     failed = _run([str(BIN / "dvc"), "repro", "--keep-going"], built, check=False)
     assert failed.returncode != 0

@@ -366,7 +366,10 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
     probes = {f"probe-{m}-{b}" for m in ("xtra_k2", "xtra_k1", "random_k2", "pixels") for b in ("mnist", "digits")}
     cases = [
         ("probe.benchmarks.mnist.lrs", [0.001, 0.01], {p for p in probes if p.endswith("-mnist")}),
-        ("probe.num_last_blocks", 2, probes),
+        ("probe.grad_clip", 2.0, probes),
+        # a kind's settings reach the stages that train it: the pixel floor is probed by the linear kind only
+        ("probe.kinds.attentive.num_last_blocks", 2, {p for p in probes if not p.startswith("probe-pixels-")}),
+        ("probe.kinds.linear.weight_decays", [0.01], probes),
         ("probe.ray.max_retries", 4, set()),
         ("probe.resources.mem_mb", 9000, set()),
         ("models.xtra_k1.train.epochs", 5, {"pretrain-xtra_k1"}),
@@ -434,6 +437,24 @@ def test_dvc_code_deps_cover_every_imported_module(kind, copies):
         and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in stage["deps"])
     ]
     assert not missing, f"dvc.yaml stage {kind} lacks deps on {missing}"
+
+
+def test_registries_packages_are_code_of_the_stages_that_use_them():
+    """Every Registry of the package is known to the stage table (its modules are imported by it, not by
+    an import statement), and the stages' code deps hold its package's modules."""
+    from xtra.data.readers import READERS
+    from xtra.model.probes import PROBE_KINDS
+    from xtra.pipeline.dag import DISCOVERED, code_files
+
+    owners = sorted(
+        p.relative_to(REPO).with_suffix("").as_posix().removesuffix("/__init__").replace("/", ".")
+        for p in (REPO / "xtra").rglob("*.py")
+        if re.search(r"\bRegistry\(", p.read_text()) and p.name != "registry.py"
+    )
+    assert owners == sorted(DISCOVERED)
+    assert DISCOVERED == {"xtra.data.readers": READERS.package, "xtra.model.probes": PROBE_KINDS.package}
+    assert "xtra/data/readers/cifar.py" in code_files("prepare")
+    assert {"xtra/model/probe_kinds/linear.py", "xtra/model/probe_kinds/attentive.py"} <= set(code_files("probe"))
 
 
 def test_dvc_code_deps_exist():

@@ -127,12 +127,14 @@ def validate_params(params: dict[str, Any], source: str = "params.yaml", check_p
 
 
 def _cross_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
-    from xtra.data.readers import EMBEDDED_KINDS  # kinds whose data ships inside a package: no root
+    from xtra.data.readers import READERS
     from xtra.model.arch import ArchConfig
 
     datasets = params["datasets"]
     for name, ds in datasets.items():
-        if ds["kind"] not in EMBEDDED_KINDS:
+        if ds["kind"] not in READERS:
+            yield f"datasets.{name}.kind: unknown dataset kind {ds['kind']!r}; known: {', '.join(READERS.names())}"
+        elif not READERS[ds["kind"]].embedded:  # a kind whose data ships inside a package needs no root
             if not ds.get("root"):
                 yield f"datasets.{name}.root: required for kind {ds['kind']!r}"
             elif check_paths and not Path(ds["root"]).exists():
@@ -151,12 +153,27 @@ def _cross_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
                 yield f"{where}.checkpoint: required for init 'official'"
             elif check_paths and not Path(ckpt).exists():
                 yield f"{where}.checkpoint: path {ckpt!r} does not exist"
-    probe = params["probe"]
+    yield from _probe_checks(params["probe"], datasets, params["models"])
+
+
+def _probe_checks(probe: dict[str, Any], datasets: dict[str, Any], models: dict[str, Any]) -> Iterator[str]:
+    """Benchmarks name datasets of params and probe kinds of the registry, each with its settings."""
+    from xtra.model.probes import PROBE_KINDS  # the registry (its kinds' modules import torch)
+
+    for name in probe["kinds"]:
+        if name not in PROBE_KINDS:
+            yield f"probe.kinds.{name}: unknown probe kind {name!r}; known: {', '.join(PROBE_KINDS.names())}"
     for name, bench in probe["benchmarks"].items():
         if bench["dataset"] not in datasets:
             yield f"probe.benchmarks.{name}.dataset: {bench['dataset']!r} is not a dataset of this params file"
+        for kind in bench["kinds"]:
+            if kind not in PROBE_KINDS:
+                yield (
+                    f"probe.benchmarks.{name}.kinds: unknown probe kind {kind!r}; "
+                    f"known: {', '.join(PROBE_KINDS.names())}"
+                )
     for name in probe.get("models") or []:
-        if name not in params["models"]:
+        if name not in models:
             yield f"probe.models: {name!r} is not a model of this params file"
 
 

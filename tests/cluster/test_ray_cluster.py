@@ -49,7 +49,7 @@ def probe_params(prepared: Path, models: Path, results: Path, address: str | Non
     params["paths"] = {"prepared": str(prepared), "models": str(models), "results": str(results)}
     probe = params["probe"]
     probe["models"] = [MODEL]
-    probe["num_last_blocks"] = SMALL_ARCH["depth"]
+    probe["kinds"]["attentive"]["num_last_blocks"] = SMALL_ARCH["depth"]
     # epochs sized so that both jobs are mid-job at once after their first saved epoch (digits has a
     # third of mnist's images)
     for name, bench in probe["benchmarks"].items():

@@ -47,7 +47,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--epochs", type=int, default=2)
     sweep.add_argument("--samples", type=int, default=512)
     sweep.add_argument("--depth", type=int, default=12)
-    sweep.add_argument("--kind", action="append", choices=["linear", "attentive"], default=None)
+    sweep.add_argument(
+        "--kind", action="append", default=None, help="a probe kind (repeatable; default: linear, attentive)"
+    )
     sweep.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 

@@ -56,9 +56,7 @@ def _timed_run(
     """Wall time of training the banks of `cfgs` together: one encoder forward per batch for all."""
     source = LiveFeatures(encoder, _loader(images, labels, batch_size, cfgs[0].seed), list(cfgs), device)
     trainers = [
-        BankTrainer(
-            HeadBank(c.kind, encoder.width, num_classes, c.settings, c.attn_heads, c.seed), c, len(source), device
-        )
+        BankTrainer(HeadBank(c.kind, encoder.width, num_classes, c.settings, c.options, c.seed), c, len(source), device)
         for c in cfgs
     ]
     if device.type == "cuda":
@@ -83,10 +81,10 @@ class SweepBenchSetup:
     patch_size: int = 4
     width: int = 192
     depth: int = 12
-    heads: int = 3
+    num_heads: int = 3  # the encoder's attention heads
     num_classes: int = 10
-    num_last_blocks: int = 6
-    attn_heads: int = 4
+    num_last_blocks: int = 6  # the attentive kind's settings
+    probe_num_heads: int = 4
     seed: int = 0
 
 
@@ -125,7 +123,7 @@ def run_sweep_bench(
 
 def _bench(s: SweepBenchSetup, dev: torch.device) -> list[SweepBenchRow]:
     torch.manual_seed(s.seed)
-    encoder = Encoder(s.img_size, s.patch_size, s.width, s.depth, s.heads, block_size=1)
+    encoder = Encoder(s.img_size, s.patch_size, s.width, s.depth, s.num_heads, block_size=1)
     encoder = encoder.to(dev).eval().requires_grad_(False)
     images = torch.randn(s.num_samples, 3, s.img_size, s.img_size)  # (n, 3, S, S)
     labels = torch.randint(0, s.num_classes, (s.num_samples,))
@@ -135,9 +133,10 @@ def _bench(s: SweepBenchSetup, dev: torch.device) -> list[SweepBenchRow]:
             kind=kind,
             settings=settings_grid(s.lrs, [0.0]),
             epochs=s.epochs,
-            num_last_blocks=min(s.num_last_blocks, s.depth),
-            attn_heads=s.attn_heads,
             seed=s.seed,
+            options={"num_last_blocks": min(s.num_last_blocks, s.depth), "num_heads": s.probe_num_heads}
+            if kind == "attentive"
+            else {},
         )
         for kind in s.kinds
     ]

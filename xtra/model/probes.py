@@ -1,51 +1,53 @@
-"""Probe heads on a frozen encoder (METHOD.md, "Probing"), and a bank of heads trained in one pass.
+"""Probe kinds and the bank of heads a probe job trains in one pass (METHOD.md, "Probing").
 
-- `LinearProbe`: last block's output (before the final LayerNorm), mean over tokens ->
-  BatchNorm1d without affine (eps 1e-6) -> Linear.
-- `AttentiveProbe`: mean of the last `num_last_blocks` blocks' outputs (B, N, d) -> BatchNorm over
-  channels without affine -> attention pooling with one learned query (no query projection, key
-  and value projections without bias, scale head_dim^-0.5) -> Linear.
-- Initialisation as the public release's heads: PyTorch's default `nn.Linear` init for every linear
-  layer (kaiming-uniform weights, uniform bias), the attention query normal(0, 0.02).
-
-Each probe splits into a parameter-free `pool(blocks)` (what the frozen backbone feeds it, so the
-features of a batch are computed once for every head, and may be cached) and `forward(pooled)`.
+A probe kind (`ProbeKind`) knows which encoder blocks it reads, how it pools their outputs into the
+input of its head (parameter-free: the features of a batch are computed once for every head of
+every kind, and may be cached), and how to build its head. The kinds are a registry
+(`PROBE_KINDS`): each module of `xtra.model.probe_kinds` registers its kind (`linear`, `attentive`),
+so a new kind is a new module there (`docs/extending.md`); the probe jobs, their configs, the
+stage table and the report look kinds up here, and a benchmark's `kinds` are checked against it.
+A kind's settings are `probe.kinds.<kind>` of params (`weight_decays`, `augmentation`, and its own,
+e.g. the attentive kind's `num_last_blocks` and `num_heads`).
 
 `HeadBank` holds one head per (lr, weight_decay) setting of a sweep. Every head starts from the
 same weights (built under the same seed), as separate runs with that seed would. The BatchNorm of
 every head sees the same input and has no parameter, so its statistics are the same in every head:
 the bank runs ONE `FeatureNorm` for all heads (exact; for a ViT-H/14 attentive bank it saves H - 1
 copies of the (B, N, d) normalised activations) and its heads are built without their own.
+Initialisation as the public release's heads: PyTorch's default `nn.Linear` init for every linear
+layer (kaiming-uniform weights, uniform bias).
+
+The pixel floor (a model of init `pixels`: one token of normalised pixels) is probed by the kinds
+that say so (`ProbeKind.pixel_floor`: the linear kind); `model_kinds` is the one place that decides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xtra.errors import ParamsError
+from xtra.registry import Registry
 
 __all__ = [
-    "PROBE_KINDS",
     "BN_EPS",
-    "QUERY_INIT_STD",
     "FeatureNorm",
-    "LinearProbe",
-    "AttentiveProbe",
-    "probe_blocks",
-    "pool_blocks",
-    "make_probe",
+    "ProbeKind",
+    "PROBE_KINDS",
+    "register_probe_kind",
+    "probe_kind",
     "PIXEL_FLOOR_INIT",
     "model_kinds",
     "HeadBank",
 ]
 
-PROBE_KINDS = ("linear", "attentive")
 BN_EPS = 1e-6
-QUERY_INIT_STD = 0.02  # the release's `nn.init.normal_(query, std=0.02)`; linear layers keep torch's default
+PIXEL_FLOOR_INIT = "pixels"  # a model of this init is the pixel floor (xtra.probe.pixels)
 
 
 class FeatureNorm(nn.Module):
@@ -101,110 +103,45 @@ class FeatureNorm(nn.Module):
         return (flat - mean) / torch.sqrt(var + self.eps)
 
 
-class LinearProbe(nn.Module):
-    """mean over tokens of the last block -> BatchNorm1d(affine=False) -> Linear."""
+@dataclass(frozen=True)
+class ProbeKind:
+    """A registered probe kind: what it reads, how it pools it, how its head is built (see the module doc)."""
 
-    kind = "linear"
-
-    def __init__(self, dim: int, num_classes: int, norm: bool = True) -> None:
-        super().__init__()
-        self.bn = FeatureNorm(dim) if norm else nn.Identity()  # a bank normalises once for all heads
-        self.linear = nn.Linear(dim, num_classes)  # torch's default init, as the release
-
-    @staticmethod
-    def pool(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-        """[(B, N, d), ...] -> (B, d): the last given block, averaged over tokens."""
-        return blocks[-1].mean(dim=1)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, d) -> logits (B, C)."""
-        return self.linear(self.bn(pooled))
+    name: str
+    # the blocks it reads (0-based, negative from the end) from its settings, e.g. [-1]
+    blocks: Callable[[Mapping[str, Any]], list[int]]
+    # the outputs (B, N, d) of those blocks -> the head's input: (B, d), or (B, N, d) with keeps_tokens
+    pool: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+    # (encoder width, classes, settings) -> a head without its own normalisation (the bank normalises)
+    head: Callable[[int, int, Mapping[str, Any]], nn.Module]
+    keeps_tokens: bool = False  # whether the pooled input keeps the token axis (sizes the feature cache)
+    pixel_floor: bool = False  # whether it probes the pixel floor
+    # why its settings do not fit an encoder of (width, depth), naming the key; None when they do
+    check: Callable[[Mapping[str, Any], int, int], str | None] = lambda settings, width, depth: None
 
 
-class AttentiveProbe(nn.Module):
-    """mean of the last blocks -> BatchNorm over channels -> one-query attention pooling -> Linear."""
-
-    kind = "attentive"
-
-    def __init__(self, dim: int, num_classes: int, num_heads: int = 16, norm: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ParamsError(f"probe.attn_heads: {num_heads} heads do not divide the encoder width {dim}")
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.bn = FeatureNorm(dim) if norm else nn.Identity()  # a bank normalises once for all heads
-        self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.k = nn.Linear(dim, dim, bias=False)  # torch's default init, as the release
-        self.v = nn.Linear(dim, dim, bias=False)
-        self.linear = nn.Linear(dim, num_classes)
-        nn.init.normal_(self.query, std=QUERY_INIT_STD)
-
-    @staticmethod
-    def pool(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-        """[(B, N, d)] * n -> (B, N, d): the mean of the given blocks' outputs."""
-        return torch.stack(list(blocks), dim=0).mean(dim=0)
-
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised tokens (B, N, d) -> pooled (B, d) by the learned query.
-
-        Computed as softmax_n(q_h . (W_k x_n)_h * scale) weighting (W_v x_n)_h, re-associated so that
-        no (B, N, d) projection is formed: the query is mapped into token space once
-        (u_h = W_k,h^T q_h) and W_v is applied after pooling. Same function and gradients, about N
-        times fewer operations than projecting every token.
-        """
-        b, n, d = x.shape
-        h = self.num_heads
-        w_k = self.k.weight.reshape(h, d // h, d)  # (h, d/h, d): the rows of each head
-        w_v = self.v.weight.reshape(h, d // h, d)
-        u = torch.einsum("hcd,hc->hd", w_k, self.query.reshape(h, d // h))  # (h, d)
-        attn = (torch.einsum("bnd,hd->bhn", x, u) * self.scale).softmax(dim=-1)  # (B, h, N)
-        pooled = torch.einsum("bhn,bnd->bhd", attn, x)  # (B, h, d)
-        return torch.einsum("bhd,hcd->bhc", pooled, w_v).reshape(b, d)  # (B, d)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, N, d) -> logits (B, C)."""
-        x = self.bn(pooled)  # per-channel statistics over batch and tokens
-        return self.linear(self.attend(x))
+PROBE_KINDS: Registry[ProbeKind] = Registry("probe kind", "xtra.model.probe_kinds")
 
 
-def probe_blocks(kind: str, num_last_blocks: int = 6) -> list[int]:
-    """The encoder blocks a probe kind reads (negative: from the end)."""
-    if kind == "linear":
-        return [-1]
-    if kind == "attentive":
-        return list(range(-num_last_blocks, 0))
-    raise ParamsError(f"unknown probe kind {kind!r}; expected one of {list(PROBE_KINDS)}")
+def register_probe_kind(kind: ProbeKind) -> ProbeKind:
+    """Register a probe kind (a module of xtra.model.probe_kinds calls it at its top level)."""
+    return PROBE_KINDS.add(kind.name, kind)
 
 
-def pool_blocks(kind: str, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The probe input of a kind from the blocks `probe_blocks(kind)` returned: (B, d) or (B, N, d)."""
-    if kind == "linear":
-        return LinearProbe.pool(blocks)
-    if kind == "attentive":
-        return AttentiveProbe.pool(blocks)
-    raise ParamsError(f"unknown probe kind {kind!r}; expected one of {list(PROBE_KINDS)}")
-
-
-def make_probe(kind: str, dim: int, num_classes: int, attn_heads: int = 16, norm: bool = True) -> nn.Module:
-    """A fresh probe head of the given kind (initialised from the current torch RNG)."""
-    if kind == "linear":
-        return LinearProbe(dim, num_classes, norm)
-    if kind == "attentive":
-        return AttentiveProbe(dim, num_classes, attn_heads, norm)
-    raise ParamsError(f"unknown probe kind {kind!r}; expected one of {list(PROBE_KINDS)}")
-
-
-PIXEL_FLOOR_INIT = "pixels"  # a model of this init is the pixel floor (xtra.probe.pixels)
+def probe_kind(name: str) -> ProbeKind:
+    """The registered kind `name`; a ParamsError naming the known kinds otherwise."""
+    return PROBE_KINDS[name]
 
 
 def model_kinds(init: str, kinds: Sequence[str]) -> tuple[str, ...]:
-    """The kinds of `kinds` a model of `init` is probed with: the pixel floor (one token of pixels)
-    by the linear kind only. The one place that decides it (jobs, stage table, report)."""
-    return tuple(k for k in kinds if init != PIXEL_FLOOR_INIT or k == "linear")
+    """The kinds of `kinds` a model of `init` is probed with: the pixel floor by the kinds that probe it
+    (the linear kind), any other model by all. The one place that decides it (jobs, stage table, report)."""
+    return tuple(k for k in kinds if init != PIXEL_FLOOR_INIT or probe_kind(k).pixel_floor)
 
 
 class HeadBank(nn.Module):
-    """One probe head per (lr, weight_decay) setting, all fed the same pooled features.
+    """One probe head per (lr, weight_decay) setting of one kind (its `options`: the kind's settings,
+    `probe.kinds.<kind>`), all fed the same pooled features.
 
     Weight decay applies to weight matrices and the query, not to biases (`schedule.decay_groups`).
     """
@@ -215,7 +152,7 @@ class HeadBank(nn.Module):
         dim: int,
         num_classes: int,
         settings: Sequence[tuple[float, float]],
-        attn_heads: int = 16,
+        options: Mapping[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -223,11 +160,12 @@ class HeadBank(nn.Module):
             raise ParamsError("empty sweep grid: a head bank needs at least one (lr, weight_decay) setting")
         self.kind = kind
         self.settings = [(float(lr), float(wd)) for lr, wd in settings]
+        build = probe_kind(kind).head
         heads = []
         for _ in self.settings:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # every head starts where a standalone run with this seed would
-                heads.append(make_probe(kind, dim, num_classes, attn_heads, norm=False))
+                heads.append(build(dim, num_classes, options or {}))
         self.norm = FeatureNorm(dim)  # shared by every head: the same input, no parameter
         self.heads = nn.ModuleList(heads)
 

@@ -47,6 +47,7 @@ __all__ = [
     "NOT_RESULT_KEYS",
     "REPO",
     "DVC_YAML",
+    "DISCOVERED",
     "COMMAND_MODULES",
     "code_files",
     "stage_table",
@@ -83,10 +84,15 @@ NOT_RESULT_KEYS = {
     "train": frozenset(
         {"log_every_n_steps", "checkpoint_every_n_steps", "keep_last_checkpoints", "keep_every_n_steps"}
     ),
-    "probe": frozenset({"benchmarks", "models", "num_workers", "resources", "ray"}),
+    # `kinds`: a probe stage depends on the settings of the kinds it trains only (probe.kinds.<kind>)
+    "probe": frozenset({"benchmarks", "models", "num_workers", "resources", "ray", "kinds"}),
     "benchmark": frozenset({"resources"}),
     "report": frozenset(),
 }
+# The modules that own a registry (xtra.registry) -> the package whose modules it imports (each
+# registers itself; no import statement names them): every module of that package is code of a
+# stage that imports the registry's module. A test checks this against the registries.
+DISCOVERED = {"xtra.data.readers": "xtra.data.readers", "xtra.model.probes": "xtra.model.probe_kinds"}
 # The command module of each stage kind (`xtra <kind>`; xtra.cli.COMMANDS names the same, a test
 # says so), and the data files (not Python) each one reads.
 COMMAND_MODULES = {
@@ -152,6 +158,9 @@ def code_files(kind: str) -> tuple[str, ...]:
         parts = name.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
         todo += list(_imports(path))
+        if name in DISCOVERED:
+            package = _module_file(DISCOVERED[name])
+            todo += [f"{DISCOVERED[name]}.{m.stem}" for m in package.parent.glob("*.py")] if package else []
     files = {p.relative_to(REPO).as_posix() for p in seen if p.stat().st_size}
     return tuple(sorted(files | set(DATA_FILES.get(kind, ()))))
 
@@ -246,9 +255,11 @@ def probe_kinds(params: dict[str, Any], model: str, benchmark: str) -> list[str]
 
 def _probe(params: dict[str, Any], model: str, bench: str) -> Stage:
     cfg = params["probe"]["benchmarks"][bench]
+    kinds = probe_kinds(params, model, bench)
     keys = (
         ["seed", f"models.{model}.arch", f"models.{model}.eval_resize"]
         + [f"probe.{k}" for k in result_keys("probe")]
+        + [f"probe.kinds.{kind}" for kind in kinds if kind in params["probe"]["kinds"]]
         + [f"probe.benchmarks.{bench}.{k}" for k in result_keys("benchmark")]
     )
     folder = f"{params['paths']['results']}/probe/{model}"
@@ -259,7 +270,7 @@ def _probe(params: dict[str, Any], model: str, bench: str) -> Stage:
         data=[f"{params['paths']['models']}/{model}/model.pt", _manifest(params, cfg["dataset"])],
         code=list(code_files("probe")),
         params=keys,
-        outs=[f"{folder}/{bench}-{kind}.json" for kind in probe_kinds(params, model, bench)],
+        outs=[f"{folder}/{bench}-{kind}.json" for kind in kinds],
         item={"model": model, "benchmark": bench},
     )
 

@@ -37,8 +37,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--kind",
         action="append",
         default=None,
-        choices=["linear", "attentive"],
-        help="probe only this kind (repeatable; default: the benchmark's kinds)",
+        metavar="K",
+        help="probe only this kind (a registered probe kind; repeatable; default: the benchmark's kinds)",
     )
     parser.add_argument(
         "--ray-address",

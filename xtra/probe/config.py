@@ -1,32 +1,50 @@
 """One typed object per probe job: everything a (model, benchmark) job reads from params.
 
-`probe_config(params, model, benchmark, kinds)` resolves the benchmark's settings, the probe section
-and the model's evaluation resize into a frozen `ProbeConfig` holding one `SweepConfig` per kind (the
-training loop's view). The job, the loop and the state read this object only, never the raw params.
+`probe_config(params, model, benchmark, kinds)` resolves the benchmark's settings, the probe section,
+each kind's settings (`probe.kinds.<kind>`) and the model's evaluation resize and folders into a
+frozen `ProbeConfig` holding one `SweepConfig` per kind (the training loop's view). The job, the
+loop and the state read this object only, never the raw params.
 
-The release's recipe (README, "Probe settings") is the default: AdamW betas (0.9, 0.95), the
-schedule the release actually runs (`schedule: release`, `xtra.train.schedule.release_warmup_cosine`),
-a short last accumulation group's loss divided by the accumulation count (`last_group_loss:
-release`), augmentation per kind (`augmentation.linear` / `.attentive`).
+The release's recipe (docs/probing.md, "Probe settings") is the default: AdamW betas (0.9, 0.95),
+the schedule the release actually runs (`schedule: release`,
+`xtra.train.schedule.release_warmup_cosine`), a short last accumulation group's loss divided by the
+accumulation count (`last_group_loss: release`), augmentation per kind
+(`probe.kinds.<kind>.augmentation`). The defaults of a `SweepConfig` are the schema's (a test
+checks them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from xtra.config import schema_section
+from xtra.data.transforms import AUGMENTATIONS
 from xtra.errors import ParamsError
-from xtra.model.probes import PROBE_KINDS, model_kinds, probe_blocks
+from xtra.model.probes import PROBE_KINDS, model_kinds, probe_kind
 
-__all__ = ["SweepConfig", "ProbeConfig", "probe_config", "settings_grid", "AUGMENTATIONS"]
+__all__ = ["SweepConfig", "ProbeConfig", "probe_config", "settings_grid", "kind_settings"]
 
-AUGMENTATIONS = ("none", "randaugment", "crop_flip")
+# the settings every kind has (they make the sweep grid and the transform); the rest are the kind's own
+SWEEP_KEYS = ("weight_decays", "augmentation")
 
 
 def settings_grid(lrs: Sequence[float], weight_decays: Sequence[float]) -> tuple[tuple[float, float], ...]:
     """Every (lr, weight_decay) pair, weight decay major (lrs vary fastest)."""
     return tuple((float(lr), float(wd)) for wd in weight_decays for lr in lrs)
+
+
+def kind_settings(kind: str, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A kind's settings: `given` over the schema's defaults (`probe.kinds.<kind>`, else `$defs/probe_kind`)."""
+    kinds = schema_section("probe")["properties"]["kinds"]["properties"]
+    props = kinds[kind]["properties"] if kind in kinds else schema_section("probe_kind")["properties"]
+    defaults = {
+        k: v["default"] if "default" in v else schema_section(v["$ref"].rsplit("/", 1)[1]).get("default")
+        for k, v in props.items()
+    }
+    return {**defaults, **(given or {})}
 
 
 @dataclass(frozen=True)
@@ -41,14 +59,13 @@ class SweepConfig:
     grad_clip: float = 3.0
     min_lr: float = 1e-5
     warmup_start_factor: float = 0.1
-    num_last_blocks: int = 6
-    attn_heads: int = 16
     seed: int = 0
     precision: str = "32-true"
     betas: tuple[float, float] = (0.9, 0.95)
     schedule: str = "release"  # release | nominal
     last_group_loss: str = "release"  # release: / accum_steps; exact: / the group's real length
-    augmentation: str = "none"  # none | randaugment | crop_flip
+    augmentation: str = "none"  # the training transform (none: probe.augment is off)
+    options: dict[str, Any] = field(default_factory=dict)  # the kind's own settings (e.g. num_last_blocks)
 
     def __post_init__(self) -> None:
         if not self.settings:
@@ -58,11 +75,16 @@ class SweepConfig:
         if self.schedule not in ("release", "nominal"):
             raise ParamsError(f"probe.schedule: {self.schedule!r}; expected release or nominal")
         if self.augmentation not in AUGMENTATIONS:
-            raise ParamsError(f"probe.augmentation.{self.kind}: {self.augmentation!r}; expected one of {AUGMENTATIONS}")
+            raise ParamsError(
+                f"probe.kinds.{self.kind}.augmentation: {self.augmentation!r}; expected one of {AUGMENTATIONS}"
+            )
+        own = {k: v for k, v in kind_settings(self.kind, self.options).items() if k not in SWEEP_KEYS}
+        object.__setattr__(self, "options", own)  # the schema's defaults under what was given
 
     @property
     def blocks(self) -> list[int]:
-        return probe_blocks(self.kind, self.num_last_blocks)
+        """The encoder blocks this kind reads (negative: from the end)."""
+        return probe_kind(self.kind).blocks(self.options)
 
 
 @dataclass(frozen=True)
@@ -110,27 +132,25 @@ def _sweep(params: dict, bench_name: str, kind: str) -> SweepConfig:
     probe, bench = params["probe"], params["probe"]["benchmarks"][bench_name]
     if not bench.get("lrs"):
         raise ParamsError(f"probe.benchmarks.{bench_name}.lrs: empty sweep grid (no learning rate to train)")
-    decays = probe[f"{kind}_weight_decays"]
-    if not decays:
-        raise ParamsError(f"probe.{kind}_weight_decays: empty sweep grid (no weight decay)")
-    augmentation = probe["augmentation"][kind] if probe["augment"] else "none"
+    own = kind_settings(kind, probe["kinds"].get(kind))
+    if not own["weight_decays"]:
+        raise ParamsError(f"probe.kinds.{kind}.weight_decays: empty sweep grid (no weight decay)")
     return SweepConfig(
         kind=kind,
-        settings=settings_grid(bench["lrs"], decays),
+        settings=settings_grid(bench["lrs"], own["weight_decays"]),
         epochs=bench["epochs"],
         warmup_epochs=bench["warmup_epochs"],
         accum_steps=bench["accum_steps"],
         grad_clip=probe["grad_clip"],
         min_lr=probe["min_lr"],
         warmup_start_factor=probe["warmup_start_factor"],
-        num_last_blocks=probe["num_last_blocks"],
-        attn_heads=probe["attn_heads"],
         seed=params["seed"],
         precision=probe["precision"],
         betas=tuple(probe["betas"]),
         schedule=probe["schedule"],
         last_group_loss=probe["last_group_loss"],
-        augmentation=augmentation,
+        augmentation=own["augmentation"] if probe["augment"] else "none",
+        options={k: v for k, v in own.items() if k not in SWEEP_KEYS},
     )
 
 
@@ -144,7 +164,7 @@ def probe_config(params: dict, model: str, benchmark: str, kinds: Sequence[str] 
     kinds = tuple(kinds or model_kinds(params["models"][model]["init"], bench["kinds"]))
     bad = [k for k in kinds if k not in PROBE_KINDS]
     if bad:
-        raise ParamsError(f"unknown probe kind {bad}; expected some of {list(PROBE_KINDS)}")
+        raise ParamsError(f"unknown probe kind {bad}; expected some of {PROBE_KINDS.names()}")
     return ProbeConfig(
         model=model,
         benchmark=benchmark,

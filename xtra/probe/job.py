@@ -34,7 +34,7 @@ from xtra.data.prepared import load_manifest
 from xtra.errors import DataError, ParamsError
 from xtra.model.artifact import ARTIFACT_NAME
 from xtra.model.checkpoint import load_artifact_encoder
-from xtra.model.probes import PIXEL_FLOOR_INIT, PROBE_KINDS, HeadBank, model_kinds
+from xtra.model.probes import PIXEL_FLOOR_INIT, PROBE_KINDS, HeadBank, model_kinds, probe_kind
 from xtra.probe.config import ProbeConfig, probe_config
 from xtra.probe.data import JobData, build_data, eval_loader, train_loader
 from xtra.probe.dist import run_on_devices, world
@@ -118,7 +118,7 @@ def plan_jobs(
         raise ParamsError(f"{source}: probe.benchmarks has no benchmark {unknown}; known: {sorted(configured)}")
     bad_kinds = [k for k in kinds or [] if k not in PROBE_KINDS]
     if bad_kinds:
-        raise ParamsError(f"unknown probe kind {bad_kinds}; expected some of {list(PROBE_KINDS)}")
+        raise ParamsError(f"unknown probe kind {bad_kinds}; expected some of {PROBE_KINDS.names()}")
     init = params["models"][model]["init"]
     jobs = []
     for bench in benchmarks or list(configured):
@@ -126,7 +126,7 @@ def plan_jobs(
         missing = [k for k in kinds or [] if k not in allowed]
         if missing and benchmarks:  # a benchmark named on the command line must have every kind asked for
             why = (
-                f"model {model} is the pixel floor (kinds {list(model_kinds(init, PROBE_KINDS))} only)"
+                f"model {model} is the pixel floor (kinds {list(model_kinds(init, PROBE_KINDS.names()))} only)"
                 if init == PIXEL_FLOOR_INIT
                 else f"{source}: probe.benchmarks.{bench}.kinds is {configured[bench]['kinds']}"
             )
@@ -168,19 +168,11 @@ def _check_data(cfg: ProbeConfig) -> None:
 
 
 def _check_shapes(cfg: ProbeConfig, encoder: torch.nn.Module) -> None:
+    """Each kind's settings fit the encoder (e.g. the attentive kind's blocks and heads); the kind says why not."""
     for sweep in cfg.sweeps:
-        if sweep.kind != "attentive":
-            continue
-        if sweep.num_last_blocks > len(encoder.blocks):
-            raise ParamsError(
-                f"probe.num_last_blocks: {sweep.num_last_blocks} blocks asked, "
-                f"model {cfg.model} has {len(encoder.blocks)}"
-            )
-        if encoder.width % sweep.attn_heads != 0:
-            raise ParamsError(
-                f"probe.attn_heads: {sweep.attn_heads} heads do not divide the width "
-                f"{encoder.width} of model {cfg.model}"
-            )
+        problem = probe_kind(sweep.kind).check(sweep.options, encoder.width, len(encoder.blocks))
+        if problem:
+            raise ParamsError(f"{problem} (model {cfg.model})")
 
 
 def run_job(
@@ -206,7 +198,7 @@ def _run_rank(
     fingerprint = job_fingerprint(cfg, sha, data.manifest_sha256)
     spath = state_path(cfg)
     banks = {
-        s.kind: HeadBank(s.kind, encoder.width, data.num_classes, s.settings, s.attn_heads, s.seed) for s in cfg.sweeps
+        s.kind: HeadBank(s.kind, encoder.width, data.num_classes, s.settings, s.options, s.seed) for s in cfg.sweeps
     }
     groups = []  # (source, features, trainers) per training transform
     for augmentation, sweeps in cfg.transform_groups().items():
@@ -253,8 +245,8 @@ def _train_source(
     """Cached features when the batches are the same every epoch (no augmentation) and they fit."""
     train = data.train(augmentation, img_size, cfg.eval_resize, cfg.seed)
     drop_last = len(train) >= cfg.batch_size
-    tokens = {"linear": 1, "attentive": getattr(encoder, "grid", 1) ** 2}
-    per_sample = sum(encoder.width * tokens[s.kind] * 4 for s in sweeps)  # float32 bytes
+    tokens = getattr(encoder, "grid", 1) ** 2  # N: a kind that keeps the token axis caches (N, d) per sample
+    per_sample = sum(encoder.width * (tokens if probe_kind(s.kind).keeps_tokens else 1) * 4 for s in sweeps)
     if augmentation == "none" and len(train) * per_sample <= _cache_limit_bytes():
         feats, labels = cache_features(encoder, eval_loader(cfg, train), sweeps, device)
         return CachedFeatures(

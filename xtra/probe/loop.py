@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from xtra.errors import ParamsError
-from xtra.model.probes import HeadBank, pool_blocks
+from xtra.model.probes import HeadBank, probe_kind
 from xtra.probe.config import SweepConfig, settings_grid
 from xtra.probe.dist import world
 from xtra.train.schedule import release_warmup_cosine, warmup_cosine
@@ -83,7 +83,7 @@ def encode_batch(
     with autocast_for(device, cfg_list[0].precision):
         outs = encoder.forward_features(images.to(device, non_blocking=True), blocks=wanted)  # [(B, N, d)]
         by_block = dict(zip(wanted, outs))
-        pooled = {c.kind: pool_blocks(c.kind, [by_block[b] for b in c.blocks]).float() for c in cfg_list}
+        pooled = {c.kind: probe_kind(c.kind).pool([by_block[b] for b in c.blocks]).float() for c in cfg_list}
     return pooled[cfg_list[0].kind] if isinstance(cfgs, SweepConfig) else pooled
 
 

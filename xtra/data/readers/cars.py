@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import Skipped, dataset_root, find_layout, listed_samples, require_file
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
@@ -50,6 +51,7 @@ def _split_samples(base: Path, split: str, num_classes: int, skipped: list[Skipp
     return listed_samples(base, entries, num_classes, split, skipped)
 
 
+@register_reader("cars")
 def read_cars(params: dict) -> RawDataset:
     """Stanford Cars -> `train` / `test` (root: the folder holding `stanford_cars/`, or that folder)."""
     root = dataset_root(params)

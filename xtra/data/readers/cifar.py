@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import Skipped, array_key, dataset_root, find_layout, require_file
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
@@ -81,11 +82,13 @@ def _read_cifar(
     )
 
 
+@register_reader("cifar10")
 def read_cifar10(params: dict) -> RawDataset:
     """CIFAR-10: `cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}` -> `train` / `test`."""
     return _read_cifar(params, "cifar-10-batches-py", ("batches.meta", "label_names"), CIFAR10_BATCHES, "labels")
 
 
+@register_reader("cifar100")
 def read_cifar100(params: dict) -> RawDataset:
     """CIFAR-100 (fine labels): `cifar-100-python/{train,test,meta}` -> `train` / `test`."""
     return _read_cifar(params, "cifar-100-python", ("meta", "fine_label_names"), CIFAR100_BATCHES, "fine_labels")

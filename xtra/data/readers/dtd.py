@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import Skipped, dataset_root, find_layout, listed_samples, read_lines
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
@@ -36,6 +37,7 @@ def _split_samples(
     return listed_samples(base / "images", labelled, len(classes), split, skipped)
 
 
+@register_reader("dtd")
 def read_dtd(params: dict) -> RawDataset:
     """DTD partition `params["partition"]` (1..10) -> `train` (train+val files) / `test`."""
     root = dataset_root(params)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import (
     Skipped,
     class_folders,
@@ -57,6 +58,7 @@ def _seeded(samples: list[Sample], seed: int) -> dict[str, list[Sample]]:
     return {split: [samples[i] for i in indices] for split, indices in parts.items()}
 
 
+@register_reader("eurosat")
 def read_eurosat(params: dict) -> RawDataset:
     """EuroSAT RGB -> `train` / `val` / `test` (root: the folder holding `eurosat/`, or `eurosat/`)."""
     root = dataset_root(params)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import Skipped, dataset_root, find_layout, listed_samples, require_file
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
@@ -38,6 +39,7 @@ def _split_samples(
     return listed_samples(base, entries, len(classes), split, skipped)
 
 
+@register_reader("food101")
 def read_food101(params: dict) -> RawDataset:
     """Food-101 -> `train` / `test` (root: the folder holding `food-101/`, or `food-101/` itself)."""
     root = dataset_root(params)

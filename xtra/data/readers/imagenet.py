@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import Skipped, class_folders, dataset_root, is_image, list_class_tree
 from xtra.data.rng import derive_seed
 from xtra.data.source import RawDataset, Sample
@@ -58,6 +59,7 @@ def _flat_images(folder: Path) -> bool:
     return any(is_image(path.name) for path in folder.iterdir() if path.is_file())
 
 
+@register_reader("imagenet1k")
 def read_imagenet1k(params: dict) -> RawDataset:
     """ImageNet-1k: `<root>/train/<wnid>/*.JPEG` and `<root>/val/<wnid>/*.JPEG` -> `train` / `val`."""
     root = dataset_root(params)
@@ -130,6 +132,7 @@ def _read_per_synset(root: Path, params: dict) -> RawDataset:
     return RawDataset(classes=classes, splits=splits, source=source, official_sizes=sizes, skipped=skipped)
 
 
+@register_reader("imagenet21k")
 def read_imagenet21k(params: dict) -> RawDataset:
     """ImageNet-21k in the 21K-P or the per-synset layout (params `layout`, see the module doc) -> `train` / `val`."""
     root = dataset_root(params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import Skipped, classes_from_ids, dataset_root, listed_sample, require_file
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
@@ -64,6 +65,7 @@ def _split_samples(
     return samples
 
 
+@register_reader("inat2018")
 def read_inat2018(params: dict) -> RawDataset:
     """iNaturalist 2018: `train2018.json`, `val2018.json` and `train_val2018/` -> `train` / `val`."""
     root = dataset_root(params)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import Skipped, array_key, dataset_root, find_layout, require_file
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
@@ -88,6 +89,7 @@ def _split_samples(base: Path, split: str, skipped: list[Skipped]) -> list[Sampl
     return samples
 
 
+@register_reader("pcam")
 def read_pcam(params: dict) -> RawDataset:
     """PatchCamelyon -> `train` / `val` (the `valid` files) / `test` (root: folder holding `pcam/`, or it)."""
     root = dataset_root(params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xtra.data.readers import register_reader
 from xtra.data.readers.common import (
     Skipped,
     classes_from_ids,
@@ -51,6 +52,7 @@ def _split_samples(
     return listed_samples(base, entries, num_classes, split, skipped)
 
 
+@register_reader("pets")
 def read_pets(params: dict) -> RawDataset:
     """Oxford-IIIT Pet -> `train` (trainval.txt) / `test` (test.txt)."""
     root = dataset_root(params)
