@@ -21,13 +21,13 @@ SMALL_ARCH = {
     "preset": "tiny",
     "width": 64,
     "depth": 2,
-    "heads": 2,
+    "num_heads": 2,
     "img_size": 32,
     "patch_size": 4,
     "block_size": 2,
     "predictor_depth": 1,
     "predictor_width": 32,
-    "predictor_heads": 2,
+    "predictor_num_heads": 2,
 }
 
 

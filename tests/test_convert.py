@@ -132,10 +132,10 @@ def test_stored_hyper_parameters_are_checked_naming_the_key(tmp_path: Path, sour
     # a wrong head count has the same tensor shapes: only the stored hyper_parameters can catch it
     with pytest.raises(
         CheckpointError,
-        match=r"'model.predictor.num_heads' = 2 but arch.predictor_heads = 4 "
-        r"\(set arch.predictor_heads=2\)",
+        match=r"'model.predictor.num_heads' = 2 but arch.predictor_num_heads = 4 "
+        r"\(set arch.predictor_num_heads=2\)",
     ):
-        convert_official(tmp_path / "h.ckpt", tmp_path / "bad.pt", {**_arch(), "predictor_heads": 4})
+        convert_official(tmp_path / "h.ckpt", tmp_path / "bad.pt", {**_arch(), "predictor_num_heads": 4})
     assert not (tmp_path / "bad.pt").exists()
 
 
@@ -211,7 +211,7 @@ def test_pretrain_stage_of_an_official_model_goes_through_the_converter(tmp_path
     torch.save(
         {
             "state_dict": official_state(source_model, "model."),
-            "hyper_parameters": {"predictor_heads": SMALL_ARCH["predictor_heads"]},
+            "hyper_parameters": {"predictor_num_heads": SMALL_ARCH["predictor_num_heads"]},
         },
         src,
     )

@@ -78,7 +78,7 @@ def test_a_new_benchmark_and_probe_kind_are_prepared_and_probed_end_to_end(exten
     params["datasets"] = entry["datasets"]
     params["probe"]["benchmarks"] = entry["probe"]["benchmarks"]
     params["paths"] = {k: str(tmp_path / k) for k in ("prepared", "models", "results")}
-    arch = {**params["models"]["random_k2"]["arch"], "img_size": 16, "width": 32, "depth": 2, "heads": 2}
+    arch = {**params["models"]["random_k2"]["arch"], "img_size": 16, "width": 32, "depth": 2, "num_heads": 2}
     params["models"] = {"rand": {"init": "random", "dataset": "toy", "eval_resize": 16, "arch": arch}}
     params = validate_params(params, "walk-through params", check_paths=False)
     probes = [s for s in stage_table(params) if s.kind == "probe"]

@@ -16,13 +16,13 @@ def tiny_arch(**kw) -> ArchConfig:
     base = dict(
         width=32,
         depth=2,
-        heads=2,
+        num_heads=2,
         img_size=32,
         patch_size=4,
         block_size=2,
         predictor_depth=2,
         predictor_width=16,
-        predictor_heads=2,
+        predictor_num_heads=2,
         attn_impl="sdpa",
     )
     return ArchConfig(**{**base, **kw})
@@ -91,7 +91,7 @@ def _attention_by_definition(attn, x: torch.Tensor, grid: int, k: int, order: tu
     """The attention layer written out from METHOD.md, query by query: token q attends to the
     tokens of every block predicted no later than its own (no mask builder of the project)."""
     b, n, d = x.shape
-    h = attn.heads
+    h = attn.num_heads
     q, kk, v = attn.qkv(x).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, N, d/h)
     per_side = grid // k
     blocks = [(t // grid // k) * per_side + (t % grid) // k for t in range(n)]
@@ -135,9 +135,9 @@ def test_paper_encoder_parameter_counts_on_meta_device() -> None:
 def test_paper_presets_build_with_their_shapes() -> None:
     with torch.device("meta"):
         model = XTRA(ArchConfig(**MODEL_PRESETS["xtra_h14"]))
-    assert model.heads[0].mlp[0].in_features == 640 * 16
-    assert model.heads[0].mlp[2].out_features == 3 * 56 * 56
-    assert model.proj.mlp[2].bias is None and model.heads[0].mlp[2].bias is not None
+    assert model.pixel_heads[0].mlp[0].in_features == 640 * 16
+    assert model.pixel_heads[0].mlp[2].out_features == 3 * 56 * 56
+    assert model.proj.mlp[2].bias is None and model.pixel_heads[0].mlp[2].bias is not None
 
 
 def test_concat_blocks_is_channel_major() -> None:
@@ -276,7 +276,7 @@ def test_predictor_fp32_runs_the_predictor_alone_in_fp32() -> None:
     model = XTRA(arch)
     seen: dict[str, torch.dtype] = {}
     model.predictor.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("predictor", o.dtype))
-    model.heads[0].mlp[0].register_forward_pre_hook(lambda m, i: seen.__setitem__("heads_in", i[0].dtype))
+    model.pixel_heads[0].mlp[0].register_forward_pre_hook(lambda m, i: seen.__setitem__("heads_in", i[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(2, 3, 32, 32))
     assert seen == {"predictor": torch.float32, "heads_in": torch.bfloat16} and out[0].dtype == torch.bfloat16
@@ -291,13 +291,13 @@ def test_gpu_bench_plumbing_on_cpu(capsys: pytest.CaptureFixture, one_thread) ->
         "preset": "tiny",
         "width": 32,
         "depth": 1,
-        "heads": 2,
+        "num_heads": 2,
         "img_size": 32,
         "patch_size": 8,
         "block_size": 2,
         "predictor_depth": 1,
         "predictor_width": 16,
-        "predictor_heads": 2,
+        "predictor_num_heads": 2,
         "proj_hidden": 32,
         "head_hidden": 32,
     }
@@ -315,3 +315,34 @@ def test_gpu_bench_plumbing_on_cpu(capsys: pytest.CaptureFixture, one_thread) ->
     assert "vs bf16 sdpa" in out and "1.00x" in out
     # XTRA-B/16 at 256 px: ~3 x 85 GFLOPs of forward (encoder + predictor + heads) per image
     assert 2.0e11 < train_flops_per_image(ArchConfig(**MODEL_PRESETS["xtra_b16"])) < 3.0e11
+
+
+def test_a_model_file_written_before_the_renames_still_loads(tmp_path) -> None:
+    """model.pt of before one word per concept (arch `heads` / `predictor_heads`, tensors `heads.*`) is
+    read with the new names, for probing (the encoder) and for reconstructions (the whole model)."""
+    from dataclasses import asdict
+
+    from xtra.model.artifact import read_model_artifact
+    from xtra.model.checkpoint import load_artifact_encoder
+    from xtra.train.reconstruct import load_model_file
+
+    torch.manual_seed(0)
+    model = XTRA(tiny_arch()).eval()
+    arch = asdict(tiny_arch())
+    old_arch = {
+        ("heads" if k == "num_heads" else "predictor_heads" if k == "predictor_num_heads" else k): v
+        for k, v in arch.items()
+    }
+    old_state = {k.replace("pixel_heads.", "heads.", 1): v for k, v in model.state_dict().items()}
+    assert any(k.startswith("heads.") for k in old_state)
+    payload = {"format": "xtra-model", "version": 1, "init": "pretrain", "arch": old_arch, "state_dict": old_state}
+    torch.save(payload, tmp_path / "model.pt")
+    artifact = read_model_artifact(tmp_path / "model.pt")
+    assert artifact.arch == arch and set(artifact.state_dict) == set(model.state_dict())
+    encoder, cfg, _ = load_artifact_encoder(tmp_path / "model.pt", arch)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(images), model.encoder(images), rtol=0, atol=0)
+        loaded = load_model_file(tmp_path / "model.pt").eval()
+        for a, b in zip(loaded(images), model(images)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

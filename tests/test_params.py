@@ -9,6 +9,7 @@ imported once; one test runs the real console script as a subprocess.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import demo_params
 from xtra.cli import main as xtra_main
 from xtra.config import load_params, validate_params
 from xtra.errors import ParamsError
@@ -213,7 +215,7 @@ def test_paper_b16_recipe():
     assert (m["dataset"], m["eval_resize"]) == ("imagenet1k", 300)
     a, t = m["arch"], m["train"]
     assert (a["preset"], a["img_size"], a["patch_size"], a["block_size"]) == ("base", 256, 16, 4)
-    assert (a["proj_hidden"], a["predictor_depth"], a["predictor_width"], a["predictor_heads"]) == (4096, 8, 768, 6)
+    assert (a["proj_hidden"], a["predictor_depth"], a["predictor_width"], a["predictor_num_heads"]) == (4096, 8, 768, 6)
     assert a["head_hidden"] == 6144 and 0.1 <= a["drop_path_rate"] <= 0.2 and a["norm_pix_loss"] and a["loss"] == "mse"
     assert (t["epochs"], t["lr"], t["weight_decay"], t["betas"], t["grad_clip"]) == (800, 1e-3, 0.05, [0.9, 0.95], 1.0)
     assert (t["warmup_start_lr"], t["warmup_epochs"], t["min_lr"], t["precision"]) == (1e-4, 15, 1e-6, "bf16-mixed")
@@ -252,7 +254,7 @@ def test_paper_h14_recipe():
         224,
         14,
     )
-    assert (a["block_size"], a["proj_hidden"], a["predictor_width"], a["predictor_heads"], a["head_hidden"]) == (
+    assert (a["block_size"], a["proj_hidden"], a["predictor_width"], a["predictor_num_heads"], a["head_hidden"]) == (
         4,
         5120,
         640,
@@ -421,3 +423,21 @@ def test_a_key_given_twice_is_an_error_naming_it(tmp_path):
     with pytest.raises(ParamsError, match=r"key 'heldout_fraction' appears twice .*lines \d+ and \d+"):
         load_params(path, check_paths=False)
     assert load_params(PROFILES / "demo.yaml", check_paths=False)["models"]["xtra_k1"]["arch"]["block_size"] == 1
+
+
+@pytest.mark.parametrize(
+    "old,value,new",
+    [
+        ("models.xtra_k2.arch.heads", 3, "models.xtra_k2.arch.num_heads"),
+        ("models.xtra_k1.arch.predictor_heads", 2, "models.xtra_k1.arch.predictor_num_heads"),
+        ("probe.attn_heads", 4, "probe.kinds.attentive.num_heads"),
+        ("probe.num_last_blocks", 4, "probe.kinds.attentive.num_last_blocks"),
+        ("probe.linear_weight_decays", [0.0], "probe.kinds.linear.weight_decays"),
+        ("probe.attentive_weight_decays", [0.1], "probe.kinds.attentive.weight_decays"),
+        ("probe.augmentation", {"linear": "none"}, "probe.kinds.<kind>.augmentation"),
+    ],
+)
+def test_a_renamed_key_is_refused_naming_the_new_one(old: str, value, new: str):
+    params = apply_overrides(demo_params(), [f"{old}={json.dumps(value)}"])
+    with pytest.raises(ParamsError, match=re.escape(f"{old}: renamed to {new}")):
+        validate_params(params, check_paths=False)

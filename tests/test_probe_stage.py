@@ -27,13 +27,13 @@ ARCH = {
     "preset": "tiny",
     "width": 32,
     "depth": 2,
-    "heads": 2,
+    "num_heads": 2,
     "img_size": 16,
     "patch_size": 4,
     "block_size": 2,
     "predictor_depth": 1,
     "predictor_width": 16,
-    "predictor_heads": 1,
+    "predictor_num_heads": 1,
 }
 CLASSES = ["a", "b", "c", "d", "e"]
 

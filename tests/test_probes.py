@@ -35,7 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_encoder(depth: int = 3, seed: int = 0) -> Encoder:
     torch.manual_seed(seed)
-    return Encoder(img_size=8, patch_size=2, width=16, depth=depth, heads=2, block_size=2).eval().requires_grad_(False)
+    return (
+        Encoder(img_size=8, patch_size=2, width=16, depth=depth, num_heads=2, block_size=2).eval().requires_grad_(False)
+    )
 
 
 def manual_blocks(encoder: Encoder, images: torch.Tensor) -> list[torch.Tensor]:

@@ -15,13 +15,13 @@ def _arch(**kw) -> ArchConfig:
     base = dict(
         width=32,
         depth=1,
-        heads=2,
+        num_heads=2,
         img_size=16,
         patch_size=4,
         block_size=2,
         predictor_depth=1,
         predictor_width=16,
-        predictor_heads=2,
+        predictor_num_heads=2,
         attn_impl="sdpa",
         norm_pix_loss=False,
     )

@@ -28,6 +28,8 @@ from xtra.errors import ParamsError
 __all__ = [
     "SCHEMA_PATH",
     "SCHEDULER_ENV",
+    "RENAMED_KEYS",
+    "renamed_keys",
     "load_params",
     "validate_params",
     "load_schema",
@@ -44,6 +46,39 @@ SCHEMA_PATH = Path(str(resources.files("xtra") / "schema" / "params.schema.yaml"
 # Variables a Slurm or LSF job step sets: Lightning starts a multi-node run only inside one of them
 # (SLURMEnvironment / LSFEnvironment); elsewhere it waits for processes that never come.
 SCHEDULER_ENV = ("SLURM_NTASKS", "LSB_JOBID")
+
+
+# Keys that were renamed (one word per concept: `num_heads` are attention heads, a `head` alone is a probe
+# head, the per-kind probe settings live under `probe.kinds.<kind>`): section (`*`: any name) -> {old
+# key: new key, relative to the section}. A params file with an old key is refused, naming the new one.
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "models.*.arch": {"heads": "num_heads", "predictor_heads": "predictor_num_heads"},
+    "probe": {
+        "attn_heads": "kinds.attentive.num_heads",
+        "num_last_blocks": "kinds.attentive.num_last_blocks",
+        "linear_weight_decays": "kinds.linear.weight_decays",
+        "attentive_weight_decays": "kinds.attentive.weight_decays",
+        "augmentation": "kinds.<kind>.augmentation",
+    },
+}
+
+
+def renamed_keys(params: Any) -> list[str]:
+    """`old key: renamed to new key` for every renamed key `params` still uses (see RENAMED_KEYS)."""
+    found = []
+    for section, renames in RENAMED_KEYS.items():
+        nodes = [("", params)]  # (dotted prefix, mapping) of every match of the section so far
+        for part in section.split("."):
+            children = []
+            for where, parent in nodes:
+                if isinstance(parent, dict):
+                    items = parent.items() if part == "*" else [(part, parent[part])] if part in parent else []
+                    children += [(f"{where}{name}.", child) for name, child in items]
+            nodes = children
+        for where, node in nodes:
+            if isinstance(node, dict):
+                found += [f"{where}{old}: renamed to {where}{new}" for old, new in renames.items() if old in node]
+    return found
 
 
 @lru_cache(maxsize=1)
@@ -116,6 +151,9 @@ def validate_params(params: dict[str, Any], source: str = "params.yaml", check_p
     """Validate in place (filling defaults) and return `params`; raise ParamsError naming the key."""
     if not isinstance(params, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level, got {type(params).__name__}")
+    renamed = renamed_keys(params)
+    if renamed:
+        raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(renamed))
     errors = sorted(_Validator(load_schema()).iter_errors(params), key=lambda e: list(e.absolute_path))
     if errors:
         lines = "\n  ".join(_describe(e) for e in errors[:10])

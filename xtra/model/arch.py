@@ -17,13 +17,13 @@ from xtra.errors import ParamsError
 
 __all__ = ["PRESETS", "MODEL_PRESETS", "ArchConfig"]
 
-# width / depth / heads (METHOD.md, "Architecture")
+# width / depth / attention heads (METHOD.md, "Architecture")
 PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"width": 192, "depth": 12, "heads": 3},
-    "small": {"width": 384, "depth": 12, "heads": 6},
-    "base": {"width": 768, "depth": 12, "heads": 12},
-    "large": {"width": 1024, "depth": 24, "heads": 16},
-    "huge": {"width": 1280, "depth": 32, "heads": 16},
+    "tiny": {"width": 192, "depth": 12, "num_heads": 3},
+    "small": {"width": 384, "depth": 12, "num_heads": 6},
+    "base": {"width": 768, "depth": 12, "num_heads": 12},
+    "large": {"width": 1024, "depth": 24, "num_heads": 16},
+    "huge": {"width": 1280, "depth": 32, "num_heads": 16},
 }
 
 # Defaults of the paper's two models (METHOD.md "Architecture"); anything not given follows the rules
@@ -36,7 +36,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "block_size": 4,
         "proj_hidden": 4096,
         "predictor_width": 768,
-        "predictor_heads": 6,
+        "predictor_num_heads": 6,
         "head_hidden": 6144,
     },
     "xtra_h14": {
@@ -46,7 +46,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "block_size": 4,
         "proj_hidden": 5120,
         "predictor_width": 640,
-        "predictor_heads": 8,
+        "predictor_num_heads": 8,
         "head_hidden": 9408,
     },
 }
@@ -57,9 +57,9 @@ class ArchConfig:
     """Every architecture knob of METHOD.md, including the ablation switches."""
 
     preset: str = "tiny"
-    width: int | None = None  # overrides of the preset's width / depth / heads (small demo models)
+    width: int | None = None  # overrides of the preset's width / depth / attention heads (small demo models)
     depth: int | None = None
-    heads: int | None = None
+    num_heads: int | None = None
     img_size: int = 32
     patch_size: int = 4
     block_size: int = 2
@@ -67,7 +67,7 @@ class ArchConfig:
     proj_hidden: int | None = None  # default 4 * d
     predictor_depth: int = 8
     predictor_width: int | None = None  # default d
-    predictor_heads: int | None = None  # default max(1, d_pred // 64)
+    predictor_num_heads: int | None = None  # default max(1, d_pred // 64)
     head_hidden: int | None = None  # default 3 * c^2
     num_heads_ahead: int = 1
     norm_pix_loss: bool = True
@@ -107,12 +107,10 @@ class ArchConfig:
             )
         if not 1 <= self.num_heads_ahead < num_blocks:
             raise ParamsError(f"arch.num_heads_ahead {self.num_heads_ahead} must be in [1, {num_blocks - 1}]")
-        size = {
-            **PRESETS[self.preset],
-            **{k: v for k, v in (("width", self.width), ("depth", self.depth), ("heads", self.heads)) if v is not None},
-        }
-        if size["width"] % size["heads"] != 0:
-            raise ParamsError(f"arch: width {size['width']} is not divisible by heads {size['heads']}")
+        overrides = {"width": self.width, "depth": self.depth, "num_heads": self.num_heads}
+        size = {**PRESETS[self.preset], **{k: v for k, v in overrides.items() if v is not None}}
+        if size["width"] % size["num_heads"] != 0:
+            raise ParamsError(f"arch: width {size['width']} is not divisible by num_heads {size['num_heads']}")
         d = size["width"]
         d_pred = self.predictor_width or d
         c = self.block_size * self.patch_size
@@ -122,7 +120,7 @@ class ArchConfig:
                 **size,
                 "proj_hidden": self.proj_hidden or 4 * d,
                 "predictor_width": d_pred,
-                "predictor_heads": self.predictor_heads or max(1, d_pred // 64),
+                "predictor_num_heads": self.predictor_num_heads or max(1, d_pred // 64),
                 "head_hidden": self.head_hidden or 3 * c * c,
             }
         )

@@ -10,6 +10,10 @@ state. Layout:
      "arch": {...the model's arch section...},
      "state_dict": {"encoder.*": tensor, ...},   # XTRA's keys; encoder-only files hold encoder.* alone
      "provenance": {...}}                          # step, images_seen, params hash, source file, ...
+
+A file written before the renames of one word per concept (arch `heads` / `predictor_heads`, the
+pixel heads' tensors `heads.*`) is read with the new names (`num_heads`, `predictor_num_heads`,
+`pixel_heads.*`): `read_model_artifact` is the one place that translates it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from xtra.atomic import save_torch_atomic
+from xtra.config import RENAMED_KEYS
 from xtra.errors import CheckpointError
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_NAME", "ModelArtifact", "save_model_artifact", "read_model_artifact"]
@@ -30,6 +35,7 @@ __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_NAME", "ModelArtifact", "save_model_arti
 ARTIFACT_FORMAT = "xtra-model"
 ARTIFACT_VERSION = 1
 ARTIFACT_NAME = "model.pt"  # models/<model>/model.pt
+STATE_RENAMES = {"heads.": "pixel_heads."}  # tensor-name prefixes of a file written before the rename
 
 
 @dataclass
@@ -86,9 +92,14 @@ def read_model_artifact(path: str | Path) -> ModelArtifact:
     for key in ("init", "arch", "state_dict"):
         if key not in payload:
             raise CheckpointError(f"{path}: model file lacks {key!r}")
+    arch_renames = RENAMED_KEYS["models.*.arch"]  # the params' rename table: old arch key -> new
+    state = {}
+    for key, tensor in payload["state_dict"].items():
+        old = next((p for p in STATE_RENAMES if key.startswith(p)), None)
+        state[STATE_RENAMES[old] + key[len(old) :] if old else key] = tensor
     return ModelArtifact(
         init=payload["init"],
-        arch=dict(payload["arch"]),
-        state_dict=dict(payload["state_dict"]),
+        arch={arch_renames.get(k, k): v for k, v in payload["arch"].items()},
+        state_dict=state,
         provenance=dict(payload.get("provenance") or {}),
     )

@@ -1,7 +1,7 @@
 """Reading and writing this project's checkpoints, strictly.
 
 A checkpoint is a Lightning `.ckpt` whose `hyper_parameters["arch"]` is the model's arch section and
-whose `state_dict` keys are `model.encoder.*`, `model.proj.*`, `model.predictor.*`, `model.heads.*`.
+whose `state_dict` keys are `model.encoder.*`, `model.proj.*`, `model.predictor.*`, `model.pixel_heads.*`.
 """
 
 from __future__ import annotations

@@ -51,7 +51,12 @@ __all__ = [
 ]
 
 # official prefix -> this project's module prefix (inside XTRA)
-PREFIX_MAP: dict[str, str] = {"enc.": "encoder.", "proj.": "proj.", "predictor.": "predictor.", "aim_proj.": "heads."}
+PREFIX_MAP: dict[str, str] = {
+    "enc.": "encoder.",
+    "proj.": "proj.",
+    "predictor.": "predictor.",
+    "aim_proj.": "pixel_heads.",
+}
 WRAPPERS = ("_forward_module.", "model.", "module.", "_orig_mod.")
 # names of architecture settings in stored hyper_parameters (release-style and this project's) -> arch key
 HPARAM_NAMES: dict[str, str] = {
@@ -60,15 +65,15 @@ HPARAM_NAMES: dict[str, str] = {
     "enc.embed_dim": "width",
     "depth": "depth",
     "enc.depth": "depth",
-    "num_heads": "heads",
-    "heads": "heads",
-    "enc.num_heads": "heads",
+    "num_heads": "num_heads",
+    "heads": "num_heads",
+    "enc.num_heads": "num_heads",
     "img_size": "img_size",
     "patch_size": "patch_size",
     "block_size": "block_size",
     "decoder.embed_dim": "predictor_width",
     "decoder.depth": "predictor_depth",
-    "decoder.num_heads": "predictor_heads",
+    "decoder.num_heads": "predictor_num_heads",
     "decoder_embed_dim": "predictor_width",
     "predictor_embed_dim": "predictor_width",
     "predictor_width": "predictor_width",
@@ -76,10 +81,10 @@ HPARAM_NAMES: dict[str, str] = {
     "decoder_depth": "predictor_depth",
     "predictor_depth": "predictor_depth",
     "predictor.depth": "predictor_depth",
-    "decoder_num_heads": "predictor_heads",
-    "predictor_num_heads": "predictor_heads",
-    "predictor_heads": "predictor_heads",
-    "predictor.num_heads": "predictor_heads",
+    "decoder_num_heads": "predictor_num_heads",
+    "predictor_num_heads": "predictor_num_heads",
+    "predictor_heads": "predictor_num_heads",
+    "predictor.num_heads": "predictor_num_heads",
     "num_heads_ahead": "num_heads_ahead",
     "proj_hidden": "proj_hidden",
     "head_hidden": "head_hidden",

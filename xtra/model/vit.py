@@ -54,18 +54,19 @@ def _flex_attention(device_type: str):
 class Attention(nn.Module):
     """Multi-head self-attention whose mask comes from a MaskSpec; the path is chosen per call."""
 
-    def __init__(self, dim: int, heads: int, attn_impl: AttnImpl = "auto") -> None:
+    def __init__(self, dim: int, num_heads: int, attn_impl: AttnImpl = "auto") -> None:
         super().__init__()
-        if dim % heads != 0:
-            raise ParamsError(f"width {dim} is not divisible by the number of heads {heads}")
-        self.heads = heads
+        if dim % num_heads != 0:
+            raise ParamsError(f"width {dim} is not divisible by the number of attention heads {num_heads}")
+        self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
         self.attn_impl: AttnImpl = attn_impl
 
     def forward(self, x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, N, d/h)
+        h = self.num_heads
+        q, k, v = self.qkv(x).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each (B, h, N, d/h)
         impl = resolve_attn_impl(self.attn_impl, x.device, self.training and torch.is_grad_enabled())
         if impl == "flex":
             block_mask = flex_block_mask(spec.grid, spec.block_size, x.device, spec.order)
@@ -93,10 +94,10 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float, attn_impl: AttnImpl) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, attn_impl: AttnImpl) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, heads, attn_impl)
+        self.attn = Attention(dim, num_heads, attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -113,14 +114,14 @@ class Transformer(nn.Module):
         self,
         width: int,
         depth: int,
-        heads: int,
+        num_heads: int,
         drop_path_rate: float = 0.0,
         mlp_ratio: float = 4.0,
         attn_impl: AttnImpl = "auto",
     ) -> None:
         super().__init__()
         rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, r, attn_impl) for r in rates)
+        self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, r, attn_impl) for r in rates)
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
 
     def set_attn_impl(self, impl: AttnImpl) -> None:
@@ -149,12 +150,12 @@ class Encoder(Transformer):
         patch_size: int,
         width: int,
         depth: int,
-        heads: int,
+        num_heads: int,
         block_size: int,
         drop_path_rate: float = 0.0,
         attn_impl: AttnImpl = "auto",
     ) -> None:
-        super().__init__(width, depth, heads, drop_path_rate, attn_impl=attn_impl)
+        super().__init__(width, depth, num_heads, drop_path_rate, attn_impl=attn_impl)
         if img_size % (patch_size * block_size) != 0:
             raise ParamsError(
                 f"img_size {img_size} is not divisible by patch_size x block_size = {patch_size} x {block_size}"

@@ -58,7 +58,7 @@ def concat_blocks(tokens: torch.Tensor, grid: int, block_size: int) -> torch.Ten
 
 
 def xtra_loss(preds: list[torch.Tensor], target: torch.Tensor, loss: str = "mse") -> torch.Tensor:
-    """Mean over heads j of the error of pred_j[:, :M-1-j] against target[:, 1+j:]. All (B, M, 3c^2)."""
+    """Mean over pixel heads j of the error of pred_j[:, :M-1-j] against target[:, 1+j:]. All (B, M, 3c^2)."""
     error = F.mse_loss if loss == "mse" else F.l1_loss
     m = target.shape[1]
     terms = [error(p[:, : m - 1 - j].float(), target[:, 1 + j :].float()) for j, p in enumerate(preds)]
@@ -79,8 +79,8 @@ class _MLP2(nn.Module):
 class Predictor(Transformer):
     """Learned position embedding (N x d_pred) + block-causal blocks of width d_pred + final norm."""
 
-    def __init__(self, num_tokens: int, width: int, depth: int, heads: int, attn_impl: str) -> None:
-        super().__init__(width, depth, heads, 0.0, attn_impl=attn_impl)
+    def __init__(self, num_tokens: int, width: int, depth: int, num_heads: int, attn_impl: str) -> None:
+        super().__init__(width, depth, num_heads, 0.0, attn_impl=attn_impl)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(init_weights)
@@ -119,7 +119,7 @@ def build_arch_encoder(cfg: ArchConfig) -> Encoder:
         cfg.patch_size,
         cfg.width,
         cfg.depth,
-        cfg.heads,
+        cfg.num_heads,
         cfg.block_size,
         cfg.drop_path_rate,
         attn_impl=cfg.attn_impl,
@@ -135,15 +135,15 @@ class XTRA(nn.Module):
         self.encoder = build_arch_encoder(cfg)
         self.proj = _MLP2(cfg.width, cfg.proj_hidden, cfg.predictor_width, last_bias=False)
         self.predictor = Predictor(
-            cfg.grid**2, cfg.predictor_width, cfg.predictor_depth, cfg.predictor_heads, cfg.attn_impl
+            cfg.grid**2, cfg.predictor_width, cfg.predictor_depth, cfg.predictor_num_heads, cfg.attn_impl
         )
         in_dim = cfg.predictor_width * cfg.block_size**2
         out_dim = 3 * cfg.block_pixels**2
-        self.heads = nn.ModuleList(
+        self.pixel_heads = nn.ModuleList(
             _MLP2(in_dim, cfg.head_hidden, out_dim, last_bias=True) for _ in range(cfg.num_heads_ahead)
         )
         self.proj.apply(init_weights)
-        self.heads.apply(init_weights)
+        self.pixel_heads.apply(init_weights)
         self.block_orders = block_orders_of(cfg)  # probing keeps the encoder in raster order
 
     def set_attn_impl(self, impl: str) -> None:
@@ -171,14 +171,14 @@ class XTRA(nn.Module):
         z = self.proj(self.encoder(images, spec))  # (B, N, d_pred)
         device = images.device.type
         if cfg.predictor_fp32 and torch.is_autocast_enabled(device):
-            # the release's fp16 recipe: the predictor alone in fp32, cast back before the heads
+            # the release's fp16 recipe: the predictor alone in fp32, cast back before the pixel heads
             with torch.autocast(device, enabled=False):
                 z = self.predictor(z.float(), spec)  # (B, N, d_pred) fp32
             z = z.to(torch.get_autocast_dtype(device))
         else:
             z = self.predictor(z, spec)  # (B, N, d_pred)
         blocks = concat_blocks(z, cfg.grid, cfg.block_size)  # (B, M, d_pred*k*k)
-        return [head(blocks) for head in self.heads]  # each (B, M, 3c^2)
+        return [head(blocks) for head in self.pixel_heads]  # each (B, M, 3c^2)
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised images -> (B, M, 3c^2) targets in raster block order."""

@@ -105,7 +105,7 @@ class PretrainModule(L.LightningModule):
         images, _ = batch  # (B, 3, S, S); labels are not used by pre-training
         micro = batch_idx % self.trainer.accumulate_grad_batches
         torch.manual_seed(model_seed(self.seed, self.global_rank, self.global_step, micro))
-        loss = self.model.loss(images, step=self.global_step)  # () mean over heads and blocks
+        loss = self.model.loss(images, step=self.global_step)  # () mean over pixel heads and blocks
         finite = bool(torch.isfinite(loss).item())
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise NonFiniteLossError(

@@ -153,7 +153,7 @@ def _load_images(paths: Sequence[str], img_size: int, resize: int | None) -> tor
 def load_model_file(path: str | Path) -> XTRA:
     """The full XTRA of a weights-only model file (`weights_only=True, mmap=True`), loaded strictly.
 
-    An encoder-only file (a converted fine-tuned release) has no predictor or heads to reconstruct with.
+    An encoder-only file (a converted fine-tuned release) has no predictor or pixel heads to reconstruct with.
     """
     from xtra.errors import CheckpointError
     from xtra.model.artifact import read_model_artifact
@@ -162,7 +162,7 @@ def load_model_file(path: str | Path) -> XTRA:
 
     artifact = read_model_artifact(path)
     if not artifact.state_dict or artifact.encoder_only:
-        raise CheckpointError(f"{path}: init {artifact.init!r} holds no predictor and heads to reconstruct with")
+        raise CheckpointError(f"{path}: init {artifact.init!r} holds no predictor and pixel heads to reconstruct with")
     model = XTRA(ArchConfig.from_dict(artifact.arch))
     load_strict(model, artifact.state_dict, str(path))
     return model
