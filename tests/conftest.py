@@ -1,4 +1,7 @@
-"""Shared test fixtures: the demo datasets prepared once per session, and params files in tmp dirs."""
+"""Fixtures shared by the test folders (tests/<stage>/ mirror the package; each folder's own are in its
+conftest.py; builders of raw datasets, models and fault set-ups are the package tests/fixtures): the
+demo datasets prepared once per session, the fault tests' workspace, params files in tmp dirs, one
+thread, and the run budget of CI."""
 
 from __future__ import annotations
 
@@ -65,6 +68,27 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread here and in every `xtra` subprocess (OMP_NUM_THREADS): the fault tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fault_workspace(tmp_path_factory):
+    """The fault tests' workspace (tests.fixtures.faults): two tiny prepared datasets and a random-init model."""
+    from tests.fixtures.faults import build_workspace
+
+    return build_workspace(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture(scope="session")

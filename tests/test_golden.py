@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pretrain_helpers import prepare_small, run_pretrain, tiny_params
+from tests.fixtures.pretrain import prepare_small, run_pretrain, tiny_params
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "numerics.json"
 RECORD = os.environ.get("XTRA_RECORD_GOLDEN") == "1"

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.conftest import SMALL_ARCH, demo_params
-from tests.test_workflow import parse_dry_run, repo_copy
+from tests.pipeline.test_workflow import parse_dry_run, repo_copy
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.cluster.fake_lsf import install_fake_lsf, submissions
-from tests.test_workflow import Job, parse_dry_run, repo_copy
+from tests.pipeline.test_workflow import Job, parse_dry_run, repo_copy
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 

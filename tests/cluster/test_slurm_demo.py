@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.cluster.workflow import snakemake_slurm
-from tests.test_demo import _copy_repo, _dvc
+from tests.pipeline.test_demo import _copy_repo, _dvc
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3600)]
 

@@ -23,7 +23,7 @@ import yaml
 from tests.cluster.slurm import SlurmCluster
 from tests.cluster.workflow import final_weights, max_weight_difference, snakemake_slurm
 from tests.conftest import SMALL_ARCH, demo_params, write_params
-from tests.test_workflow import repo_copy
+from tests.pipeline.test_workflow import repo_copy
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3600)]
 

@@ -17,7 +17,8 @@ import torch
 import yaml
 from torch import nn
 
-from tests.test_probe_stage import build_inputs, make_params
+from tests.conftest import REPO
+from tests.probe.test_stage import build_inputs, make_params
 from xtra.config import load_params
 from xtra.errors import ParamsError
 from xtra.model.probe_kinds.attentive import AttentiveProbe
@@ -30,7 +31,6 @@ from xtra.probe.loop import BankTrainer, CachedFeatures
 from xtra.probe.state import state_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _params(tmp: Path, results: str, **probe) -> dict:

@@ -2,7 +2,7 @@
 workflow/Snakefile (clusters), both made from xtra/pipeline/dag.py's stage table, for the demo and
 both paper profiles, with the cluster requests of the paper runs (dvc.yaml has one stage more,
 `check`); dvc.yaml is current; its check stage stops a run of stale or incomplete params; DVC
-re-runs only what a params change touches; the code deps are complete. (tests/test_staleness.py
+re-runs only what a params change touches; the code deps are complete. (tests/pipeline/test_staleness.py
 runs the edits through both front-ends.)
 
 Everything that may write state (.dvc/tmp, .snakemake) runs in copies of the repository made from
@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from xtra.cli import COMMANDS
 from xtra.cli import main as xtra_main
 from xtra.pipeline.dag import CHECK_STAGE, COMMAND_MODULES, check_stamp
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ("prepare", "pretrain", "probe", "report")
 
@@ -362,7 +362,7 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
     cache.mkdir(exist_ok=True)
     (cache / "cli.cpython-311.pyc").write_bytes(b"\0")
     assert _changed(path) == set(), "byte code changed a stage (see .dvcignore)"
-    # `dvc status` names the stages whose own deps changed (tests/test_staleness.py adds the downstream ones)
+    # `dvc status` names the stages whose own deps changed (tests/pipeline/test_staleness.py adds the downstream ones)
     probes = {f"probe-{m}-{b}" for m in ("xtra_k2", "xtra_k1", "random_k2", "pixels") for b in ("mnist", "digits")}
     cases = [
         ("probe.benchmarks.mnist.lrs", [0.001, 0.01], {p for p in probes if p.endswith("-mnist")}),
@@ -519,7 +519,7 @@ def test_dvc_repro_runs_only_the_check_and_stops_on_a_stale_table(tmp_path):
     up-to-date pipeline's `dvc repro` runs only `check`; a benchmark added to params.yaml without
     `xtra dag` makes plain `dvc repro` stop at its first stage with the project's message and a
     non-zero exit, running no other stage; `dvc exp run -S` still runs (and re-runs what it changes)."""
-    from tests.test_staleness import _run, copy_with_fake_xtra
+    from tests.pipeline.test_staleness import _run, copy_with_fake_xtra
 
     path = copy_with_fake_xtra(tmp_path / "repo")
     dvc = str(BIN / "dvc")

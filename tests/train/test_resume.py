@@ -12,13 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pretrain_helpers import final_weights, max_weight_difference, prepare_small, run_pretrain, tiny_params
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("small")
-    return tmp, prepare_small(tmp)
+from tests.fixtures.pretrain import final_weights, max_weight_difference, run_pretrain, tiny_params
 
 
 def _check(proc) -> None:

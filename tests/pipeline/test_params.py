@@ -20,13 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import demo_params
+from tests.conftest import REPO, demo_params
 from xtra.cli import main as xtra_main
 from xtra.config import load_params, validate_params
 from xtra.errors import ParamsError
 from xtra.pipeline.profiles import apply_overrides
 
-REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "profiles"
 OUTPUT_DIRS = ("data", "models", "results")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import demo_params, run_xtra, small_model, write_params
-from tests.pretrain_helpers import TINY_ARCH, prepare_small, run_pretrain, tiny_params
+from tests.fixtures.pretrain import TINY_ARCH, run_pretrain, tiny_params
 from xtra.config import validate_params
 from xtra.errors import CheckpointError, ParamsError
 
@@ -30,12 +30,6 @@ def _log(path: Path) -> list[dict]:
 def _ok(proc) -> str:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("small")
-    return tmp, prepare_small(tmp)
 
 
 @pytest.mark.slow

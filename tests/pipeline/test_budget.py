@@ -13,7 +13,7 @@ def _run_probe_test(deadline: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "XTRA_TEST_DEADLINE"}
     if deadline is not None:
         env["XTRA_TEST_DEADLINE"] = deadline
-    test = "tests/test_params.py::test_bad_params_table_is_large_enough"
+    test = "tests/pipeline/test_params.py::test_bad_params_table_is_large_enough"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test],
         cwd=REPO,

@@ -10,7 +10,7 @@ DAG machinery, not the training, is what runs: `dvc repro`, then `snakemake --to
 built are current for it), then each edit, both answers, and the edit undone (content and times).
 
 After the merge of the real stage commands, `XTRA_STALENESS_REAL=1 pytest -m slow
-tests/test_staleness.py` runs the same tests on the real pipeline (a shrunk demo: 1 epoch, 2 lrs):
+tests/pipeline/test_staleness.py` runs the same tests on the real pipeline (a shrunk demo: 1 epoch, 2 lrs):
 the stand-in then only records each run and makes the ./FAIL stage fail, and runs the real `xtra`.
 
 "Stale" is what a run would execute: for DVC, the stages `dvc status` reports and every stage
@@ -33,9 +33,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from xtra.pipeline.dag import CHECK_STAGE, Stage, code_files, identity, stage_table
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODELS = ("xtra_k2", "xtra_k1", "random_k2", "pixels")  # the demo's; pixels: the pixel floor (linear only)
 PROBES = {f"probe-{m}-{b}" for m in MODELS for b in ("mnist", "digits")}
@@ -224,7 +224,7 @@ def _run(args: list[str], path: Path, check: bool = True, timeout: float = 900) 
 
 
 def copy_with_fake_xtra(dest: Path) -> Path:
-    from tests.test_workflow import repo_copy
+    from tests.pipeline.test_workflow import repo_copy
 
     repo_copy(dest)
     (dest / "bin").mkdir()
@@ -270,7 +270,7 @@ def dvc_stale(path: Path) -> set[str]:
 
 
 def snakemake_stale(path: Path) -> set[str]:
-    from tests.test_workflow import parse_dry_run
+    from tests.pipeline.test_workflow import parse_dry_run
 
     proc = _run([str(BIN / "snakemake"), "-n"], path)
     return {j.rule for j in parse_dry_run(proc.stdout + "\n" + proc.stderr) if j.rule != "all"}
