@@ -1,7 +1,7 @@
 """The whole demo as Slurm jobs (`snakemake --profile workflow/profiles/slurm`) equals the DVC run.
 
 Two copies of the repository: one runs `dvc repro` here, the other submits every rule but `report`
-to the test cluster with the README's command for a cluster without accounting. The tables
+to the test cluster with docs/pipeline.md's command for a cluster without accounting. The tables
 (results/tables/top1.csv) must be byte-identical, and a second Snakemake invocation must find
 nothing to do and submit no job.
 """

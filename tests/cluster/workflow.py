@@ -1,6 +1,6 @@
 """Running the Snakemake front-end on the test cluster, and reading what it produced.
 
-The command is the README's, plus the two switches of a cluster without accounting (this one):
+The command is docs/pipeline.md's, plus the two switches of a cluster without accounting (this one):
 `--slurm-no-account` (there is no account to charge) and `--slurm-status-command squeue` (the
 plugin's default status query, sacct, never sees a job finish without slurmdbd); the first status
 check comes after 5 s instead of 40 (short test jobs).

@@ -87,8 +87,8 @@ def _schema(old: str, new: str, refill: bool = False) -> Callable[[Path], None]:
     return edit
 
 
-_MIN_LR = "min_lr: {type: number, minimum: 0, default: 0.00001}"
-_PROBE_CLIP = "      grad_clip: {type: number, minimum: 0, default: 3.0}\n"
+_MIN_LR = "min_lr: {type: number, minimum: 0, default: 0.00001,"
+_PROBE_MIN_LR = "      " + _MIN_LR  # the probe section's (the train section's default is 0.000001)
 EDITS: list[tuple[str, Callable[[Path], None], set[str]]] = [
     ("dataset num_workers", _set("datasets.mnist5k.num_workers", 3), set()),
     ("dataset image_size", _set("datasets.digits.image_size", 24), {"prepare-digits", *probes("digits"), "report"}),
@@ -104,7 +104,7 @@ EDITS: list[tuple[str, Callable[[Path], None], set[str]]] = [
     # params.yaml spells out every key, so an existing default changes what no command sees ...
     ("schema default", _schema(_MIN_LR, _MIN_LR.replace("0.00001", "0.0001")), set()),
     # ... and a new key reaches params.yaml through `xtra profile --fill`: the stages that read it.
-    ("new schema key", _schema(_PROBE_CLIP, _PROBE_CLIP + NEW_KEY, refill=True), {*PROBES, "report"}),
+    ("new schema key", _schema(_PROBE_MIN_LR, NEW_KEY + _PROBE_MIN_LR, refill=True), {*PROBES, "report"}),
 ]
 
 

@@ -38,7 +38,7 @@ epoch's iteration; a restored state's epoch applies to the next iteration only (
 the end of an epoch makes StatefulDataLoader start a fresh iteration, which reads the epoch set).
 Workers are not persistent, so each epoch's workers see the epoch set in the main process.
 
-Why a thin IterableDataset and not a library (numbers in README.md, "Reading prepared data"):
+Why a thin IterableDataset and not a library (numbers in docs/data.md, "Reading prepared data"):
 - WebDataset 1.0.2 reads our tars (they are WebDataset-format), but its shuffle buffer state is
   not saveable: resuming at batch k means re-reading the epoch from its start (or an approximate
   position), and it splits shards across ranks by count, not samples, so ranks get unequal sample

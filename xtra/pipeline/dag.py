@@ -448,6 +448,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --check: write PATH when it passes (the check stage's output)",
     )
+    parser.add_argument(
+        "--params-doc",
+        action="store_true",
+        help="also write docs/params.md (every params key, from the schema) beside the params file",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -470,4 +475,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     path = write_dvc_yaml(params, root)
     print(f"{path}: {len(stage_table(params))} stages and the check stage")
+    if args.params_doc:
+        from xtra.atomic import write_atomic
+        from xtra.pipeline.params_doc import PARAMS_DOC, render_params_doc
+
+        print(f"{write_atomic(root / PARAMS_DOC, render_params_doc())}: written from the schema")
     return 0
