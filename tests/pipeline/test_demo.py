@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from xtra.pipeline.dag import CHECK_STAGE
+from xtra.pipeline.dvc_yaml import CHECK_STAGE
 
 pytestmark = [pytest.mark.demo, pytest.mark.timeout(1800)]  # the whole demo: ~10 minutes on 2 cores
 

@@ -34,7 +34,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from xtra.pipeline.dag import CHECK_STAGE, Stage, code_files, identity, stage_table
+from xtra.pipeline.dag import Stage, code_files, identity, stage_table
+from xtra.pipeline.dvc_yaml import CHECK_STAGE
 
 BIN = Path(sys.executable).parent
 MODELS = ("xtra_k2", "xtra_k1", "random_k2", "pixels")  # the demo's; pixels: the pixel floor (linear only)

@@ -30,7 +30,8 @@ import yaml
 from tests.conftest import REPO
 from xtra.cli import COMMANDS
 from xtra.cli import main as xtra_main
-from xtra.pipeline.dag import CHECK_STAGE, COMMAND_MODULES, check_stamp
+from xtra.pipeline.dag import COMMAND_MODULES
+from xtra.pipeline.dvc_yaml import CHECK_STAGE, check_stamp
 
 BIN = Path(sys.executable).parent
 STAGES = ("prepare", "pretrain", "probe", "report")
@@ -209,14 +210,14 @@ def test_dvc_and_snakemake_plan_the_same_pipeline(key, copies, snakemake_runs):
 def test_shipped_dvc_yaml_is_the_stage_table_of_params_yaml():
     """dvc.yaml is written by `xtra dag`; a changed import, dataset or benchmark needs a rewrite."""
     from xtra.config import load_params
-    from xtra.pipeline.dag import dvc_yaml_problem
+    from xtra.pipeline.dvc_yaml import dvc_yaml_problem
 
     assert dvc_yaml_problem(load_params(REPO / "params.yaml", check_paths=False), REPO) is None
 
 
 def test_profile_switch_rewrites_dvc_yaml(copies):
     from xtra.config import load_params
-    from xtra.pipeline.dag import dvc_yaml_problem
+    from xtra.pipeline.dvc_yaml import dvc_yaml_problem
 
     for key in ("b16", "h14"):
         path = copies[key]
@@ -392,7 +393,7 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
 # Plumbing every stage imports that only checks params (a change cannot alter a result without a
 # params change): not a dependency, so editing the CLI does not re-run a 100-epoch pre-training.
 PLUMBING = {"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.pipeline"} | {
-    f"xtra.pipeline.{m}" for m in ("dag", "fill", "profiles")
+    f"xtra.pipeline.{m}" for m in ("dag", "dvc_yaml", "fill", "params_doc", "profiles")
 }
 STAGE_MODULES = {kind: COMMANDS[kind][0] for kind in STAGES}  # the module each `xtra <kind>` runs
 

@@ -244,7 +244,7 @@ def test_random_control_writes_a_weights_only_model(tmp_path: Path) -> None:
 
 
 def test_truncated_resume_checkpoint_falls_back_to_the_previous_one_and_nothing_is_deleted(tmp_path: Path) -> None:
-    from xtra.train.pretrain import find_resume_checkpoint
+    from xtra.train.checkpoints import find_resume_checkpoint
 
     run_dir = tmp_path / "checkpoints" / "r"
     run_dir.mkdir(parents=True)
@@ -258,7 +258,7 @@ def test_truncated_resume_checkpoint_falls_back_to_the_previous_one_and_nothing_
 
 
 def test_keep_last_checkpoints_and_every_nth(tmp_path: Path) -> None:
-    from xtra.train.module import prune_checkpoints
+    from xtra.train.checkpoints import prune_checkpoints
 
     for step in range(1, 11):
         (tmp_path / f"step-{step:06d}.ckpt").write_bytes(b"x")

@@ -13,9 +13,9 @@ result depends on:
 - params: the keys that can change the stage's result. `resources`, worker counts, logging and
   checkpoint cadence, `probe.ray` and `probe.models` are none of them (`NOT_RESULT_KEYS`).
 
-`dvc.yaml` is this table written out by `xtra dag` (DVC's `matrix:` cannot give each probe stage
-its own benchmark's dataset or kinds: its parser has no nested `${...}` and no list-valued
-fields), and `workflow/Snakefile` makes one rule per entry of the same table, so the two
+`dvc.yaml` is this table written out by `xtra dag` (`xtra.pipeline.dvc_yaml`; DVC's `matrix:`
+cannot give each probe stage its own benchmark's dataset or kinds: its parser has no nested
+`${...}` and no list-valued fields), and `workflow/Snakefile` makes one rule per entry of the same table, so the two
 front-ends cannot disagree on what is stale. `xtra dag --check` says whether dvc.yaml is current.
 
 dvc.yaml begins with one more stage, `check` (`always_changed`): it runs `xtra dag --check --stamp`,
@@ -37,8 +37,6 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from xtra.errors import ParamsError
 
 __all__ = [
@@ -56,13 +54,6 @@ __all__ = [
     "result_keys",
     "param_value",
     "identity",
-    "render_dvc_yaml",
-    "CHECK_STAGE",
-    "CHECK_STAMP",
-    "check_stamp",
-    "dvc_yaml_problem",
-    "params_problem",
-    "write_dvc_yaml",
     "configure_parser",
     "run",
 ]
@@ -73,7 +64,7 @@ DVC_YAML = "dvc.yaml"
 # CLI does not re-run a 100-epoch pre-training (a params change is what changes a result).
 PLUMBING = frozenset(
     {"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.pipeline"}
-    | {f"xtra.pipeline.{name}" for name in ("dag", "fill", "profiles")}
+    | {f"xtra.pipeline.{name}" for name in ("dag", "dvc_yaml", "fill", "params_doc", "profiles")}
 )
 # Keys of each schema section that change no result (the shards do not depend on num_workers;
 # the pre-training is the same for any log or checkpoint cadence or checkpoints kept). The train
@@ -281,7 +272,9 @@ def probed_models(params: dict[str, Any]) -> list[str]:
 
 def _report(params: dict[str, Any], probes: list[Stage]) -> Stage:
     results, models = params["paths"]["results"], params["paths"]["models"]
-    data = [o for s in probes for o in s.outs] + [f"{models}/{m}/metrics.json" for m in probed_models(params)]
+    data = sorted(o for s in probes for o in s.outs) + sorted(
+        f"{models}/{m}/metrics.json" for m in probed_models(params)
+    )
     plots = [f"{results}/plots/{name}.csv" for name in ("top1", "sweep", "loss", "images_seen")]
     ref = (params.get("report") or {}).get("reference_dir")
     code = [c for c in code_files("report") if not (ref and c == "xtra/report/reference")] + ([ref] if ref else [])
@@ -311,130 +304,6 @@ def stage_table(params: dict[str, Any]) -> list[Stage]:
     return table + probes + [_report(params, probes)]
 
 
-# ---------------------------------------------------------------- dvc.yaml
-
-_HEADER = """\
-# dvc.yaml: WRITTEN BY `xtra dag` from params.yaml and xtra/pipeline/dag.py (do not edit; `xtra profile
-# NAME` rewrites it, and `xtra dag --check` says whether it is current). The local front-end of the
-# pipeline; workflow/Snakefile makes one rule per stage of the same table (xtra/pipeline/dag.py).
-#
-# The first stage, `check`, runs on every `dvc repro`: it stops the run, naming the fix, when
-# params.yaml is invalid, leaves a schema key out (`xtra profile --fill`) or is not the table this
-# file was written from (`xtra dag`). Every other stage depends on its constant output.
-#
-#   dvc repro                          # everything that is out of date
-#   dvc exp run -S 'models.xtra_k2.arch.block_size=1'    # an ablation (docs/ABLATIONS.md)
-#   dvc metrics show; dvc plots show
-#
-# Staleness (the same rule as Snakemake's): each stage depends on exactly the params keys that can
-# change its result (never `resources`, worker counts, log/checkpoint cadence, `probe.ray`), on the
-# code its command imports, and on the files it reads: the prepared dataset's manifest.json, the
-# model's model.pt (checkpoints are never a dependency), the result JSONs and metrics.
-# params.yaml spells out every schema key (`xtra profile --fill`), so the values a command uses
-# are the ones DVC compares, and `dvc exp run -S` can override any of them.
-#
-# No copies of large data (.dvc/config: cache type reflink,hardlink,symlink, never a copy):
-# - prepare: the output is the dataset's manifest.json, `cache: false` and `persist: true`. The
-#   shards beside it (hundreds of GB) are no DVC output at all: never hashed by `dvc status`,
-#   never copied into .dvc/cache, never deleted before `xtra prepare` runs (it decides itself
-#   whether they are current). The manifest holds every shard's sha256, so depending on it is
-#   depending on the shards. `dvc push`/`pull` do not carry prepared data: re-prepare it from the
-#   raw data, or point `paths.prepared` at a shared copy.
-# - pretrain: model.pt (the weights-only artifact) and metrics.json are cached (linked, not
-#   copied), so `dvc push` shares the trained model and `dvc exp apply` restores it. The resumable
-#   checkpoints in models/<model>/checkpoints/ are no output: DVC never hashes, caches or deletes
-#   them, and an interrupted run resumes from them.
-# - probe: one stage per (model, benchmark); its result JSONs are cached (small), so a failed job
-#   leaves every other stage's results in place and committed; its resumable state in
-#   results/probe-state/ is no output.
-# - report: tables, figures, metrics and plot data are cached (small; results/ is git-ignored, so
-#   the cache is what lets `dvc exp show` and `dvc metrics diff` read past runs).
-# Raw data (`datasets.*.root`) is not a dependency: hashing terabytes on every `dvc status` is not
-# affordable. After changing raw files, re-prepare with `dvc repro -f prepare-NAME`.
-"""
-
-_PLOTS = [
-    {"{results}/plots/top1.csv": {"template": "bar_horizontal", "x": "top1", "y": "key"}},
-    {"{results}/plots/sweep.csv": {"template": "scatter", "x": "lr", "y": "top1"}},
-    {"{results}/plots/loss.csv": {"x": "step", "y": "loss"}},
-    {"{results}/plots/images_seen.csv": {"template": "scatter", "x": "images_seen", "y": "top1"}},
-    "{results}/figures/top1_bars.png",
-    "{results}/figures/lr_sweep.png",
-    "{results}/figures/pretrain_loss.png",
-]
-
-
-CHECK_STAGE = "check"
-CHECK_STAMP = ".params-checked"  # the check stage's output, in paths.results
-_STAMP_TEXT = "params.yaml is valid, complete and the stage table of dvc.yaml\n"
-
-
-def check_stamp(params: dict[str, Any]) -> str:
-    """The path of the check stage's output (constant content: no stage after it becomes stale)."""
-    return f"{params['paths']['results']}/{CHECK_STAMP}"
-
-
-def _dvc_stage(stage: Stage, stamp: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"cmd": stage.cmd, "deps": [stamp, *stage.data, *stage.code], "params": stage.params}
-    if stage.kind == "prepare":
-        entry["outs"] = [{o: {"cache": False, "persist": True}} for o in stage.outs]
-    else:
-        entry["outs"] = list(stage.outs)
-    if stage.metrics:
-        entry["metrics"] = list(stage.metrics)
-    return entry
-
-
-def render_dvc_yaml(params: dict[str, Any]) -> str:
-    """The text of dvc.yaml for a validated params dict: the check stage, then the stage table."""
-    stamp = check_stamp(params)
-    check = {"cmd": f"xtra dag --check --stamp {stamp}", "always_changed": True, "outs": [{stamp: {"cache": False}}]}
-    stages = {CHECK_STAGE: check, **{s.name: _dvc_stage(s, stamp) for s in stage_table(params)}}
-    results = params["paths"]["results"]
-    plots = [
-        {k.format(results=results): v for k, v in p.items()} if isinstance(p, dict) else p.format(results=results)
-        for p in _PLOTS
-    ]
-    body = yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)
-    return _HEADER + "\n" + body
-
-
-def dvc_yaml_problem(params: dict[str, Any], root: Path) -> str | None:
-    """Why `root/dvc.yaml` is not the one params make (None when it is)."""
-    path = Path(root) / DVC_YAML
-    expected = render_dvc_yaml(params)
-    if not path.is_file():
-        return f"{path} is missing: run `xtra dag` to write it"
-    if path.read_text() != expected:
-        return (
-            f"{path} is not the stage table of the current params (a dataset, model, benchmark, kind "
-            f"or path changed, or the code's imports): run `xtra dag` to rewrite it"
-        )
-    return None
-
-
-def params_problem(params_file: str | Path) -> str | None:
-    """Why a params file cannot drive DVC: schema keys it leaves to their defaults (None when complete).
-
-    DVC compares only what the file spells out: a stage would run, then DVC would refuse to record it.
-    """
-    from xtra.pipeline.fill import missing_keys
-
-    missing = missing_keys(Path(params_file).read_text())
-    if missing:
-        return (
-            f"{params_file} leaves out {missing[:6]}: DVC sees only what the file spells out. "
-            "Run `xtra profile --fill` to write every schema key into it"
-        )
-    return None
-
-
-def write_dvc_yaml(params: dict[str, Any], root: Path) -> Path:
-    from xtra.atomic import write_atomic
-
-    return write_atomic(Path(root) / DVC_YAML, render_dvc_yaml(params))
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument(
@@ -457,6 +326,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xtra.config import load_params
+    from xtra.pipeline.dvc_yaml import STAMP_TEXT, dvc_yaml_problem, params_problem, write_dvc_yaml
 
     params = load_params(args.params, check_paths=False)  # an invalid file: ParamsError naming the key
     root = Path(args.params).resolve().parent
@@ -471,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
         if args.stamp:
             from xtra.atomic import write_atomic
 
-            write_atomic(args.stamp, _STAMP_TEXT)
+            write_atomic(args.stamp, STAMP_TEXT)
         return 0
     path = write_dvc_yaml(params, root)
     print(f"{path}: {len(stage_table(params))} stages and the check stage")

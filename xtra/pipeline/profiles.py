@@ -180,7 +180,7 @@ def _fill_all(target: Path, profiles_dir: Path) -> int:
 def _write_dag(target: Path) -> None:
     """dvc.yaml beside a params.yaml: the stage table of its params (only where a dvc.yaml lives)."""
     from xtra.config import load_params
-    from xtra.pipeline.dag import write_dvc_yaml
+    from xtra.pipeline.dvc_yaml import write_dvc_yaml
 
     if (target.resolve().parent / "dvc.yaml").exists():
         write_dvc_yaml(load_params(target, check_paths=False), target.resolve().parent)

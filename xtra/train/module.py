@@ -1,5 +1,6 @@
 """The Lightning side of pre-training, read top-down: the module (one step: data -> loss -> optimiser),
-the data module that feeds it, and the callbacks, each named for what it does.
+the data module that feeds it, and the callbacks that log, each named for what it does (those of the
+resumable checkpoints: `xtra.train.checkpoints`).
 
 One step (`PretrainModule.training_step`, per micro-batch): a batch of augmented images from the
 data module (`xtra.data.streaming.ShardStream`), model randomness reseeded from (seed, rank, step,
@@ -30,17 +31,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, DistributedSampler
 
-from xtra.atomic import save_torch_atomic
 from xtra.data.prepared import EpochSampler, PreparedDataset, SeededView
 from xtra.data.rng import derive_seed
 from xtra.data.streaming import ShardStream, make_stream_loader
 from xtra.data.transforms import eval_transform, pretrain_transform
-from xtra.errors import CheckpointError, XtraError
+from xtra.errors import XtraError
 from xtra.model.arch import ArchConfig
 from xtra.model.flops import peak_memory_mb
 from xtra.model.xtra import XTRA
@@ -54,13 +52,9 @@ __all__ = [
     "LogSteps",
     "LogValidationLoss",
     "DigestRankWeights",
-    "KeepCheckpoints",
-    "CheckSameResumeOnEveryRank",
-    "SameFolderCheckpointIO",
     "LOG_FIELDS",
     "VAL_FIELDS",
     "model_seed",
-    "prune_checkpoints",
 ]
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "images_seen", "images_per_s", "step_time_s"]
@@ -354,67 +348,3 @@ class DigestRankWeights(L.Callback):
             digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / f"rank-{trainer.global_rank}.sha256").write_text(digest.hexdigest() + "\n")
-
-
-def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Remove step checkpoints beyond the newest `keep_last`, except multiples of `keep_every`; returns them."""
-
-    def step_of(path: Path) -> int:
-        return int(path.stem.split("-")[1])
-
-    ckpts = sorted(run_dir.glob("step-*.ckpt"), key=step_of)
-    old = ckpts[:-keep_last] if keep_last > 0 else []
-    removed = [p for p in old if not (keep_every > 0 and step_of(p) % keep_every == 0)]
-    for path in removed:
-        path.unlink(missing_ok=True)
-    return removed
-
-
-class KeepCheckpoints(ModelCheckpoint):
-    """Saves `step-NNNNNN.ckpt` every `every_n_train_steps`, keeping the newest `keep_last` (and every
-    `keep_every`-th step)."""
-
-    def __init__(self, keep_last: int, keep_every: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.keep_last, self.keep_every = keep_last, keep_every
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        if trainer.is_global_zero:
-            prune_checkpoints(Path(filepath).parent, self.keep_last, self.keep_every)
-
-
-class CheckSameResumeOnEveryRank(L.Callback):
-    """Once the process group exists: every rank must resume from the same checkpoint (shared storage)."""
-
-    def __init__(self, resume: Path | None) -> None:
-        self.resume = str(resume) if resume else ""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        chosen = trainer.strategy.broadcast(self.resume)
-        if not trainer.strategy.reduce_boolean_decision(chosen == self.resume, all=True):
-            raise CheckpointError(
-                f"rank {trainer.global_rank} resumes from {self.resume or 'nothing'!r}, rank 0 "
-                f"from {chosen or 'nothing'!r}: the ranks do not see the same checkpoint folder"
-            )
-
-
-class SameFolderCheckpointIO(TorchCheckpointIO):
-    """Saves a checkpoint through a temporary file beside it, then a rename; loads it memory-mapped.
-
-    Lightning's own save copies a temporary file from $TMPDIR over the final name: a full disk then
-    leaves a truncated `step-*.ckpt`, and $TMPDIR needs a whole checkpoint's space free.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            super().save_checkpoint(checkpoint, path, storage_options)  # refuses them, with Lightning's message
-            return
-        save_torch_atomic(checkpoint, path)
-
-    def load_checkpoint(
-        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        """The resumed checkpoint memory-mapped: its tensors are paged in as they are copied into the
-        model and optimiser, so a resume does not hold a second ~10 GB (H/14 with AdamW) in memory."""
-        return torch.load(path, map_location=map_location or "cpu", mmap=True, weights_only=False)

@@ -27,35 +27,31 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from xtra.atomic import write_json_atomic
 from xtra.config import load_params
-from xtra.errors import CheckpointError, writing_to
+from xtra.errors import writing_to
 from xtra.model.arch import ArchConfig
 from xtra.model.artifact import ARTIFACT_NAME, save_model_artifact
 from xtra.model.flops import peak_flops_per_s, train_flops_per_image
 from xtra.model.mask import resolve_attn_impl
 from xtra.model.xtra import XTRA
 from xtra.train import identity
-from xtra.train.config import PretrainConfig, TrainConfig
-from xtra.train.module import (
+from xtra.train.checkpoints import (
     CheckSameResumeOnEveryRank,
-    DigestRankWeights,
     KeepCheckpoints,
-    LogSteps,
-    LogValidationLoss,
-    PretrainData,
-    PretrainModule,
     SameFolderCheckpointIO,
+    find_resume_checkpoint,
     prune_checkpoints,
 )
+from xtra.train.config import PretrainConfig, TrainConfig
+from xtra.train.module import DigestRankWeights, LogSteps, LogValidationLoss, PretrainData, PretrainModule
 from xtra.train.reconstruct import write_model_reconstruction
 from xtra.train.schedule import batches_per_epoch, steps_per_epoch
 
-__all__ = ["configure_parser", "run", "pretrain_model", "find_resume_checkpoint", "FINAL_FILES"]
+__all__ = ["configure_parser", "run", "pretrain_model", "FINAL_FILES"]
 
 # the files that exist only once the stage has finished (model.pt is written last)
 FINAL_FILES = (ARTIFACT_NAME, "metrics.json")
@@ -236,31 +232,6 @@ def _run_dir(out: Path, run: str, restart: bool, is_zero: bool) -> Path:
         for stale in run_dir.glob(".*.tmp"):  # temporary files of a save that was killed
             stale.unlink()
     return run_dir
-
-
-def find_resume_checkpoint(run_dir: Path, expected_run: str) -> Path | None:
-    """The newest readable checkpoint of this run, or None. Read-only: every rank calls it itself.
-
-    A file that cannot be read (a truncated or foreign one) is skipped with a warning; nothing is
-    deleted. A checkpoint naming another run is an error (it was copied into the wrong folder).
-    Only the small part of each checkpoint that decides this is read (it is memory-mapped).
-    """
-    if not run_dir.is_dir():
-        return None
-    for path in sorted(run_dir.glob("step-*.ckpt"), reverse=True):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, with its reason
-            print(f"warning: skipping unreadable checkpoint {path}: cannot be read (truncated?): {exc}")
-            continue
-        if not isinstance(ckpt, dict) or "global_step" not in ckpt:
-            print(f"warning: skipping unreadable checkpoint {path}: not a Lightning checkpoint")
-            continue
-        found = (ckpt.get("hyper_parameters") or {}).get("run_id")
-        if found != expected_run:
-            raise CheckpointError(f"{path} belongs to run {found!r}, not {expected_run!r} (its folder)")
-        return path
-    return None
 
 
 def _other_runs(out: Path, run: str, values: dict[str, Any]) -> None:
