@@ -31,7 +31,7 @@ from xtra.errors import DataError
 
 __all__ = ["MANIFEST", "load_manifest", "PreparedDataset", "make_loader", "dist_rank_world"]
 
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 
 
 def load_manifest(root: Path) -> dict:
