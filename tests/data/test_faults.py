@@ -130,28 +130,26 @@ def test_corrupt_images_are_skipped_with_reasons_or_fail_over_the_limit(
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         return code, "\n".join(errors)
 
-    code, error = prepare(0.0)  # refused on the reader's listing: the empty class folder
-    assert code == 2 and error.startswith("error: dataset 'bad': 1 of 17 samples skipped (5.88%)"), error
-    assert f"val: {raw / 'val' / 'b'}: empty class folder" in error and "max_skipped_fraction 0.0" in error
-    assert list(prepared.iterdir()) == []
-
-    (raw / "val" / "b").rmdir()  # now refused after decoding: the two broken files, nothing left behind
+    # refused after decoding: the two broken files; the empty class folder is listed, not a skipped sample
     code, error = prepare(0.0)
     assert code == 2 and error.startswith("error: dataset 'bad': 2 of 16 samples skipped (12.50%)"), error
     assert f"train: {raw / 'train' / 'a' / 'random.jpg'}: UnidentifiedImageError" in error
     assert f"train: {raw / 'train' / 'a' / 'truncated.jpg'}: OSError" in error
-    assert list(prepared.iterdir()) == []
+    assert "max_skipped_fraction 0.0" in error and str(prepared / "bad" / "failed-prepare.json") in error
+    assert [p.name for p in (prepared / "bad").iterdir()] == ["failed-prepare.json"]  # the reasons, no dataset
 
-    (raw / "val" / "b").mkdir()
     code, error = prepare(0.5)
     assert code == 0 and error == ""
     manifest = json.loads((prepared / "bad" / MANIFEST).read_text())
     reasons = {Path(s["source"]).name: (s["stage"], s["reason"]) for s in manifest["skipped"]}
-    assert set(reasons) == {"truncated.jpg", "random.jpg", "b"}
+    assert set(reasons) == {"truncated.jpg", "random.jpg"}
     assert reasons["truncated.jpg"][0] == "decode" and "truncated" in reasons["truncated.jpg"][1]
     assert reasons["random.jpg"][0] == "decode" and "cannot identify image file" in reasons["random.jpg"][1]
-    assert reasons["b"] == ("reader", "empty class folder (no image files)")
-    assert manifest["skipped_fraction"] == pytest.approx(3 / 17)
+    assert manifest["not_taken"] == [
+        {"split": "val", "source": str(raw / "val" / "b"), "reason": "empty class folder (no image files)"}
+    ]
+    assert manifest["skipped_fraction"] == pytest.approx(2 / 16)
+    assert not (prepared / "bad" / "failed-prepare.json").exists()
     assert manifest["splits"]["train"]["count"] == 11 and manifest["splits"]["val"]["count"] == 3
     train = PreparedDataset(prepared / "bad", "train")
     images = {train.key(i): train.image(i) for i in range(len(train))}

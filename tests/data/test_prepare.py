@@ -229,7 +229,7 @@ def test_too_many_bad_files_is_a_data_error(tmp_path: Path) -> None:
         prep.prepare_dataset(
             "tree", params(max_skipped_fraction=0.2), tmp_path / "out", reader=tree_reader(tmp_path / "raw")
         )
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    assert [p.name for p in (tmp_path / "out" / "tree").iterdir()] == [prep.FAILED_LIST]  # the reasons, no dataset
 
 
 def test_interrupted_run_leaves_no_dataset(tmp_path: Path, monkeypatch) -> None:

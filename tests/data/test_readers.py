@@ -35,6 +35,7 @@ from tests.fixtures.raw import (
     write_text,
 )
 from xtra.data.readers import READERS, read_dataset
+from xtra.data.readers.common import NotTaken
 from xtra.data.source import RawDataset
 from xtra.errors import DataError
 
@@ -57,7 +58,8 @@ def test_reader_matches_fixture(kind: str, tmp_path: Path) -> None:
     dataset = read_dataset(info.params)
     assert dataset.classes == info.classes
     assert {split: len(samples) for split, samples in dataset.splits.items()} == info.split_counts
-    assert len(dataset.skipped) == info.num_skipped, dataset.skipped
+    dropped = [entry for entry in dataset.skipped if not isinstance(entry, NotTaken)]  # not files that are no samples
+    assert len(dropped) == info.num_skipped, dataset.skipped
     found = _by_key(dataset)
     assert len(found) == sum(info.split_counts.values())  # keys are unique
     for key, (split, label) in info.expected.items():
@@ -313,7 +315,17 @@ def test_imagenet21k_per_synset_release_sizes(monkeypatch, tmp_path: Path) -> No
 def test_custom_class_rules(tmp_path: Path) -> None:
     info = make_custom(tmp_path)
     dataset = read_dataset(info.params)
-    assert dataset.skipped == [("val", str(tmp_path / "val" / "dog"), "empty class folder (no image files)")]
+    assert dataset.skipped == [
+        NotTaken("train", str(tmp_path / "train" / "cat" / "._c1.JPEG"), "hidden file"),
+        NotTaken(
+            "train",
+            str(tmp_path / "train" / "cat" / "readme.md"),
+            "not an image: extension '.md' is not a format Pillow decodes",
+        ),
+        NotTaken("train", str(tmp_path / "train" / ".ipynb_checkpoints"), "hidden folder (its files are not read)"),
+        NotTaken("train", str(tmp_path / "train" / "labels.csv"), "file outside a class folder"),
+        NotTaken("val", str(tmp_path / "val" / "dog"), "empty class folder (no image files)"),
+    ]
     write_image(tmp_path / "val" / "fish" / "f.jpg")
     with pytest.raises(DataError, match="fish"):
         read_dataset(info.params)

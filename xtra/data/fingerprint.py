@@ -4,7 +4,9 @@
   resources, the cadence/limit keys that only decide whether a run fails). They are neither hashed
   nor written to the manifest, so editing them leaves shards *and* manifest byte-identical.
 - `tree_fingerprint(root)`: sha256 of (relative path, size, mtime_ns) of *every* file under the raw
-  dataset's root, one `os.scandir` walk with one stat per file. It sees image files, split lists,
+  dataset's root, one `os.scandir` walk with one stat per file. Links to folders are followed once
+  (a loop or a second link to a walked folder counts as the link itself), dangling links and link
+  loops count as entries of size -1: the walk never fails on them. It sees image files, split lists,
   metadata CSV/JSON/.mat and HDF5 files (PCAM) alike, before any reader runs, so the up-to-date
   check needs no listing, no second stat and no shard hash.
 - `listing_fingerprint(raw)`: sha256 of a reader's listing (classes, source, sizes, drops, and
@@ -42,19 +44,36 @@ def shard_params(params: dict) -> dict:
     return {k: v for k, v in sorted(params.items()) if k not in SHARD_KEYS_EXCLUDED}
 
 
-def _walk(folder: str) -> Iterator[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every file under folder, depth first in sorted name order."""
+def _walk(folder: str, chain: tuple[str, ...], walked: set[str]) -> Iterator[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every file under folder, depth first in sorted name order.
+
+    `chain` holds the real paths of the folders walked down to `folder`, `walked` every real folder
+    walked so far. A link to a folder is followed unless its target is on `chain` (a loop: `up -> ..`,
+    `again -> .`), holds the root, or was walked already; then it counts as one entry: its path with
+    the link's text, size -2. A dangling link or a link loop to a file counts with size and mtime -1.
+    """
+    walked.add(chain[-1])
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError:
         return
     for entry in entries:
-        if entry.is_dir(follow_symlinks=True):
-            yield from _walk(entry.path)
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError:  # a link loop
+            is_dir = False
+        if is_dir:
+            link = entry.is_symlink()
+            real = os.path.realpath(entry.path) if link else os.path.join(chain[-1], entry.name)
+            holds_root = chain[0].startswith(real.rstrip(os.sep) + os.sep)
+            if link and (real in chain or real in walked or holds_root):
+                yield f"{entry.path} -> {os.readlink(entry.path)}", -2, -2
+            else:
+                yield from _walk(entry.path, chain + (real,), walked)
         else:
             try:
                 st = entry.stat(follow_symlinks=True)
-            except OSError:  # a dangling link
+            except OSError:  # a dangling link, a link loop
                 yield entry.path, -1, -1
                 continue
             yield entry.path, st.st_size, st.st_mtime_ns
@@ -63,7 +82,7 @@ def _walk(folder: str) -> Iterator[tuple[str, int, int]]:
 def tree_fingerprint(root: Path) -> tuple[str, int]:
     """(sha256 hex, number of files) of the (relative path, size, mtime_ns) of every file under root."""
     h, n, base = hashlib.sha256(), 0, len(str(root).rstrip(os.sep)) + 1
-    for path, size, mtime in _walk(str(root)):
+    for path, size, mtime in _walk(str(root), (os.path.realpath(root),), set()):
         h.update(f"{path[base:]}\t{size}\t{mtime}\n".encode("utf-8", "surrogateescape"))
         n += 1
     return h.hexdigest(), n

@@ -8,6 +8,18 @@ to shards with their sidecar indexes (`xtra.data.shards`); a bad file is skipped
 and the run fails when more than `max_skipped_fraction` of the samples were skipped (the samples
 the reader dropped and those with a bad label count as skipped too).
 
+Every file is accounted for, in three lists of the manifest, each entry {split, source, reason}:
+`skipped` (samples dropped: by the reader, for a bad label, or because they cannot be decoded; each
+with its `stage`; the skipped fraction counts these), `not_taken` (files under the root that are
+not samples: hidden, not an image Pillow decodes, outside a class folder, link loops, links out of
+a class folder, empty class folders; not counted in the fraction) and `notes` (samples converted with
+a caveat: a bit depth the file does not record, an ICC profile that cannot be applied). A run that
+fails on the fraction converts every sample first, so its list is complete, and writes all three
+lists to `<out_root>/<name>/failed-prepare.json` beside the last good manifest (which it keeps);
+the next successful or up-to-date run removes that file. The summary names the first few files of
+each list; `xtra prepare DATASET --explain` prints them all, from that file or the manifest,
+without preparing.
+
 Output `<out_root>/<name>/`: `<split>-NNNNNN.tar`, `<split>-NNNNNN.idx.npy` and `manifest.json`
 (the ARCHITECTURE.md fields, plus per shard `bytes`, `index`, `index_sha256`; `skipped_fraction`;
 `official_sizes` as {split: {expected, found, matched}}, where `found` counts the samples the
@@ -54,10 +66,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from xtra.atomic import sha256_file
+from xtra.atomic import sha256_file, write_json_atomic
 from xtra.config import section_defaults
 from xtra.data.fingerprint import listing_fingerprint, preparation_hash, shard_params, tree_fingerprint
 from xtra.data.images import IMAGE_POLICY, Converted, convert_image
+from xtra.data.readers.common import NotTaken
 from xtra.data.rng import derive_seed
 from xtra.data.shards import MANIFEST, ShardWriter
 from xtra.data.source import RawDataset, Reader, Sample
@@ -66,13 +79,20 @@ from xtra.errors import DataError, writing_to
 __all__ = [
     "FORMAT_VERSION",
     "SAMPLE_ORDER",
+    "FAILED_LIST",
+    "explain",
     "dataset_defaults",
     "prepare_dataset",
     "configure_parser",
     "run",
 ]
 
-FORMAT_VERSION = 2  # 2: seeded sample order, manifest without the non-shard params, input fingerprints
+# 2: seeded sample order, manifest without the non-shard params, input fingerprints
+# 3: embedded ICC profiles applied, 16-bit grey scaled by PNG sBIT; every file under the root accounted for
+#    (not_taken, notes); links followed once; colliding keys made unique; Pillow's extensions are candidates
+FORMAT_VERSION = 3
+FAILED_LIST = "failed-prepare.json"  # a failed prepare's full lists, beside the last good manifest
+SHOWN = 5  # files of each list named in an error or the summary
 SAMPLE_ORDER = 'sorted by key, then a fixed permutation per split: derive_seed("sample order", split)'
 
 
@@ -92,7 +112,8 @@ class Plan:
 
     splits: dict[str, list[Sample]]
     found: dict[str, int]  # split -> samples listed by the reader
-    skipped: list[dict] = field(default_factory=list)  # {split, source, reason}
+    skipped: list[dict] = field(default_factory=list)  # {split, source, reason, stage}
+    not_taken: list[dict] = field(default_factory=list)  # {split, source, reason}: files that are not samples
 
     @property
     def total(self) -> int:
@@ -107,15 +128,24 @@ def _source_of(sample: Sample) -> str:
 def _plan(raw: RawDataset) -> Plan:
     """Sort each split by key, check keys are unique, and skip samples with a bad label."""
     plan = Plan(splits={}, found={})
-    plan.skipped = [{"split": s, "source": src, "reason": r, "stage": "reader"} for s, src, r in raw.skipped]
-    seen: dict[str, str] = {}
+    for entry in raw.skipped:
+        split, source, reason = entry
+        if isinstance(entry, NotTaken):
+            plan.not_taken.append({"split": split, "source": source, "reason": reason})
+        else:
+            plan.skipped.append({"split": split, "source": source, "reason": reason, "stage": "reader"})
+    seen: dict[str, tuple[str, Sample]] = {}
     k = len(raw.classes)
     for split in sorted(raw.splits):
         kept: list[Sample] = []
         for sample in sorted(raw.splits[split], key=lambda s: s.key):
             if sample.key in seen:
-                raise DataError(f"sample key {sample.key!r} occurs twice (splits {seen[sample.key]!r}, {split!r})")
-            seen[sample.key] = split
+                first_split, first = seen[sample.key]
+                raise DataError(
+                    f"{raw.source}: sample key {sample.key!r} occurs twice: {_source_of(first)} ({first_split}) "
+                    f"and {_source_of(sample)} ({split})"
+                )
+            seen[sample.key] = (split, sample)
             label = sample.label
             if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < k:
                 reason = f"label {label!r} out of range [0, {k})"
@@ -173,15 +203,27 @@ def _check_sizes(name: str, raw: RawDataset, plan: Plan, mode: str) -> dict:
     return report
 
 
-def _check_fraction(name: str, skipped: list[dict], total: int, limit: float) -> float:
-    """The skipped fraction; DataError naming the first bad files when it is over `limit`."""
+def _entries(entries: list[dict], shown: int = SHOWN) -> str:
+    """The first `shown` entries as `split: source: reason`, joined by '; ', with the count of the rest."""
+    text = "; ".join(f"{e['split']}: {e['source']}: {e['reason']}" for e in entries[:shown])
+    return text + (f"; and {len(entries) - shown} more" if len(entries) > shown else "")
+
+
+def _check_fraction(name: str, lists: dict, total: int, limit: float, failed: Path, params_hash: str) -> float:
+    """The skipped fraction. Over `limit`: all `lists` (skipped, not_taken, notes) written to `failed`,
+    and a DataError naming the first bad files and that file."""
+    skipped = lists["skipped"]
     fraction = len(skipped) / total if total else 0.0
     if fraction > limit:
-        first = "; ".join(f"{s['split']}: {s['source']}: {s['reason']}" for s in skipped[:5])
-        raise DataError(
+        message = (
             f"dataset {name!r}: {len(skipped)} of {total} samples skipped ({fraction:.2%}), "
-            f"more than max_skipped_fraction {limit}; first: {first}"
+            f"more than max_skipped_fraction {limit}; first: {_entries(skipped)}. Every reason "
+            f"({len(skipped)} skipped, {len(lists['not_taken'])} not taken, {len(lists['notes'])} noted) "
+            f"is in {failed}; `xtra prepare {name} --explain` prints them"
         )
+        failure = {"dataset": name, "params_hash": params_hash, "error": message, "total": total}
+        write_json_atomic(failed, {**failure, "skipped_fraction": fraction, **lists}, indent=1, sort_keys=True)
+        raise DataError(message)
     return fraction
 
 
@@ -215,32 +257,37 @@ def _converter(samples: Sequence[Sample], size: int, keep: bool, workers: int) -
 
 
 def _write_split(split: str, samples: list[Sample], start: int, convert: Callable, tmp: Path, p: dict) -> tuple:
-    """Convert and shard one split; (manifest split entry, skipped entries)."""
+    """Convert and shard one split; (manifest split entry, skipped entries, note entries)."""
     skipped: list[dict] = []
+    notes: list[dict] = []
     results = convert(range(start, start + len(samples)))
     with ShardWriter(tmp, split, int(p["shard_size"])) as writer:
         for sample, result in tqdm(zip(samples, results), total=len(samples), desc=split, unit="img", mininterval=1):
             if isinstance(result, str):
                 skipped.append({"split": split, "source": _source_of(sample), "reason": result, "stage": "decode"})
                 continue
+            if result.note:
+                notes.append({"split": split, "source": _source_of(sample), "reason": result.note})
             extra = [(f"orig.{result.original[0]}", result.original[1])] if result.original else []
             writer.add(sample.key, int(sample.label), result.ext, result.data, extra)
         shards = writer.close()
-    return {"count": sum(s["count"] for s in shards), "shards": shards}, skipped
+    return {"count": sum(s["count"] for s in shards), "shards": shards}, skipped, notes
 
 
-def _convert_all(plan: Plan, tmp: Path, p: dict) -> tuple[dict, list[dict]]:
-    """All splits -> ({split: entry}, decode-skipped entries)."""
+def _convert_all(plan: Plan, tmp: Path, p: dict) -> tuple[dict, list[dict], list[dict]]:
+    """All splits -> ({split: entry}, decode-skipped entries, note entries)."""
     flat = [s for split in sorted(plan.splits) for s in plan.splits[split]]
     splits: dict = {}
     skipped: list[dict] = []
+    notes: list[dict] = []
     with _converter(flat, int(p["image_size"]), bool(p["keep_original"]), int(p["num_workers"])) as convert:
         start = 0
         for split in sorted(plan.splits):
-            entry, bad = _write_split(split, plan.splits[split], start, convert, tmp, p)
+            entry, bad, noted = _write_split(split, plan.splits[split], start, convert, tmp, p)
             splits[split], start = entry, start + len(plan.splits[split])
             skipped.extend(bad)
-    return splits, skipped
+            notes.extend(noted)
+    return splits, skipped, notes
 
 
 def _clear_stale(out_root: Path, name: str) -> tuple[Path, Path]:
@@ -267,10 +314,52 @@ def _summary(manifest: dict, final: Path) -> str:
     for split, entry in sorted(manifest["splits"].items()):
         bad = sum(1 for s in manifest["skipped"] if s["split"] == split)
         lines.append(f"  {split:<12}{entry['count']:>10}{len(entry['shards']):>8}{bad:>9}")
-    lines.append(f"  skipped {len(manifest['skipped'])} ({manifest['skipped_fraction']:.2%})")
+    skipped, not_taken, notes = manifest["skipped"], manifest["not_taken"], manifest["notes"]
+    counts = {
+        f"skipped {len(skipped)} ({manifest['skipped_fraction']:.2%})": skipped,
+        f"not taken {len(not_taken)} (files under the root that are not samples)": not_taken,
+        f"converted with a note {len(notes)}": notes,
+    }
+    for title, entries in counts.items():
+        if entries or title.startswith("skipped"):
+            lines.append(f"  {title}" + (":" if entries else ""))
+        lines.extend(f"    {e['split']}: {e['source']}: {e['reason']}" for e in entries[:SHOWN])
+        if len(entries) > SHOWN:
+            lines.append(f"    and {len(entries) - SHOWN} more")
+    if skipped or not_taken or notes:
+        lines.append(f"  `xtra prepare {manifest['dataset']} --explain` lists them all")
     for split, check in sorted(manifest["official_sizes"].items()):
         if not check["matched"]:
             lines.append(f"  warning: {split} has {check['found']} samples, the official size is {check['expected']}")
+    return "\n".join(lines)
+
+
+def explain(name: str, out_root: Path) -> str:
+    """Every file a prepare of `name` skipped, did not take, or converted with a note, one a line, from
+    the list a failed prepare left (`FAILED_LIST`) or else the manifest; nothing is prepared."""
+    folder = Path(out_root) / name
+    failed, manifest = folder / FAILED_LIST, folder / MANIFEST
+    if failed.is_file():
+        record = json.loads(failed.read_text())
+        lines = [f"{name}: the last prepare failed ({failed}): {record['error']}"]
+        if manifest.is_file():
+            lines.append(f"{name}: the last good preparation ({manifest}) is kept")
+    elif manifest.is_file():
+        record = json.loads(manifest.read_text())
+        lines = [f"{name}: prepared ({manifest}), skipped fraction {record['skipped_fraction']:.2%}"]
+    else:
+        raise DataError(f"dataset {name!r} has not been prepared: neither {manifest} nor {failed} exists")
+    titles = {
+        "skipped": "skipped (samples dropped; counted in the skipped fraction)",
+        "not_taken": "not taken (files under the root that are not samples)",
+        "notes": "converted with a note",
+    }
+    for key, title in titles.items():
+        entries = record.get(key, [])
+        lines.append(f"{title}: {len(entries)}")
+        for e in entries:
+            stage = f" [{e['stage']}]" if "stage" in e else ""
+            lines.append(f"  {e['split']}: {e['source']}: {e['reason']}{stage}")
     return "\n".join(lines)
 
 
@@ -290,10 +379,12 @@ def _existing(name: str, final: Path, digest: str, verify: bool, listing: Callab
         return None
     if not verify:
         print(f"{name}: up to date ({final}, params_hash {digest[:12]}; --verify re-hashes the shards)")
+        (final / FAILED_LIST).unlink(missing_ok=True)  # a failure of other inputs than these
         return existing
     problem = _verify_problem(final, existing, listing())
     if problem is None:
         print(f"{name}: up to date and verified ({final}, params_hash {digest[:12]})")
+        (final / FAILED_LIST).unlink(missing_ok=True)
         return existing
     print(f"{name}: --verify: {problem}; preparing again")
     return None
@@ -341,13 +432,13 @@ def _prepare(name: str, p: dict, raw: RawDataset, ids: dict, folders: tuple[Path
     tmp, final, old = folders
     plan = _plan(raw)
     sizes = _check_sizes(name, raw, plan, str(p["size_check"]))
-    _check_fraction(name, plan.skipped, plan.total, float(p["max_skipped_fraction"]))
     tmp.mkdir()
     try:
         with writing_to(final):
-            splits, bad = _convert_all(plan, tmp, p)
-            skipped = plan.skipped + bad
-            fraction = _check_fraction(name, skipped, plan.total, float(p["max_skipped_fraction"]))
+            splits, bad, notes = _convert_all(plan, tmp, p)
+            lists = {"skipped": plan.skipped + bad, "not_taken": plan.not_taken, "notes": notes}
+            limit = float(p["max_skipped_fraction"])
+            fraction = _check_fraction(name, lists, plan.total, limit, final / FAILED_LIST, ids["params_hash"])
             manifest = {
                 "format": "webdataset",
                 "version": FORMAT_VERSION,
@@ -361,7 +452,7 @@ def _prepare(name: str, p: dict, raw: RawDataset, ids: dict, folders: tuple[Path
                 "classes": list(raw.classes),
                 "num_classes": len(raw.classes),
                 "splits": splits,
-                "skipped": skipped,
+                **lists,
                 "skipped_fraction": fraction,
                 "official_sizes": sizes,
             }
@@ -374,7 +465,7 @@ def _prepare(name: str, p: dict, raw: RawDataset, ids: dict, folders: tuple[Path
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """`xtra prepare DATASET [--params params.yaml] [--force | --verify]`."""
+    """`xtra prepare DATASET [--params params.yaml] [--force | --verify | --explain]`."""
     parser.add_argument("dataset", metavar="DATASET", help="a dataset name under `datasets:` in params")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--force", action="store_true", help="prepare again even when up to date")
@@ -382,6 +473,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--verify",
         action="store_true",
         help="before skipping, re-list the raw data and sha256 every shard (slow at scale)",
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="print every file the last prepare skipped, did not take or converted with a note; prepare nothing",
     )
 
 
@@ -391,6 +487,9 @@ def run(args: argparse.Namespace) -> int:
     from xtra.data.config import PrepareConfig
 
     cfg = PrepareConfig.from_params(load_params(args.params), args.dataset, args.params)
+    if getattr(args, "explain", False):
+        print(explain(cfg.name, cfg.out_root))
+        return 0
     prepare_dataset(cfg.name, cfg.section(), cfg.out_root, force=args.force, verify=getattr(args, "verify", False))
     sys.stdout.flush()
     return 0

@@ -49,7 +49,7 @@ from xtra.errors import DataError
 
 __all__ = ["MANIFEST", "load_manifest", "decode_rgb", "PreparedDataset", "SeededView", "EpochSampler", "make_loader"]
 
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 
 
 def load_manifest(root: Path) -> dict:

@@ -38,7 +38,8 @@ class RawDataset:
     source: str
     # split -> the official size, checked by preparation when the whole dataset is present
     official_sizes: dict[str, int] = field(default_factory=dict)
-    # samples the reader itself had to drop (missing file, label out of range): (split, source, reason)
+    # samples the reader itself had to drop (missing file, label out of range): (split, source, reason);
+    # entries of type xtra.data.readers.common.NotTaken are files under the root that are not samples
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
 
