@@ -31,6 +31,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -52,6 +53,7 @@ __all__ = [
     "LogSteps",
     "LogValidationLoss",
     "DigestRankWeights",
+    "RebuildBucketsOnResume",
     "LOG_FIELDS",
     "VAL_FIELDS",
     "model_seed",
@@ -348,3 +350,42 @@ class DigestRankWeights(L.Callback):
             digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / f"rank-{trainer.global_rank}.sha256").write_text(digest.hexdigest() + "\n")
+
+
+class RebuildBucketsOnResume(L.Callback):
+    """A process resumed under DDP all-reduces its first step's gradients as an uninterrupted run does.
+
+    DDP's reducer all-reduces a process's first backward in its initial bucket layout (every gradient in
+    one bucket, in the order the parameters were registered), then rebuilds its buckets once, in the order
+    the gradients became ready. An uninterrupted run thus reduces step 1 in the initial layout and every
+    later step in the rebuilt one, but a process resumed after step k reduced step k+1 in the initial
+    layout. An all-reduce sums a flat bucket in chunks that depend on where each gradient lies in it (gloo's
+    ring, NCCL's rings and trees), and a sum of three or more ranks' values depends on its order: from 3
+    ranks on, that step's gradients, and so the run, differed in the low bits (issue 26; 2 ranks are exact,
+    as a + b = b + a).
+
+    So before the first batch of a process resumed at a step > 0, that batch's training step runs once
+    through the DDP wrapper, forward and backward, and its gradients are dropped: the reducer records the
+    ready order, all-reduces once and rebuilds its buckets at the next forward, so the real step reduces in
+    the layout an uninterrupted run uses there. torch's generators are put back afterwards, so the real step
+    draws what it would have drawn. Cost: one training step (forward, backward, gradient all-reduce) per
+    resume, counted in the first logged step time; a run that starts at step 0 is untouched, so the
+    numerics of an uninterrupted run do not change.
+    """
+
+    def __init__(self) -> None:
+        self.first_batch = True  # of this process
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        first, self.first_batch = self.first_batch, False
+        ddp = trainer.strategy.model
+        if not first or trainer.global_step == 0 or not isinstance(ddp, DistributedDataParallel):
+            return
+        device = trainer.strategy.root_device
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device.index], device_type=device.type):
+            for _ in range(2 if ddp.static_graph else 1):  # a static graph's first iteration only records it
+                loss = trainer.strategy.training_step(batch, batch_idx)  # through DDP, in the precision's autocast
+                loss.backward()
+                pl_module.zero_grad(set_to_none=True)

@@ -47,7 +47,14 @@ from xtra.train.checkpoints import (
     prune_checkpoints,
 )
 from xtra.train.config import PretrainConfig, TrainConfig
-from xtra.train.module import DigestRankWeights, LogSteps, LogValidationLoss, PretrainData, PretrainModule
+from xtra.train.module import (
+    DigestRankWeights,
+    LogSteps,
+    LogValidationLoss,
+    PretrainData,
+    PretrainModule,
+    RebuildBucketsOnResume,
+)
 from xtra.train.reconstruct import write_model_reconstruction
 from xtra.train.schedule import batches_per_epoch, steps_per_epoch
 
@@ -165,6 +172,7 @@ def _train(cfg: PretrainConfig, params: dict[str, Any], restart: bool) -> Path:
         LogValidationLoss(run_dir / "val.csv"),
         DigestRankWeights(run_dir),
         CheckSameResumeOnEveryRank(resume),
+        RebuildBucketsOnResume(),  # exact resume at 3+ DDP ranks
     ]
     trainer.callbacks.append(  # last: it saves after the other callbacks' end-of-batch work
         KeepCheckpoints(
