@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("xtra.probe.cli", "probe one model's frozen encoder on its benchmarks"),
     "report": ("xtra.report.cli", "write result tables and figures"),
     "reconstruct": ("xtra.reconstruct", "PNG grid of input, target and predicted next blocks"),
-    "convert-checkpoint": ("xtra.model.convert", "import an official XTRA checkpoint"),
+    "convert-checkpoint": ("xtra.release.convert", "import a checkpoint of the public XTRA release"),
     "bench": ("xtra.bench", "throughput benchmarks (attention paths, data loading, probe sweep)"),
 }
 

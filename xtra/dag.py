@@ -213,7 +213,7 @@ def _pretrain(params: dict[str, Any], name: str) -> Stage:
         keys += [f"{where}.dataset"] + [f"{where}.train.{k}" for k in result_keys("train")]
         data = [_manifest(params, model["dataset"])]
     elif model["init"] == "official":
-        keys += [f"{where}.checkpoint"]
+        keys += [f"{where}.checkpoint", f"{where}.drop_prefixes"]
         data = [str(model["checkpoint"])]
     folder = f"{params['paths']['models']}/{name}"
     return Stage(

@@ -114,14 +114,14 @@ def _write_random(params: dict[str, Any], name: str, out: Path) -> Path:
 
 
 def _write_official(params: dict[str, Any], name: str, out: Path) -> Path:
-    """A released checkpoint through the hardened converter (`xtra.model.convert.convert_official`):
-    weights-only loading, stored hyper_parameters checked, wrapper prefixes stripped, every key
-    checked; an encoder-only release file becomes an encoder artifact that probing accepts."""
-    from xtra.model.convert import convert_official
+    """A released checkpoint through the converter (`xtra.release.convert.convert_official`), with the
+    model's `drop_prefixes`: weights-only loading, stored hyper_parameters checked, every key mapped or
+    dropped; a fine-tuned release file becomes an encoder-only model file that probing accepts."""
+    from xtra.release.convert import convert_official
 
-    src = params["models"][name]["checkpoint"]
-    report = convert_official(src, out / ARTIFACT_NAME, params["models"][name]["arch"])
-    _write_json(out / "metrics.json", {"init": "official", "source": str(src), **report})
+    model = params["models"][name]
+    report = convert_official(model["checkpoint"], out / ARTIFACT_NAME, model["arch"], model["drop_prefixes"])
+    _write_json(out / "metrics.json", {"init": "official", "source": str(model["checkpoint"]), **report})
     return out
 
 
