@@ -83,6 +83,11 @@ def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> 
                 from xtra.model.pixels import write_pixels_model  # the probe package's pixel floor
 
                 return write_pixels_model(params, name, out)
+            if model_cfg["init"] == "backbone":
+                from xtra.release.backbones import write_backbone_model  # a comparison model built by timm
+
+                write_backbone_model(params, name, out)
+                return out
             return _train(params, name, out, restart)
         except BaseException:
             for leftover in (ARTIFACT_NAME + ".tmp", "log.csv.tmp", "reconstruction.tmp.png"):
