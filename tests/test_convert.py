@@ -93,6 +93,17 @@ def test_release_keys_cover_the_documented_names(source_model: XTRA) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("preset", "encoder", "whole"), [("xtra_b16", 85_843_200, 300_053_248), ("xtra_h14", 630_762_240, 865_018_240)]
+)
+def test_the_paper_presets_have_the_release_s_parameter_counts(preset: str, encoder: int, whole: int) -> None:
+    """RELEASE-FORMAT.md's counts of the released models (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        model = XTRA(ArchConfig.from_dict(MODEL_PRESETS[preset]))
+    assert sum(p.numel() for p in model.encoder.parameters()) == encoder
+    assert sum(p.numel() for p in model.parameters()) == whole
+
+
 def test_a_release_pretraining_file_converts_with_its_arch(
     tmp_path: Path, release_model: XTRA, release_ckpt: Path
 ) -> None:
