@@ -190,7 +190,10 @@ def release_ordered_parameters(model: XTRA) -> list[nn.Parameter]:
 
     def rank(item: tuple[str, nn.Parameter]) -> int:
         key = release_key(item[0])
-        return next(i for i, prefix in enumerate(RELEASE_PARAMETER_ORDER) if key.startswith(prefix))
+        for i, prefix in enumerate(RELEASE_PARAMETER_ORDER):
+            if key.startswith(prefix):
+                return i
+        raise KeyError(f"parameter {item[0]} (release name {key}) has no place in RELEASE_PARAMETER_ORDER")
 
     return [param for _, param in sorted(model.named_parameters(), key=rank)]
 
