@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("xtra.probe.cli", "probe one model's frozen encoder on its benchmarks"),
     "report": ("xtra.report.cli", "write result tables and figures"),
     "reconstruct": ("xtra.train.reconstruct", "PNG grid of input, target and predicted next blocks"),
-    "convert-checkpoint": ("xtra.model.convert", "import an official XTRA checkpoint"),
+    "convert-checkpoint": ("xtra.release.convert", "import a checkpoint of the public XTRA release"),
     "bench": ("xtra.bench.cli", "throughput benchmarks (GPU recipes, attention paths, data loading, probe sweep)"),
 }
 

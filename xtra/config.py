@@ -185,12 +185,14 @@ def _cross_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
             yield f"{where}.arch: {exc}"
         if model["init"] == "pretrain" and model.get("dataset") not in datasets:
             yield f"{where}.dataset: {model.get('dataset')!r} is not a dataset of this params file"
-        if model["init"] == "official":
+        if model["init"] in ("official", "backbone"):
             ckpt = model.get("checkpoint")
             if not ckpt:
-                yield f"{where}.checkpoint: required for init 'official'"
+                yield f"{where}.checkpoint: required for init {model['init']!r}"
             elif check_paths and not Path(ckpt).exists():
                 yield f"{where}.checkpoint: path {ckpt!r} does not exist"
+        if (model["init"] == "backbone") != (model.get("backbone") is not None):
+            yield f"{where}.backbone: required for init 'backbone', and for no other init (init is {model['init']!r})"
     yield from _probe_checks(params["probe"], datasets, params["models"])
 
 

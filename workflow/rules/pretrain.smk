@@ -3,7 +3,7 @@
 # job cut by its time limit (or retried) resumes where it stopped. A multi-GPU run on a cluster is
 # one multi-task job whose command is started by the launcher (`launch`: srun, jsrun; see
 # rules/common.smk). Inputs: the dataset's manifest (init: pretrain), the source checkpoint
-# (official), nothing (random, pixels); and the code the command imports.
+# (official) or weights file (backbone), nothing (random, pixels); and the code the command imports.
 
 
 for stage in stages_of("pretrain"):

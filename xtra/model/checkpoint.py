@@ -103,8 +103,9 @@ def load_artifact_encoder(
 ) -> tuple[nn.Module, ArchConfig, str]:
     """The frozen encoder of a final model file (`models/<m>/model.pt`), its architecture and init.
 
-    init "pixels" gives a `PixelEncoder` (no weights); every other init the encoder of the arch,
-    loaded strictly from the file's `encoder.*` tensors (a full model or an encoder-only file).
+    init "pixels" gives a `PixelEncoder` (no weights); init "backbone" a comparison model's
+    `BackboneEncoder` (xtra.release.backbones); every other init the encoder of the arch, loaded
+    strictly from the file's `encoder.*` tensors (a full model or an encoder-only file).
     """
     from xtra.model.artifact import read_model_artifact
     from xtra.probe.pixels import PixelEncoder
@@ -113,6 +114,10 @@ def load_artifact_encoder(
     cfg = _check_arch(ArchConfig.from_dict(artifact.arch), expected_arch, str(path))
     if artifact.init == "pixels":
         return PixelEncoder(cfg.img_size).eval().requires_grad_(False), cfg, artifact.init
+    if artifact.init == "backbone":
+        from xtra.release.backbones import backbone_encoder
+
+        return backbone_encoder(artifact, str(path)).eval().requires_grad_(False), cfg, artifact.init
     encoder = build_arch_encoder(cfg)
     state = {k[len("encoder.") :]: v for k, v in artifact.state_dict.items() if k.startswith("encoder.")}
     load_strict(encoder, state, f"{path} (encoder)")

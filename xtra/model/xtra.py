@@ -15,6 +15,8 @@ from xtra.model.mask import MaskSpec
 from xtra.model.vit import Encoder, Transformer, init_weights
 
 __all__ = [
+    "RELEASE_PARAMETER_ORDER",
+    "release_ordered_parameters",
     "XTRA",
     "build_arch_encoder",
     "block_orders_of",
@@ -193,3 +195,38 @@ class XTRA(nn.Module):
             perm = torch.as_tensor(order, device=images.device)
             preds, target = [p[:, perm] for p in preds], target[:, perm]
         return xtra_loss(preds, target, self.cfg.loss)
+
+
+# The public release's module tree in the order of its state dict (= its `named_parameters()`, from which
+# it builds its AdamW groups), in this project's names: the encoder's position embedding, patch
+# embedding, blocks and final norm; the projection; the predictor's position embedding, blocks, norm;
+# the pixel heads. Inside a block: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2 (as ours).
+RELEASE_PARAMETER_ORDER = (
+    "encoder.pos_embed",
+    "encoder.patch_embed.",
+    "encoder.blocks.",
+    "encoder.norm.",
+    "proj.",
+    "predictor.pos_embed",
+    "predictor.blocks.",
+    "predictor.norm.",
+    "pixel_heads.",
+)
+
+
+def release_ordered_parameters(model: XTRA) -> list[nn.Parameter]:
+    """The model's parameters in the order of the release's module tree (`RELEASE_PARAMETER_ORDER`).
+
+    Ours differs in one place: an `Encoder` is a `Transformer` with a patch embedding added, so its
+    blocks and norm are registered before the patch embedding. The order matters once gradients are
+    clipped: the total norm sums the parameters' norms in this order (and a different order moves the
+    clipped update in its last bits). Blocks keep their numbering (a stable sort).
+    """
+
+    def rank(item: tuple[str, nn.Parameter]) -> int:
+        for i, prefix in enumerate(RELEASE_PARAMETER_ORDER):
+            if item[0].startswith(prefix):
+                return i
+        raise KeyError(f"parameter {item[0]} has no place in RELEASE_PARAMETER_ORDER")
+
+    return [param for _, param in sorted(model.named_parameters(), key=rank)]

@@ -214,14 +214,17 @@ def _prepare(params: dict[str, Any], name: str) -> Stage:
 
 def _pretrain(params: dict[str, Any], name: str) -> Stage:
     """A trained model reads its dataset and its training recipe; a random or pixels model only its
-    architecture and the seed; a converted one its source checkpoint."""
+    architecture and the seed; a converted one (official, backbone) its source checkpoint."""
     model, where = params["models"][name], f"models.{name}"
     keys, data = ["seed", f"{where}.init", f"{where}.arch"], []
     if model["init"] == "pretrain":
         keys += [f"{where}.dataset"] + [f"{where}.train.{k}" for k in result_keys("train")]
         data = [_manifest(params, model["dataset"])]
     elif model["init"] == "official":
-        keys += [f"{where}.checkpoint"]
+        keys += [f"{where}.checkpoint", f"{where}.drop_prefixes"]
+        data = [str(model["checkpoint"])]
+    elif model["init"] == "backbone":
+        keys += [f"{where}.checkpoint", f"{where}.backbone"]
         data = [str(model["checkpoint"])]
     folder = f"{params['paths']['models']}/{name}"
     return Stage(

@@ -65,9 +65,11 @@ class PretrainConfig:
     """One model's pretrain stage: its init, data, architecture section, recipe and folders."""
 
     model: str
-    init: str  # pretrain | random | official | pixels
+    init: str  # pretrain | random | official | pixels | backbone
     dataset: str | None
-    checkpoint: str | None  # init official: the release file to convert
+    checkpoint: str | None  # init official: the release file to convert; init backbone: its weights file
+    drop_prefixes: tuple[str, ...]  # init official: release key prefixes dropped by name
+    backbone: dict[str, Any] | None  # init backbone: {name, args} (xtra.release.backbones)
     eval_resize: int
     arch: dict[str, Any]  # the params section (plain data)
     train: TrainConfig
@@ -86,6 +88,8 @@ class PretrainConfig:
             init=section["init"],
             dataset=section["dataset"],
             checkpoint=section["checkpoint"],
+            drop_prefixes=tuple(section["drop_prefixes"]),
+            backbone=section["backbone"],
             eval_resize=section["eval_resize"],
             arch=dict(section["arch"]),
             train=TrainConfig.from_dict(section["train"]),

@@ -42,7 +42,7 @@ from xtra.data.transforms import eval_transform, pretrain_transform
 from xtra.errors import XtraError
 from xtra.model.arch import ArchConfig
 from xtra.model.flops import peak_memory_mb
-from xtra.model.xtra import XTRA
+from xtra.model.xtra import XTRA, release_ordered_parameters
 from xtra.train.config import TrainConfig
 from xtra.train.schedule import decay_groups, release_warmup_cosine, schedule_steps
 
@@ -122,7 +122,9 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.train_cfg
-        optimizer = torch.optim.AdamW(decay_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        # the release's parameter order: a clipped step then equals the release's bit for bit
+        groups = decay_groups(release_ordered_parameters(self.model), cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
         # LambdaLR multiplies the base lr: express the absolute schedule as a factor of it.
         scheduler = LambdaLR(optimizer, lambda step: self.lr_at(step) / cfg.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

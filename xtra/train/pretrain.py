@@ -103,6 +103,11 @@ def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> 
 
                 write_pixels_model(cfg.model, cfg.arch, out)
                 return out
+            if init == "backbone":
+                from xtra.release.backbones import write_backbone_model  # a comparison model built by timm
+
+                write_backbone_model(params, cfg.model, out)
+                return out
             return _train(cfg, params, restart)
         except BaseException:
             for leftover in (ARTIFACT_NAME + ".tmp", "log.csv.tmp", "reconstruction.tmp.png"):
@@ -135,12 +140,12 @@ def _write_random(cfg: PretrainConfig) -> Path:
 
 
 def _write_official(cfg: PretrainConfig) -> Path:
-    """A released checkpoint through the hardened converter (`xtra.model.convert.convert_official`):
-    weights-only loading, stored hyper_parameters checked, wrapper prefixes stripped, every key
-    checked; an encoder-only release file becomes an encoder artifact that probing accepts."""
-    from xtra.model.convert import convert_official
+    """A released checkpoint through the converter (`xtra.release.convert.convert_official`), with the
+    model's `drop_prefixes`: weights-only loading, stored hyper_parameters checked, every key mapped or
+    dropped; a fine-tuned release file becomes an encoder-only model file that probing accepts."""
+    from xtra.release.convert import convert_official
 
-    report = convert_official(cfg.checkpoint, cfg.out / ARTIFACT_NAME, cfg.arch)
+    report = convert_official(cfg.checkpoint, cfg.out / ARTIFACT_NAME, cfg.arch, cfg.drop_prefixes)
     _write_json(cfg.out / "metrics.json", {"init": "official", "source": str(cfg.checkpoint), **report})
     return cfg.out
 

@@ -79,17 +79,17 @@ def schedule_steps(train: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
     return int(round(train.warmup_epochs * steps_per_epoch)), total
 
 
-def decay_groups(modules: Iterable[nn.Module] | nn.Module, weight_decay: float) -> list[dict]:
+def decay_groups(params: nn.Module | Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on weight matrices and embeddings, none on biases and norm weights.
 
     A parameter of one dimension is a bias or a LayerNorm/BatchNorm weight (METHOD.md: "none on
-    biases and norm weights"); every other parameter decays.
+    biases and norm weights"); every other parameter decays. Each group keeps the order of `params`
+    (a module: its `parameters()`), which is the order a gradient clip sums their norms in.
     """
-    if isinstance(modules, nn.Module):
-        modules = [modules]
+    if isinstance(params, nn.Module):
+        params = params.parameters()
     decay, no_decay = [], []
-    for module in modules:
-        for param in module.parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim <= 1 else decay).append(param)
+    for param in params:
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
