@@ -215,6 +215,27 @@ def test_shipped_dvc_yaml_is_the_stage_table_of_params_yaml():
     assert dvc_yaml_problem(load_params(REPO / "params.yaml", check_paths=False), REPO) is None
 
 
+def test_snakemake_plans_the_shipped_params_with_every_init(tmp_path):
+    """Fast guard of the cluster front-end (its other tests are slow): Snakemake's own schema
+    validation fills defaults, and a default under a null section (`backbone: null`) broke every
+    `snakemake` call once while the DVC demo stayed green."""
+    path = repo_copy(tmp_path / "repo")
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["models"]["mae_tiny"] = {
+        **params["models"]["random_k2"],
+        "init": "backbone",
+        "checkpoint": "weights/mae_tiny.safetensors",
+        "backbone": {"name": "mae_b16"},
+    }
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / "weights").mkdir()
+    (path / "weights/mae_tiny.safetensors").write_bytes(b"")  # an input of the plan, not read by -n
+    proc = run([str(BIN / "snakemake"), "-n"], path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = {job.rule for job in parse_dry_run(proc.stdout + "\n" + proc.stderr)}
+    assert {"pretrain-xtra_k2", "pretrain-mae_tiny", "probe-mae_tiny-mnist", "report"} <= jobs
+
+
 def test_profile_switch_rewrites_dvc_yaml(copies):
     from xtra.config import load_params
     from xtra.pipeline.dvc_yaml import dvc_yaml_problem

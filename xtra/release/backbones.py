@@ -263,7 +263,7 @@ def write_backbone_model(params: dict[str, Any], name: str, out_dir: str | Path)
     model_cfg = params["models"][name]
     where = f"models.{name}"
     spec = BACKBONES[model_cfg["backbone"]["name"]]
-    args = dict(model_cfg["backbone"]["args"])
+    args = dict(model_cfg["backbone"].get("args", {}))
     model = build_backbone(spec, args)
     encoder = BackboneEncoder(model, spec)
     side, patch = encoder.img_size, model.patch_embed.patch_size[0]
