@@ -228,13 +228,16 @@ def _train(cfg: PretrainConfig, params: dict[str, Any], restart: bool) -> Path:
     module = PretrainModule(cfg.arch, train, steps, run, cfg.seed, segments=segments, last_loss=last_loss)
     trainer.fit_loop.epoch_loop.max_steps = module.total_steps
     plan = _plan(cfg, trainer, data, module, values["data"], run_dir, resume)
+    finished = resume is not None and taken == total  # its final files come from its last checkpoint
     if trainer.is_global_zero:
         _other_runs(out, run, values)
         _write_json(run_dir / "trajectory.json", values)
         _write_json(out / "run.json", plan)
-        print(_summary(plan), flush=True)
-    if resume is not None and taken == total:  # finished: its final files come from its last checkpoint
-        print(f"{cfg.model}: run {run} has taken its {total} steps ({resume.name}): nothing to train", flush=True)
+        done = (
+            f"{cfg.model}: run {run} has taken its {total} steps ({resume.name}): nothing to train" if finished else ""
+        )
+        print(done or _summary(plan), flush=True)
+    if finished:
         final = resume
     else:
         _remove_final_files(out)
