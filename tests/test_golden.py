@@ -1,16 +1,22 @@
-"""Golden numerics: what each stage computes, pinned, so that a change of numerics cannot go unnoticed.
+"""Golden numerics, keyed by recipe version: what each stage computes, pinned, so that a change of
+numerics cannot go unnoticed, nor be made without a new recipe version (`xtra/recipes.yaml`).
 
-Three end-to-end measurements on tiny inputs, one thread, CPU:
+Four measurements on tiny inputs, one thread, CPU:
 - prepare: the sha256 of every shard and index of the small class-folder set and of the demo's
   digits (the bytes every later stage reads);
-- pretrain: a tiny XTRA (drop path and pseudo-random block orders on, stream loader) trained for
-  12 steps: every logged step's loss, lr and gradient norm, and the sha256 of every final tensor;
+- pretrain: one step of a fixed tiny XTRA on a fixed batch (the loss and the gradient norm, to the
+  bit), and the same model trained for 12 steps (drop path and pseudo-random block orders on, stream
+  loader): every logged step's loss, lr and gradient norm, and the sha256 of every final tensor;
 - probe: that model's linear and attentive banks (2 lrs each, RandAugment on, 2 epochs): every
   head's top-1, every epoch's loss of every head, and the sha256 of every final head tensor.
 
-The recorded values live in tests/golden/numerics.json. A refactor leaves every one of them equal, bit
-for bit. `XTRA_RECORD_GOLDEN=1 pytest tests/test_golden.py` records them anew: only for a deliberate
-change of numerics.
+tests/golden/numerics.json holds them as {stage: {recipe version: {measurement: values}}}. A refactor
+leaves every value of the current versions equal, bit for bit. A change of numerics fails here, saying
+to bump the stage's version in xtra/recipes.yaml (a new version is a new run and a new probe job:
+nothing of the old one is reused); `XTRA_RECORD_GOLDEN=1 pytest tests/test_golden.py` then records
+the new version's values. It never overwrites a version's recorded values: the old versions stay,
+the record of what each one computed. `test_a_numerics_change_without_a_version_bump_fails` shows the
+check catching a deliberately perturbed loss.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures.pretrain import prepare_small, run_pretrain, tiny_params
+from tests.fixtures.pretrain import TINY_ARCH, prepare_small, run_pretrain, tiny_params
+from xtra.identity import RECIPES_FILE, recipe_version
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "numerics.json"
 RECORD = os.environ.get("XTRA_RECORD_GOLDEN") == "1"
@@ -35,18 +42,70 @@ def tensor_digests(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest() for t in state.values())
 
 
-def check(stage: str, values: dict) -> None:
-    """Compare `values` with the recorded golden values of `stage` (or record them, with XTRA_RECORD_GOLDEN=1)."""
-    recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    if RECORD:
-        recorded[stage] = values
+def check(stage: str, measurement: str, values: dict) -> None:
+    """Compare `values` with the golden values of `stage`'s current recipe version (or record them, with
+    XTRA_RECORD_GOLDEN=1, when that version has none)."""
+    version = str(recipe_version(stage))
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    recorded = golden.get(stage, {}).get(version, {}).get(measurement)
+    bump = (
+        f"a change of numerics needs a new recipe version: bump `{stage}` in {RECIPES_FILE.name} "
+        f"(xtra/recipes.yaml), then record the new version's values (XTRA_RECORD_GOLDEN=1 pytest "
+        f"tests/test_golden.py); a refactor must leave every value equal"
+    )
+    if RECORD and recorded is None:
+        golden.setdefault(stage, {}).setdefault(version, {})[measurement] = values
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
         return
-    assert stage in recorded, f"no golden values of {stage} in {GOLDEN}: record them (XTRA_RECORD_GOLDEN=1)"
-    for key, want in recorded[stage].items():
-        assert values.get(key) == want, f"golden numerics of {stage} moved at {key!r}"
-    assert set(values) == set(recorded[stage]), f"golden values of {stage}: other keys than recorded"
+    assert recorded is not None, (
+        f"no golden values of {stage} {measurement} for recipe version {version} in {GOLDEN}: "
+        f"record them (XTRA_RECORD_GOLDEN=1 pytest tests/test_golden.py)"
+    )
+    for key, want in recorded.items():
+        assert values.get(key) == want, (
+            f"golden numerics of {stage} ({measurement}) moved at {key!r} under recipe version {version}: {bump}"
+        )
+    assert set(values) == set(recorded), f"golden values of {stage} {measurement}: other keys than recorded"
+
+
+def one_step() -> dict:
+    """The loss and gradient norm of a fixed tiny XTRA (TINY_ARCH, seed 0) on a fixed batch, bit for bit."""
+    from xtra.model.arch import ArchConfig
+    from xtra.model.xtra import XTRA, release_ordered_parameters
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = XTRA(ArchConfig.from_dict({**TINY_ARCH, "drop_path_rate": 0.0}))
+        images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        loss = model.loss(images, step=0)
+        loss.backward()
+        grads = [p.grad for p in release_ordered_parameters(model) if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+    finally:
+        torch.set_num_threads(before)
+    return {"loss": float(loss).hex(), "grad_norm": float(norm).hex()}
+
+
+def test_one_step_is_the_golden_step() -> None:
+    check("pretrain", "step", one_step())
+
+
+@pytest.mark.skipif(RECORD, reason="recording golden values")
+def test_a_numerics_change_without_a_version_bump_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss scaled by 1 + 2^-20 (a change no eye would see) fails the check, naming the version to bump."""
+    from xtra.model import xtra as xtra_module
+
+    original = xtra_module.XTRA.loss
+    monkeypatch.setattr(
+        xtra_module.XTRA, "loss", lambda self, images, step=0: original(self, images, step) * (1 + 2**-20)
+    )
+    with pytest.raises(
+        AssertionError, match=r"moved at '(grad_norm|loss)' under recipe version \d+: .*bump `pretrain` in recipes.yaml"
+    ):
+        check("pretrain", "step", one_step())
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +130,7 @@ def test_prepared_shards_are_the_golden_bytes(golden_run, prepared_demo) -> None
             for shard in entry["shards"]:
                 values[f"{root.name}/{shard['file']}"] = shard["sha256"]
                 values[f"{root.name}/{shard['index']}"] = shard["index_sha256"]
-    check("prepare", values)
+    check("prepare", "shards", values)
 
 
 def test_pretraining_is_the_golden_trajectory(golden_run) -> None:
@@ -87,7 +146,7 @@ def test_pretraining_is_the_golden_trajectory(golden_run) -> None:
         "grad_norm": [r["grad_norm"] for r in rows],
         "weights": tensor_digests(read_model_artifact(run_dir / "models" / "m" / "model.pt").state_dict),
     }
-    check("pretrain", values)
+    check("pretrain", "trajectory", values)
 
 
 def test_probing_is_the_golden_sweep(golden_run) -> None:
@@ -130,4 +189,4 @@ def test_probing_is_the_golden_sweep(golden_run) -> None:
     for kind, trainer in sorted(state["trainers"].items()):
         values[f"{kind}/history"] = trainer["history"]
         values[f"{kind}/heads"] = tensor_digests(trainer["bank"])
-    check("probe", values)
+    check("probe", "sweep", values)

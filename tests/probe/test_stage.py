@@ -138,7 +138,8 @@ def _check_result(params: dict, bench: str, kind: str) -> dict:
     assert data["manifest_sha256"] == sha256_file(manifest)
     assert data["images_seen_pretrain"] == 1234 and data["features"] == "cached"
     assert data["epochs"] == params["probe"]["benchmarks"][bench]["epochs"] and data["seed"] == 0
-    assert data["num_eval"] == 20 and data["wall_time_s"] > 0
+    assert data["num_eval"] == 20 and "wall_time_s" not in data  # no timing in a result: a re-run's bytes
+    assert data["identity"] and data["model_identity"]
     return data
 
 
@@ -147,6 +148,53 @@ def test_in_process_job_writes_a_valid_result(workspace):
     assert probe_model(workspace, "rand", ["bench_a"], ["attentive"], use_ray=False) == 0
     data = _check_result(workspace, "bench_a", "attentive")
     assert data["num_train"] == 40 and data["heldout"] is None
+
+
+@pytest.mark.timeout(120)
+def test_a_finished_job_rewrites_the_same_results_without_evaluating(workspace, monkeypatch, capsys):
+    """DVC deletes a stage's outputs before re-running it: the finished job's state keeps its results, so
+    the JSONs come back byte for byte, with nothing trained or evaluated (the loop's functions would fail)."""
+    from xtra.probe import job as job_module
+
+    assert probe_model(workspace, "rand", ["bench_b"], None, use_ray=False) == 0
+    folder = Path(workspace["paths"]["results"]) / "probe" / "rand"
+    before = {p.name: p.read_bytes() for p in folder.glob("bench_b-*.json")}
+    assert sorted(before) == ["bench_b-attentive.json", "bench_b-linear.json"]
+    for path in folder.glob("bench_b-*.json"):
+        path.unlink()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished job trained or evaluated again")
+
+    monkeypatch.setattr(job_module, "train_banks", no_training)
+    monkeypatch.setattr(job_module, "evaluate_bank", no_training)
+    capsys.readouterr()
+    assert probe_model(workspace, "rand", ["bench_b"], None, use_ray=False) == 0
+    assert "finished before" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in folder.glob("bench_b-*.json")} == before
+
+
+@pytest.mark.timeout(120)
+def test_a_result_of_another_job_never_passes_for_a_finished_one(workspace, tmp_path):
+    """The skip check compares identities: a job killed during its evaluation (state: every epoch trained,
+    no results) leaves the results of the job before it on disk; with other params they are not this
+    job's, and the job runs (the old check trusted the state and skipped it)."""
+    import copy
+
+    from xtra.probe.config import probe_config
+    from xtra.probe.driver import is_finished
+    from xtra.probe.job import job_identity
+    from xtra.probe.state import save_state, state_path
+
+    params = copy.deepcopy(workspace)
+    params["paths"]["results"] = str(tmp_path / "results")
+    job = ProbeJob("rand", "bench_a", ("linear",))
+    assert probe_model(params, "rand", ["bench_a"], ["linear"], use_ray=False) == 0
+    assert is_finished(params, job)
+    params["probe"]["benchmarks"]["bench_a"]["lrs"] = [1e-3, 3e-2]  # another job, killed during evaluation:
+    cfg = probe_config(params, "rand", "bench_a", ("linear",))
+    save_state(state_path(cfg), job_identity(params, job)[0], cfg.sweeps[0].epochs, {})
+    assert not is_finished(params, job)
 
 
 @pytest.mark.timeout(120)

@@ -217,18 +217,52 @@ def test_protocol_is_a_column(tmp_path):
     params = _params(tmp_path, {"digits": ["linear"], "mnist": ["linear"]}, models=("m",), protocol="heldout")
     probe = tmp_path / "results" / "probe" / "m"
     _write_json(probe / "digits-linear.json", _result("m", "digits", "linear", 91.0, "heldout"))
-    # a stale file of the other protocol: its own row, and the expected row says why it is absent
+    # a file of the other protocol is no result of these params: stale, with the reason, in no table
     _write_json(probe / "mnist-linear.json", _result("m", "mnist", "linear", 99.0, "paper"))
     collected = collect_results(ReportConfig.from_params(params))
     res = collected.results.set_index(["benchmark", "protocol"])
     assert res.loc[("digits", "heldout"), "top1"] == 91.0
-    assert res.loc[("mnist", "paper"), "top1"] == 99.0
-    assert res.loc[("mnist", "heldout"), "status"] == "partial"
-    assert "another protocol than heldout" in res.loc[("mnist", "heldout"), "reason"]
+    assert ("mnist", "paper") not in res.index
+    assert res.loc[("mnist", "heldout"), "status"] == "stale"
+    assert "made by the paper protocol, params say heldout" in res.loc[("mnist", "heldout"), "reason"]
     table = results_table(collected.results, load_reference(), collected.benchmarks, [])
     assert _row(table, "run", "m", "linear", "heldout")["digits"] == 91.0
-    assert _row(table, "run", "m", "linear", "paper")["mnist"] == 99.0
+    assert math.isnan(_row(table, "run", "m", "linear", "heldout")["mnist"])
     assert "| run | m | linear | heldout |" in _squeeze(to_markdown(table, collected.results))
+
+
+def test_only_the_declared_results_are_read_and_a_result_of_another_model_is_stale(tmp_path):
+    """The stage table's outputs for these params, not every JSON on disk: a removed benchmark's, a model
+    outside probe.models, a stray folder are not read; a result whose recorded model identity is not
+    the identity in the model's metrics.json is `stale` and enters no mean or sweep."""
+    params = _params(tmp_path, {"digits": ["linear"]}, models=("m", "other"))
+    params["probe"]["models"] = ["m"]
+    probe = tmp_path / "results" / "probe"
+    _write_json(probe / "m" / "digits-linear.json", {**_result("m", "digits", "linear", 91.0), "model_identity": "a"})
+    _write_json(probe / "m" / "removed-linear.json", _result("m", "removed", "linear", 50.0))
+    _write_json(probe / "other" / "digits-linear.json", _result("other", "digits", "linear", 10.0))
+    _write_json(probe / "gone" / "digits-linear.json", _result("gone", "digits", "linear", 10.0))
+    _write_json(tmp_path / "models" / "m" / "metrics.json", {"identity": "a", "images_seen": 0})
+    collected = collect_results(ReportConfig.from_params(params))
+    assert collected.results[["model", "benchmark", "status"]].values.tolist() == [["m", "digits", "ok"]]
+    assert collected.models == ["m"] and "removed" not in collected.benchmarks
+    _write_json(tmp_path / "models" / "m" / "metrics.json", {"identity": "b", "images_seen": 0})  # retrained
+    collected = collect_results(ReportConfig.from_params(params))
+    row = collected.results.iloc[0]
+    assert row["status"] == "stale" and math.isnan(row["top1"]) and collected.sweep.empty
+    assert "made from model identity a, but" in row["reason"] and "metrics.json is b" in row["reason"]
+
+
+def test_the_report_reads_the_stage_tables_outputs():
+    """The results it expects are exactly the probe stages' outputs of the demo's params."""
+    from xtra.config import load_params
+    from xtra.pipeline.dag import stage_table
+    from xtra.report.collect import _expected
+
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml", check_paths=False)
+    cfg = ReportConfig.from_params(params)
+    declared = {o for s in stage_table(params) if s.kind == "probe" for o in s.outs}
+    assert {f"{cfg.results}/probe/{m}/{b}-{k}.json" for m, b, k, _ in _expected(cfg)} == declared
 
 
 def test_table_holds_expected_numbers(built):

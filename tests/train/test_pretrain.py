@@ -132,6 +132,88 @@ def test_non_trajectory_edits_resume_and_an_lr_edit_leaves_the_old_checkpoints_b
     assert len(after) > len(before)  # the new run's beside them
 
 
+def test_a_forced_rerun_of_a_finished_pretraining_changes_no_byte(small, tmp_path: Path) -> None:
+    """A finished run asked again trains nothing: with its final files deleted (DVC deletes a stage's
+    outputs before its command) model.pt and metrics.json come back byte for byte from the final
+    checkpoint; with them present (Snakemake's retry, a params edit of no consequence) they are left
+    untouched. The probe stages' inputs (metrics.json, the manifest) and the identity of their jobs are
+    unchanged, so both front-ends and the probe command keep them up to date."""
+    from xtra.probe.job import ProbeJob, job_identity
+
+    tmp, prepared = small
+    params = tiny_params(tmp, prepared, epochs=1)
+    params["probe"]["benchmarks"] = {"small": {"dataset": "small", "eval_split": "val", "kinds": ["linear"]}}
+    _ok(run_pretrain(tmp_path, params, prepared))
+    out = tmp_path / "models" / "m"
+    finals = (out / "model.pt", out / "metrics.json")
+    before = {p: p.read_bytes() for p in finals}
+    validated = validate_params({**params, "paths": {**params["paths"], "prepared": str(prepared)}}, check_paths=False)
+    validated["paths"].update(models=str(tmp_path / "models"), results=str(tmp_path / "results"))
+    job = ProbeJob("m", "small", ("linear",))
+    probe_identity = job_identity(validated, job)
+    for path in finals:
+        path.unlink()
+    stdout = _ok(run_pretrain(tmp_path, params, prepared))
+    assert "nothing to train" in stdout and "resuming" not in stdout
+    assert {p: p.read_bytes() for p in finals} == before
+    times = {p: p.stat().st_mtime_ns for p in finals}
+    edited = tiny_params(tmp, prepared, epochs=1, val_every_n_steps=3, reconstruct_images=1, log_every_n_steps=2)
+    stdout = _ok(run_pretrain(tmp_path, edited, prepared))
+    assert "left untouched" in stdout
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in finals} == {p: (before[p], times[p]) for p in finals}
+    assert job_identity(validated, job) == probe_identity
+    metrics = json.loads(before[out / "metrics.json"])
+    assert metrics["final_loss"] is not None and "wall_time_s" not in metrics
+    assert metrics["identity"] == read_model_artifact_identity(out / "model.pt")
+
+
+def read_model_artifact_identity(path: Path) -> str:
+    from xtra.model.artifact import read_model_artifact
+
+    return read_model_artifact(path).provenance["identity"]
+
+
+def test_a_longer_run_continues_in_a_new_segment_and_a_shorter_one_is_refused(small, tmp_path: Path) -> None:
+    from xtra.model.artifact import read_model_artifact
+
+    tmp, prepared = small
+    _ok(run_pretrain(tmp_path, tiny_params(tmp, prepared, epochs=1, max_steps=4), prepared))
+    first = read_model_artifact(tmp_path / "models" / "m" / "model.pt").provenance
+    assert first["steps"] == 4 and [s["total_steps"] for s in first["segments"]] == [4]
+    stdout = _ok(run_pretrain(tmp_path, tiny_params(tmp, prepared, epochs=1, max_steps=6), prepared))
+    assert "resuming from" in stdout and "step-000004.ckpt" in stdout
+    second = read_model_artifact(tmp_path / "models" / "m" / "model.pt").provenance
+    assert second["steps"] == 6 and second["run_id"] == first["run_id"]
+    assert second["segments"] == [
+        {"start_step": 0, "end_step": 4, "epochs": 1, "max_steps": 4, "total_steps": 4},
+        {"start_step": 4, "end_step": 6, "epochs": 1, "max_steps": 6, "total_steps": 6},
+    ]
+    assert second["identity"] != first["identity"]  # an extended run is another model than one of 6 from the start
+    shorter = run_pretrain(tmp_path, tiny_params(tmp, prepared, epochs=1, max_steps=5), prepared)
+    assert shorter.returncode == 2, shorter.stdout[-2000:] + shorter.stderr[-2000:]
+    assert "models.m.train.epochs (1) / max_steps (5) ask for 5 steps" in shorter.stderr
+    assert "has taken 6" in shorter.stderr and "--restart" in shorter.stderr
+    assert read_model_artifact(tmp_path / "models" / "m" / "model.pt").provenance == second  # the model is kept
+
+
+def test_a_new_recipe_version_is_a_new_run_and_a_new_probe_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pretrain version is part of the run id; the probe version part of a job's identity."""
+    from xtra import identity as table
+    from xtra.identity import key_values, stage_identity, stage_keys
+    from xtra.train.identity import run_id, trajectory
+
+    params = validate_params(_params_with(small_model()), check_paths=False)
+    run = run_id(trajectory(params, "m", 1, "data"))
+    keys = key_values(params, stage_keys(params, "probe", model="m", benchmark="mnist", kinds=["linear"]))
+    job = stage_identity("probe", keys, {"model": "x"})
+    versions = table.recipe_versions()
+    monkeypatch.setattr(table, "recipe_versions", lambda: {**versions, "pretrain": versions["pretrain"] + 1})
+    assert run_id(trajectory(params, "m", 1, "data")) != run
+    assert stage_identity("probe", keys, {"model": "x"}) == job
+    monkeypatch.setattr(table, "recipe_versions", lambda: {**versions, "probe": versions["probe"] + 1})
+    assert stage_identity("probe", keys, {"model": "x"}) != job
+
+
 def test_trajectory_keys_exclude_what_does_not_change_the_optimisation() -> None:
     from xtra.train.identity import changed_keys, run_id, trajectory
 
@@ -237,10 +319,20 @@ def test_random_control_writes_a_weights_only_model(tmp_path: Path) -> None:
     params = _params_with({"init": "random", "arch": small_model()["arch"]})
     path = write_params(tmp_path, params)
     run_xtra("pretrain", "m", "--params", str(path), cwd=tmp_path)
-    metrics = json.loads((tmp_path / "models" / "m" / "metrics.json").read_text())
+    out = tmp_path / "models" / "m"
+    metrics = json.loads((out / "metrics.json").read_text())
+    ident = metrics.pop("identity")
     assert metrics == {"init": "random", "steps": 0, "images_seen": 0, "seed": 0}
-    artifact = read_model_artifact(tmp_path / "models" / "m" / "model.pt")
+    artifact = read_model_artifact(out / "model.pt")
     assert artifact.init == "random" and any(k.startswith("encoder.") for k in artifact.state_dict)
+    assert artifact.provenance["identity"] == ident
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "model.pt", out / "metrics.json")}
+    again = run_xtra("pretrain", "m", "--params", str(path), cwd=tmp_path)  # the same identity: left untouched
+    assert "up to date" in again.stdout
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+    (out / "model.pt").unlink()  # what DVC does before a forced re-run: the same bytes come back
+    run_xtra("pretrain", "m", "--params", str(path), cwd=tmp_path)
+    assert (out / "model.pt").read_bytes() == before[out / "model.pt"][0]
 
 
 def test_truncated_resume_checkpoint_falls_back_to_the_previous_one_and_nothing_is_deleted(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 # Shared by the rules: the params checks, the stage table (xtra/pipeline/dag.py, the one dvc.yaml is written
-# from: the same jobs, inputs, outputs and params identities), and the translation of a params `resources` request into the resources the Slurm and LSF
-# executor plugins read.
+# from: the same jobs, inputs, outputs and params identities, xtra/identity.py), and the translation of a
+# params `resources` request into the resources the Slurm and LSF executor plugins read.
 import os
 from pathlib import Path
 
@@ -8,8 +8,9 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from xtra.config import validate_params
-from xtra.pipeline.dag import identity, param_value, stage_table
 from xtra.errors import ParamsError
+from xtra.identity import param_value, params_identity
+from xtra.pipeline.dag import stage_table
 
 # The xtra commands read this file themselves (their default --params), so it is the only source
 # of the params: `xtra profile NAME` is the switch, for Snakemake as for DVC.
@@ -65,20 +66,31 @@ def stages_of(kind):
     return [s for s in STAGES if s.kind == kind]
 
 
+def stage_identity(stage):
+    """The job's params identity: its kind's recipe version and the values of its keys (xtra/identity.py).
+    Snakemake records it and re-runs the job when it changes, as DVC does for the same keys."""
+    return params_identity(config, stage.kind, stage.params)
+
+
 def stage_inputs(stage):
-    """What the job reads: the files other stages (or the user) write, and the code it runs. Code
-    folders are listed file by file: Snakemake compares file times, and a folder's time changes
-    only when a file is added or removed."""
-    code = []
-    for path in stage.code:
+    """What the job reads: the files other stages (or the user) write, no code. A folder (the report's
+    reference CSVs) is listed file by file: Snakemake compares file times (and the checksums of small
+    files), and a folder's time changes only when a file is added or removed."""
+    files = []
+    for path in stage.data:
         if os.path.isdir(path):
-            code += sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+            files += sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
         else:
-            code.append(path)
-    return {"data": stage.data, "code": code}
+            files.append(path)
+    return files
 
 
 def stage_outputs(stage):
+    """The declared outputs. A prepared manifest is updated in place (`update`): Snakemake keeps it
+    before the job, as DVC does (`persist`), so `xtra prepare` finds its dataset up to date instead of
+    preparing it again."""
+    if stage.kind == "prepare":
+        return [update(o) for o in stage.outs]
     return [directory(o) if o in stage.dirs else o for o in stage.outs] + list(stage.metrics)
 
 

@@ -3,7 +3,8 @@
 # job cut by its time limit (or retried) resumes where it stopped. A multi-GPU run on a cluster is
 # one multi-task job whose command is started by the launcher (`launch`: srun, jsrun; see
 # rules/common.smk). Inputs: the dataset's manifest (init: pretrain), the source checkpoint
-# (official) or weights file (backbone), nothing (random, pixels); and the code the command imports.
+# (official) or weights file (backbone), nothing (random, pixels); no code. A re-run of a finished
+# model rewrites the same model.pt and metrics.json from its final checkpoint, without training.
 
 
 for stage in stages_of("pretrain"):
@@ -12,11 +13,11 @@ for stage in stages_of("pretrain"):
         name:
             stage.name
         input:
-            **stage_inputs(stage),
+            stage_inputs(stage),
         output:
             stage_outputs(stage),
         params:
-            identity=identity(config, stage),
+            identity=stage_identity(stage),
         conda:
             "../envs/xtra.yaml"
         log:

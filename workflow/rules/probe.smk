@@ -1,6 +1,7 @@
 # One job per (probed model, benchmark): every kind of the benchmark in one `xtra probe --no-ray`
-# run, as in dvc.yaml. Inputs: the model's model.pt (never a checkpoint), the benchmark's prepared
-# manifest, the code. The resumable state in results/probe-state/ is no output.
+# run, as in dvc.yaml. Inputs: the model's metrics.json (its identity; the job reads model.pt, never a
+# checkpoint), the benchmark's prepared manifest; no code. The resumable state in results/probe-state/
+# is no output: a finished job's state keeps its results, so a re-run rewrites the same JSONs.
 
 
 for stage in stages_of("probe"):
@@ -9,11 +10,11 @@ for stage in stages_of("probe"):
         name:
             stage.name
         input:
-            **stage_inputs(stage),
+            stage_inputs(stage),
         output:
             stage_outputs(stage),
         params:
-            identity=identity(config, stage),
+            identity=stage_identity(stage),
         conda:
             "../envs/xtra.yaml"
         log:

@@ -1,5 +1,5 @@
 # One job: probe results and pre-training metrics -> tables, figures, metrics and plot data. Keyed
-# on the `report` section, probe.protocol, the reference CSVs and the report's code. A few seconds
+# on the `report` section, probe.protocol, the reference CSVs and its recipe version. A few seconds
 # of pandas: it runs where Snakemake runs, not as a cluster job.
 
 
@@ -10,11 +10,11 @@ for stage in stages_of("report"):
             stage.name
         localrule: True
         input:
-            **stage_inputs(stage),
+            stage_inputs(stage),
         output:
             stage_outputs(stage),
         params:
-            identity=identity(config, stage),
+            identity=stage_identity(stage),
         conda:
             "../envs/xtra.yaml"
         log:

@@ -47,7 +47,19 @@ one without (embedded sets, readers passed in), the reader's listing. A run is s
 existing manifest has that hash and every shard and index file is present with its recorded size:
 no listing, no second stat of the raw files, no shard hash. `verify=True` (`xtra prepare --verify`)
 also re-lists the raw data, compares the listing fingerprint and sha256s every shard and index, and
-prepares again on any difference; `force=True` always prepares.
+prepares again on any difference; `force=True` always prepares. An up-to-date dataset is left
+untouched, manifest included (bytes and time): a re-run of a finished prepare stage makes nothing
+after it stale.
+
+Identity. The manifest records the dataset's identity (`identity`, `xtra.identity.dataset_identity`):
+its content, every shard's sha256 and the classes. Later stages are keyed on it (a pre-training run,
+a probe job), not on the params that made it, so a re-preparation that writes the same bytes changes
+nothing downstream. The manifest's `version` is the prepare recipe version (`xtra/recipes.yaml`).
+
+Experiments in a DVC temporary workspace (`dvc exp run --temp`, `--queue`) read the repository's
+own prepared data through a link the `check` stage makes (`xtra.pipeline.dvc_yaml.share_prepared`);
+there `xtra prepare` only checks that a dataset is up to date and refuses to prepare it (that would
+change the data every other experiment and the workspace read).
 """
 
 from __future__ import annotations
@@ -75,6 +87,7 @@ from xtra.data.rng import derive_seed
 from xtra.data.shards import MANIFEST, ShardWriter
 from xtra.data.source import RawDataset, Reader, Sample
 from xtra.errors import DataError, writing_to
+from xtra.identity import dataset_identity, recipe_version
 
 __all__ = [
     "FORMAT_VERSION",
@@ -87,10 +100,11 @@ __all__ = [
     "run",
 ]
 
-# 2: seeded sample order, manifest without the non-shard params, input fingerprints
-# 3: embedded ICC profiles applied, 16-bit grey scaled by PNG sBIT; every file under the root accounted for
-#    (not_taken, notes); links followed once; colliding keys made unique; Pillow's extensions are candidates
-FORMAT_VERSION = 3
+# The manifest's `version` is the prepare recipe version (xtra/recipes.yaml, its one home, with each bump's
+# reason): 2: seeded sample order, manifest without the non-shard params, input fingerprints; 3: embedded
+# ICC profiles applied, 16-bit grey scaled by PNG sBIT; every file under the root accounted for (not_taken,
+# notes); links followed once; colliding keys made unique; Pillow's extensions are candidates
+FORMAT_VERSION = recipe_version("prepare")
 FAILED_LIST = "failed-prepare.json"  # a failed prepare's full lists, beside the last good manifest
 SHOWN = 5  # files of each list named in an error or the summary
 SAMPLE_ORDER = 'sorted by key, then a fixed permutation per split: derive_seed("sample order", split)'
@@ -397,11 +411,13 @@ def prepare_dataset(
     force: bool = False,
     reader: Reader | None = None,
     verify: bool = False,
+    read_only: str | None = None,
 ) -> dict:
     """Prepare dataset `name` (its params section) into `out_root/name/`; returns the manifest.
 
     `reader` replaces `xtra.data.readers.read_dataset` (tests, custom sources). See the module doc
-    for when a run is skipped (`verify`: full check first; `force`: never skipped).
+    for when a run is skipped (`verify`: full check first; `force`: never skipped). With `read_only`
+    (why `out_root` must not be written) a dataset that is not up to date is a DataError saying so.
     """
     use_tree = reader is None and bool(params.get("root"))  # a reader passed in may read more than root
     if reader is None:
@@ -422,6 +438,8 @@ def prepare_dataset(
 
     if not force and (existing := _existing(name, final, digest, verify, listing)) is not None:
         return existing
+    if read_only:
+        raise DataError(f"dataset {name!r} is not prepared for these params in {final}, and {read_only}")
     inputs["listing_sha256"] = listing()
     assert raw is not None
     return _prepare(name, p, raw, {"params_hash": digest, "inputs": inputs}, (tmp, final, old))
@@ -456,6 +474,7 @@ def _prepare(name: str, p: dict, raw: RawDataset, ids: dict, folders: tuple[Path
                 "skipped_fraction": fraction,
                 "official_sizes": sizes,
             }
+            manifest["identity"] = dataset_identity(manifest)  # its content: what later stages are keyed on
             _publish(tmp, final, old, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -485,11 +504,28 @@ def run(args: argparse.Namespace) -> int:
     """CLI entry: load params, prepare the dataset, print the summary."""
     from xtra.config import load_params
     from xtra.data.config import PrepareConfig
+    from xtra.pipeline.dvc_yaml import shared_prepared
 
     cfg = PrepareConfig.from_params(load_params(args.params), args.dataset, args.params)
     if getattr(args, "explain", False):
         print(explain(cfg.name, cfg.out_root))
         return 0
-    prepare_dataset(cfg.name, cfg.section(), cfg.out_root, force=args.force, verify=getattr(args, "verify", False))
+    shared = shared_prepared(Path(args.params).resolve().parent, cfg.out_root)
+    read_only = (
+        f"{cfg.out_root} is the prepared data of the repository at {shared}, shared with this DVC temporary "
+        "workspace: preparing it here would change the data of the workspace and of every other experiment. "
+        "Prepare it in the repository (`dvc repro prepare-" + cfg.name + "` there), or run this experiment "
+        "in the workspace (`dvc exp run` without --temp or --queue)"
+        if shared
+        else None
+    )
+    prepare_dataset(
+        cfg.name,
+        cfg.section(),
+        cfg.out_root,
+        force=args.force,
+        verify=getattr(args, "verify", False),
+        read_only=read_only,
+    )
     sys.stdout.flush()
     return 0

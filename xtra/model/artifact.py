@@ -9,7 +9,11 @@ state. Layout:
      "init": "pretrain" | "random" | "official" | "pixels",
      "arch": {...the model's arch section...},
      "state_dict": {"encoder.*": tensor, ...},   # XTRA's keys; encoder-only files hold encoder.* alone
-     "provenance": {...}}                          # step, images_seen, params hash, source file, ...
+     "provenance": {...}}                          # identity, steps, images_seen, source file, ...
+
+`provenance["identity"]` is the model's identity (`xtra.identity`: what probe results are keyed on);
+`artifact_identity` reads it (a file written without one, by hand or by older code, is identified by its
+bytes' sha256).
 
 A file written before the renames of one word per concept (arch `heads` / `predictor_heads`, the
 pixel heads' tensors `heads.*`) is read with the new names (`num_heads`, `predictor_num_heads`,
@@ -26,11 +30,18 @@ from typing import Any
 
 import torch
 
-from xtra.atomic import save_torch_atomic
+from xtra.atomic import save_torch_atomic, sha256_file
 from xtra.config import RENAMED_KEYS
 from xtra.errors import CheckpointError
 
-__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_NAME", "ModelArtifact", "save_model_artifact", "read_model_artifact"]
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "ARTIFACT_NAME",
+    "ModelArtifact",
+    "save_model_artifact",
+    "read_model_artifact",
+    "artifact_identity",
+]
 
 ARTIFACT_FORMAT = "xtra-model"
 ARTIFACT_VERSION = 1
@@ -103,3 +114,9 @@ def read_model_artifact(path: str | Path) -> ModelArtifact:
         state_dict=state,
         provenance=dict(payload.get("provenance") or {}),
     )
+
+
+def artifact_identity(path: str | Path) -> str:
+    """The identity of the model in `path` (its provenance's `identity`; else `sha256:<the file's sha256>`)."""
+    identity = read_model_artifact(path).provenance.get("identity")
+    return str(identity) if identity else f"sha256:{sha256_file(path)}"

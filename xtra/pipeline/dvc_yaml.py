@@ -5,6 +5,12 @@
 on: when params.yaml is valid, complete and the table of this file, nothing after it becomes
 stale; otherwise the run stops there naming the fix), then one DVC stage per stage of the table.
 `dvc_yaml_problem` and `params_problem` are what the check reports.
+
+Experiments that DVC runs in a temporary copy of the repository (`dvc exp run --temp`, and every
+queued one, `--queue`) lack its git-ignored prepared data: the check links the repository's own
+`paths.prepared` into the copy (`share_prepared`), and `xtra prepare` there only reads it
+(`shared_prepared`): it refuses to prepare a dataset anew through the link. A repository with no
+prepared data to share is an error of the check, naming the fix.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import yaml
 from xtra.pipeline.dag import DVC_YAML, Stage, stage_table
 
 __all__ = [
+    "RECIPES",
     "CHECK_STAGE",
     "CHECK_STAMP",
     "STAMP_TEXT",
@@ -25,6 +32,10 @@ __all__ = [
     "dvc_yaml_problem",
     "params_problem",
     "write_dvc_yaml",
+    "TEMP_WORKSPACES",
+    "temp_workspace_origin",
+    "share_prepared",
+    "shared_prepared",
 ]
 
 _HEADER = """\
@@ -40,10 +51,13 @@ _HEADER = """\
 #   dvc exp run -S 'models.xtra_k2.arch.block_size=1'    # an ablation (docs/ABLATIONS.md)
 #   dvc metrics show; dvc plots show
 #
-# Staleness (the same rule as Snakemake's): each stage depends on exactly the params keys that can
-# change its result (never `resources`, worker counts, log/checkpoint cadence, `probe.ray`), on the
-# code its command imports, and on the files it reads: the prepared dataset's manifest.json, the
-# model's model.pt (checkpoints are never a dependency), the result JSONs and metrics.
+# Staleness (the same rule as Snakemake's, from the one table of xtra/identity.py): each stage
+# depends on exactly the params keys that can change its result (never `resources`, worker counts,
+# log/checkpoint/validation cadence, `probe.ray`), on its kind's recipe version (xtra/recipes.yaml),
+# and on the files other stages write: the prepared dataset's manifest.json, the model's
+# metrics.json (it carries the model's identity; checkpoints are never a dependency), the result
+# JSONs. No code: a refactor re-runs nothing, a change of numerics bumps the recipe version. A
+# forced re-run of a finished stage rewrites the same bytes and makes nothing after it stale.
 # params.yaml spells out every schema key (`xtra profile --fill`), so the values a command uses
 # are the ones DVC compares, and `dvc exp run -S` can override any of them.
 #
@@ -78,6 +92,7 @@ _PLOTS = [
 ]
 
 
+RECIPES = "xtra/recipes.yaml"  # xtra.identity.RECIPES_FILE, as DVC finds it from the repository root
 CHECK_STAGE = "check"
 CHECK_STAMP = ".params-checked"  # the check stage's output, in paths.results
 STAMP_TEXT = "params.yaml is valid, complete and the stage table of dvc.yaml\n"
@@ -89,7 +104,10 @@ def check_stamp(params: dict[str, Any]) -> str:
 
 
 def _dvc_stage(stage: Stage, stamp: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"cmd": stage.cmd, "deps": [stamp, *stage.data, *stage.code], "params": stage.params}
+    """A stage's entry: its command, the check's stamp and its data files, its params keys and its kind's
+    recipe version (`xtra/recipes.yaml`, a second params file), its outputs."""
+    params: list[Any] = [*stage.params, {RECIPES: [stage.kind]}]
+    entry: dict[str, Any] = {"cmd": stage.cmd, "deps": [stamp, *stage.data], "params": params}
     if stage.kind == "prepare":
         entry["outs"] = [{o: {"cache": False, "persist": True}} for o in stage.outs]
     else:
@@ -128,7 +146,7 @@ def dvc_yaml_problem(params: dict[str, Any], root: Path) -> str | None:
     if found != yaml.safe_load(render_dvc_yaml(params)):
         return (
             f"{path} is not the stage table of the current params (a dataset, model, benchmark, kind "
-            f"or path changed, or the code's imports): run `xtra dag` to rewrite it"
+            f"or path changed): run `xtra dag` to rewrite it"
         )
     return None
 
@@ -153,3 +171,46 @@ def write_dvc_yaml(params: dict[str, Any], root: Path) -> Path:
     from xtra.atomic import write_atomic
 
     return write_atomic(Path(root) / DVC_YAML, render_dvc_yaml(params))
+
+
+# ---------------------------------------------------------------- experiments in a temporary workspace
+
+TEMP_WORKSPACES = (".dvc", "tmp", "exps")  # DVC copies the repository to <repo>/.dvc/tmp/exps/<tmp>/
+
+
+def temp_workspace_origin(root: str | Path) -> Path | None:
+    """The repository a DVC temporary workspace at `root` was copied from; None when `root` is none."""
+    parts, n = Path(root).resolve().parts, len(TEMP_WORKSPACES)
+    for i in range(len(parts) - n):
+        if parts[i : i + n] == TEMP_WORKSPACES:
+            return Path(*parts[:i])
+    return None
+
+
+def share_prepared(params: dict[str, Any], root: str | Path) -> str | None:
+    """In a DVC temporary workspace, link the repository's prepared data (a relative `paths.prepared`)
+    into it; why it cannot be shared (None when linked, or nothing to do)."""
+    origin, prepared = temp_workspace_origin(root), Path(params["paths"]["prepared"])
+    here = Path(root) / prepared
+    if origin is None or prepared.is_absolute() or here.is_symlink() or here.exists():
+        return None
+    there = origin / prepared
+    if not there.is_dir():
+        return (
+            f"DVC runs this experiment in a temporary copy of the repository ({Path(root).resolve()}), which "
+            f"lacks the git-ignored {prepared}, and the repository at {origin} has none to share: prepare the "
+            f"datasets there first (`dvc repro` of its prepare stages), or run the experiment in the workspace "
+            f"(`dvc exp run` without --temp or --queue)"
+        )
+    here.parent.mkdir(parents=True, exist_ok=True)
+    here.symlink_to(there.resolve(), target_is_directory=True)
+    print(f"{here}: the prepared data of the repository at {origin}, shared with this DVC temporary workspace")
+    return None
+
+
+def shared_prepared(root: str | Path, out_root: str | Path) -> Path | None:
+    """The repository whose prepared data `out_root` (relative to `root`) is, read through the link of
+    `share_prepared` from a DVC temporary workspace; None when it is a workspace's own."""
+    origin = temp_workspace_origin(root)
+    path = Path(out_root) if Path(out_root).is_absolute() else Path(root) / out_root
+    return origin if origin is not None and path.is_symlink() else None

@@ -5,9 +5,9 @@ driver writes `results/probe/<model>/<benchmark>-<kind>.json` as soon as the job
 needs no shared results folder). A job that still fails after `max_retries` retries is reported on
 stderr and in `results/probe/<model>/failures.json` ({"failures": [{"job", "benchmark", "kind",
 "error", "attempts"}]}, one entry per kind of the job, `job` being `<benchmark>-<kind>`); the other
-jobs still finish. A job whose result files all exist and whose saved state says it finished with
-the same fingerprint is skipped (`is_finished`). A retried job (Ray's `max_retries`, or a re-run)
-continues from its last saved epoch (`xtra.probe.state`).
+jobs still finish. A job whose result files all exist and record its identity is skipped
+(`is_finished`). A retried job (Ray's `max_retries`, or a re-run) continues from its last saved
+epoch (`xtra.probe.state`); a finished one writes the results its state kept.
 
 Ray: `ray.remote(num_cpus=cpus_per_job, num_gpus=G, max_retries=max_retries, retry_exceptions=True)`
 with G = the benchmark's `devices` when the cluster has GPUs (the job's processes all on the node
@@ -123,21 +123,26 @@ def _finished(params: dict, job: ProbeJob, results: dict[str, dict]) -> None:
 
 
 def is_finished(params: dict, job: ProbeJob) -> bool:
-    """True when every result file of the job exists and its saved state finished this very job."""
-    from xtra.atomic import sha256_file
-    from xtra.probe.config import probe_config
-    from xtra.probe.job import model_path
-    from xtra.probe.state import job_fingerprint, load_state, state_path
+    """True when every result file of the job exists and records this very job's identity
+    (`xtra.probe.job.job_identity`): a result of an earlier job, or of the same job under other params,
+    another model or other data, is no finished result, even when a later state says it trained."""
+    from xtra.errors import XtraError
+    from xtra.probe.job import job_identity
 
-    if not all(result_path(params, job.model, job.benchmark, k).is_file() for k in job.kinds):
+    paths = [result_path(params, job.model, job.benchmark, k) for k in job.kinds]
+    if not all(p.is_file() for p in paths):
         return False
-    cfg = probe_config(params, job.model, job.benchmark, job.kinds)
-    manifest = cfg.prepared / "manifest.json"
-    if not manifest.is_file():
+    try:
+        identity, _ = job_identity(params, job)
+    except XtraError:  # no model file or no prepared data: preflight says which
         return False
-    fingerprint = job_fingerprint(cfg, sha256_file(model_path(params, job.model)), sha256_file(manifest))
-    state = load_state(state_path(cfg), fingerprint)
-    return state is not None and state["epochs_done"] >= cfg.sweeps[0].epochs
+    for path in paths:
+        try:
+            if json.loads(path.read_text()).get("identity") != identity:
+                return False
+        except (OSError, ValueError, AttributeError):
+            return False
+    return True
 
 
 def _failed(failure: JobFailure) -> None:

@@ -11,6 +11,13 @@ encoder forward per batch (`xtra.probe.loop`); a kind with its own transform get
 the same epoch. The job saves its state after every epoch (`xtra.probe.state`) and continues from
 it when re-run; it runs on `probe.benchmarks.<b>.devices` processes (`xtra.probe.dist`).
 
+Identity (`job_identity`): the probe recipe version, the job's params keys
+(`xtra.identity.stage_keys`), its kinds, the model's identity (model.pt's provenance) and the
+dataset's (its manifest's content). Every result JSON records it, with the model's identity, and a
+state is resumed only by a job of the same identity. A finished job's state keeps its results: a
+re-run writes the same JSONs without training or evaluating. No timing is in a result (it would
+change the bytes of a re-run); the job's log line says how long it took.
+
 Selection protocols (METHOD.md): `paper` trains on the whole train split and selects the head with
 the best top-1 on the evaluation split; `heldout` trains on the train split minus a stratified
 held-out part (`probe.heldout_fraction`), selects on that part and reports the selected head's
@@ -32,7 +39,8 @@ import torch
 from xtra.atomic import sha256_file, write_json_atomic
 from xtra.data.prepared import load_manifest
 from xtra.errors import DataError, ParamsError
-from xtra.model.artifact import ARTIFACT_NAME
+from xtra.identity import dataset_identity, key_values, stage_identity, stage_keys
+from xtra.model.artifact import ARTIFACT_NAME, artifact_identity
 from xtra.model.checkpoint import load_artifact_encoder
 from xtra.model.probes import PIXEL_FLOOR_INIT, PROBE_KINDS, HeadBank, model_kinds, probe_kind
 from xtra.probe.config import ProbeConfig, probe_config
@@ -49,13 +57,14 @@ from xtra.probe.loop import (
     evaluate_bank,
     train_banks,
 )
-from xtra.probe.state import job_fingerprint, load_state, log_progress, save_state, state_path
+from xtra.probe.state import finish_state, finished_results, load_state, log_progress, save_state, state_path
 
 __all__ = [
     "ProbeJob",
     "JobHooks",
     "plan_jobs",
     "preflight",
+    "job_identity",
     "run_job",
     "write_results",
     "result_path",
@@ -175,19 +184,42 @@ def _check_shapes(cfg: ProbeConfig, encoder: torch.nn.Module) -> None:
             raise ParamsError(f"{problem} (model {cfg.model})")
 
 
+def job_identity(params: dict, job: ProbeJob) -> tuple[str, str]:
+    """(the job's identity, its model's identity): see the module doc."""
+    cfg = probe_config(params, job.model, job.benchmark, job.kinds)
+    model = artifact_identity(cfg.model_dir / ARTIFACT_NAME)
+    keys = stage_keys(params, "probe", model=job.model, benchmark=job.benchmark, kinds=job.kinds)
+    inputs = {"model": model, "data": dataset_identity(load_manifest(cfg.prepared)), "kinds": list(job.kinds)}
+    return stage_identity("probe", key_values(params, keys), inputs), model
+
+
 def run_job(
     params: dict, job: ProbeJob, hooks: JobHooks = JobHooks(), log: Callable[[str], None] = print
 ) -> dict[str, dict]:
-    """Train and evaluate one job on its devices; returns {kind: probe-result dict} (docs/ARCHITECTURE.md)."""
+    """Train and evaluate one job on its devices; returns {kind: probe-result dict} (docs/ARCHITECTURE.md).
+
+    A job whose state holds its finished results (same identity) returns them: nothing is trained or evaluated."""
+    identity, model = job_identity(params, job)
+    spath = state_path(probe_config(params, job.model, job.benchmark, job.kinds))
+    finished = finished_results(spath, identity)
+    if finished is not None:
+        log(f"[{job.model}/{job.name}] finished before (identity {identity[:12]}, {spath}): its results, reused")
+        return finished
     devices = params["probe"]["benchmarks"][job.benchmark]["devices"]
-    return run_on_devices(_run_rank, devices, params, job, hooks, log)
+    return run_on_devices(_run_rank, devices, params, job, (identity, model), hooks, log)
 
 
 def _run_rank(
-    device: torch.device, params: dict, job: ProbeJob, hooks: JobHooks, log: Callable[[str], None]
+    device: torch.device,
+    params: dict,
+    job: ProbeJob,
+    identities: tuple[str, str],
+    hooks: JobHooks,
+    log: Callable[[str], None],
 ) -> dict[str, dict] | None:
-    """The job on this rank; rank 0 evaluates and returns the results, the other ranks None."""
+    """The job on this rank; rank 0 evaluates, keeps and returns the results, the other ranks None."""
     start = time.perf_counter()
+    identity, model = identities
     cfg = probe_config(params, job.model, job.benchmark, job.kinds)
     path = cfg.model_dir / ARTIFACT_NAME
     encoder, arch, _ = load_artifact_encoder(path, cfg.arch)
@@ -195,7 +227,6 @@ def _run_rank(
     _check_shapes(cfg, encoder)
     data = build_data(cfg, arch.img_size)
     sha = sha256_file(path)
-    fingerprint = job_fingerprint(cfg, sha, data.manifest_sha256)
     spath = state_path(cfg)
     banks = {
         s.kind: HeadBank(s.kind, encoder.width, data.num_classes, s.settings, s.options, s.seed) for s in cfg.sweeps
@@ -210,25 +241,28 @@ def _run_rank(
         f"{data.num_train} train images, {len(groups)} training pass(es) per epoch "
         f"(features {', '.join(f for _, f, _ in groups)}), {epochs} epochs on {device} x {world()[1]}"
     )
-    first = _resume(spath, fingerprint, groups, log, job)
+    first = _resume(spath, identity, groups, log, job)
     for epoch in range(first, epochs):
         for source, _, trainers in groups:
             train_banks(trainers, source, epoch + 1, start_epoch=epoch)
-        _end_epoch(spath, fingerprint, epoch, groups, hooks, first)
+        _end_epoch(spath, identity, epoch, groups, hooks, first)
     features = {t.cfg.kind: f for _, f, ts in groups for t in ts}
     del groups
     results = None
     if world()[0] == 0:
+        ids = {"identity": identity, "model_identity": model}
         results = {
             kind: {
                 **_select(cfg, kind, banks[kind], encoder, data, device),
                 **_facts(cfg, kind, features[kind], data, sha, str(device)),
+                **ids,
             }
             for kind in cfg.kinds
         }
+        finish_state(spath, identity, results)
         wall = round(time.perf_counter() - start, 3)
-        for result in results.values():
-            result["wall_time_s"] = wall
+        log_progress(spath, f"finished in {wall} s")
+        log(f"[{job.model}/{job.name}] trained and evaluated in {wall} s")
     _barrier()
     return results
 
@@ -260,9 +294,9 @@ def _cache_limit_bytes() -> float:
     return float(os.environ.get(CACHE_LIMIT_ENV, DEFAULT_CACHE_GB)) * 2**30
 
 
-def _resume(spath: Path, fingerprint: str, groups: list, log: Callable[[str], None], job: ProbeJob) -> int:
+def _resume(spath: Path, identity: str, groups: list, log: Callable[[str], None], job: ProbeJob) -> int:
     """Load the saved state of this job into its trainers; returns the first epoch to train."""
-    state = load_state(spath, fingerprint)
+    state = load_state(spath, identity)
     if state is None:
         if world()[0] == 0:
             log_progress(spath, "start epoch 0")
@@ -277,11 +311,11 @@ def _resume(spath: Path, fingerprint: str, groups: list, log: Callable[[str], No
     return first
 
 
-def _end_epoch(spath: Path, fingerprint: str, epoch: int, groups: list, hooks: JobHooks, first: int) -> None:
+def _end_epoch(spath: Path, identity: str, epoch: int, groups: list, hooks: JobHooks, first: int) -> None:
     """Save the state (rank 0, atomically), then the fault-injection hooks of the tests."""
     if world()[0] == 0:
         trainers = {t.cfg.kind: t.state_dict() for _, _, ts in groups for t in ts}
-        save_state(spath, fingerprint, epoch + 1, trainers)
+        save_state(spath, identity, epoch + 1, trainers)
     _barrier()
     if hooks.kill_after_epoch is not None and epoch + 1 == hooks.kill_after_epoch:
         os.kill(os.getpid(), signal.SIGKILL)

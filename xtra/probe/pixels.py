@@ -38,9 +38,9 @@ class PixelEncoder(nn.Module):
         return [flat for _ in blocks]
 
 
-def write_pixels_model(name: str, arch: Mapping[str, Any], out_dir: str | Path) -> Path:
+def write_pixels_model(name: str, arch: Mapping[str, Any], out_dir: str | Path, identity: str | None = None) -> Path:
     """Write models/<name>/model.pt and metrics.json of a pixel-floor model of `arch` (its params
-    section); returns model.pt's path."""
+    section), both carrying `identity` (the pretrain stage's, `xtra.identity`); returns model.pt's path."""
     out = Path(out_dir)
     arch = dict(arch)
     path = out / ARTIFACT_NAME
@@ -49,7 +49,8 @@ def write_pixels_model(name: str, arch: Mapping[str, Any], out_dir: str | Path) 
         init="pixels",
         arch=arch,
         state_dict={},
-        provenance={"model": name, "features": f"3x{arch['img_size']}x{arch['img_size']} pixels"},
+        provenance={"model": name, "features": f"3x{arch['img_size']}x{arch['img_size']} pixels", "identity": identity},
     )
-    write_json_atomic(out / "metrics.json", {"model": name, "init": "pixels", "images_seen": 0, "steps": 0}, indent=1)
+    metrics = {"identity": identity, "model": name, "init": "pixels", "images_seen": 0, "steps": 0}
+    write_json_atomic(out / "metrics.json", metrics, indent=1)
     return path

@@ -2,11 +2,15 @@
 
 Written atomically (temporary file, then rename) after every epoch by rank 0: every kind's bank
 (heads and shared normalisation statistics), its AdamW state, optimiser-step count and loss
-history, the number of finished epochs, and the job's fingerprint. Nothing else is needed to
-continue exactly: the batch order is a function of (seed, epoch), each sample's augmentation of
-(seed, epoch, sample) and cached features are recomputed the same. A state whose fingerprint differs
-(other params, checkpoint or data) is not resumed from; it is overwritten by the new job's first epoch.
-The folder is never a DVC or Snakemake output (DVC would delete it before re-running the stage).
+history, the number of finished epochs, and the job's identity (`xtra.probe.job.job_identity`:
+the probe recipe version, its params keys, the model's and the dataset's identities). Nothing else
+is needed to continue exactly: the batch order is a function of (seed, epoch), each sample's
+augmentation of (seed, epoch, sample) and cached features are recomputed the same. Once the job has
+evaluated, its state also keeps the finished results (`finish_state`), so a re-run of the finished
+job writes the same result JSONs again without training or evaluating (`finished_results`).
+A state of another identity (other params, model, data or recipe version) is never resumed or
+reused; it is overwritten by the new job's first epoch. The folder is never a DVC or Snakemake
+output (DVC would delete it before re-running the stage).
 """
 
 from __future__ import annotations
@@ -18,11 +22,18 @@ from typing import Any
 import torch
 
 from xtra.atomic import save_torch_atomic, write_atomic
-from xtra.config import params_hash
 from xtra.errors import CheckpointError, writing_to
 from xtra.probe.config import ProbeConfig
 
-__all__ = ["STATE_DIR", "state_path", "job_fingerprint", "save_state", "load_state", "log_progress"]
+__all__ = [
+    "STATE_DIR",
+    "state_path",
+    "save_state",
+    "load_state",
+    "finish_state",
+    "finished_results",
+    "log_progress",
+]
 
 STATE_DIR = "probe-state"
 
@@ -31,24 +42,13 @@ def state_path(cfg: ProbeConfig) -> Path:
     return cfg.results / STATE_DIR / cfg.model / cfg.benchmark / f"{'+'.join(cfg.kinds)}.pt"
 
 
-# what a job may change and still continue from its state: devices (the result is the same up to
-# summation order), loader workers, and where its folders are (the model and data are hashed)
-NOT_IN_FINGERPRINT = ("devices", "num_workers", "model_dir", "prepared", "results")
-
-
-def job_fingerprint(cfg: ProbeConfig, checkpoint_sha256: str, manifest_sha256: str) -> str:
-    """What a resumed job must share with the one that saved the state (see NOT_IN_FINGERPRINT)."""
-    payload = {k: v for k, v in cfg.as_dict().items() if k not in NOT_IN_FINGERPRINT}
-    return params_hash({"config": payload, "checkpoint": checkpoint_sha256, "manifest": manifest_sha256})
-
-
-def save_state(path: Path, fingerprint: str, epochs_done: int, trainers: dict[str, dict]) -> None:
+def save_state(path: Path, identity: str, epochs_done: int, trainers: dict[str, dict]) -> None:
     """Write the state atomically; a full disk is an OutputError naming the state folder."""
     with writing_to(path.parent):
-        save_torch_atomic({"fingerprint": fingerprint, "epochs_done": epochs_done, "trainers": trainers}, path)
+        save_torch_atomic({"identity": identity, "epochs_done": epochs_done, "trainers": trainers}, path)
 
 
-def load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
+def load_state(path: Path, identity: str) -> dict[str, Any] | None:
     """The saved state when it belongs to this job, else None (absent, other job, or unreadable)."""
     if not path.is_file():
         return None
@@ -57,11 +57,26 @@ def load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
         print(f"warning: probe state {path} cannot be read ({exc}); starting the job from epoch 0", flush=True)
         return None
-    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+    if not isinstance(state, dict) or state.get("identity") != identity:
         return None
     if "trainers" not in state or "epochs_done" not in state:
         raise CheckpointError(f"probe state {path} lacks 'trainers' or 'epochs_done'")
     return state
+
+
+def finish_state(path: Path, identity: str, results: dict[str, dict]) -> None:
+    """Keep the evaluated results of the job in its (trained) state, atomically."""
+    state = load_state(path, identity)
+    if state is None:
+        raise CheckpointError(f"probe state {path} of job {identity[:12]} vanished before its results were kept")
+    with writing_to(path.parent):
+        save_torch_atomic({**state, "results": results}, path)
+
+
+def finished_results(path: Path, identity: str) -> dict[str, dict] | None:
+    """The results a finished job of this identity kept in its state; None when it has not finished."""
+    state = load_state(path, identity)
+    return None if state is None else state.get("results")
 
 
 def log_progress(path: Path, line: str) -> None:

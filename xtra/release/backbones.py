@@ -254,8 +254,9 @@ def backbone_encoder(artifact: ModelArtifact, source: str) -> BackboneEncoder:
     return BackboneEncoder(model, spec)
 
 
-def write_backbone_model(params: dict[str, Any], name: str, out_dir: str | Path) -> Path:
-    """Write models/<name>/model.pt and metrics.json of a comparison backbone; returns model.pt's path.
+def write_backbone_model(params: dict[str, Any], name: str, out_dir: str | Path, identity: str | None = None) -> Path:
+    """Write models/<name>/model.pt and metrics.json of a comparison backbone, both carrying `identity`
+    (the pretrain stage's, `xtra.identity`); returns model.pt's path.
 
     `arch.img_size` and `arch.patch_size` must be the backbone's: they tell the probe job the input
     side (the other arch keys are unused by a backbone).
@@ -292,11 +293,19 @@ def write_backbone_model(params: dict[str, Any], name: str, out_dir: str | Path)
             "source_sha256": sha256_file(model_cfg["checkpoint"]),
             "feature_rule": encoder.feature_rule(),
             "parameters": params_count,
+            "identity": identity,
         },
     )
     write_json_atomic(
         out / "metrics.json",
-        {"model": name, "init": "backbone", "backbone": spec.name, "parameters": params_count, "steps": 0},
+        {
+            "identity": identity,
+            "model": name,
+            "init": "backbone",
+            "backbone": spec.name,
+            "parameters": params_count,
+            "steps": 0,
+        },
         indent=1,
     )
     print(f"{name}: wrote backbone {spec.name} ({params_count:,} parameters) to {path}: {encoder.feature_rule()}")

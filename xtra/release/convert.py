@@ -369,12 +369,13 @@ def _load_in_release_terms(
 
 
 def convert_official(
-    src: str | Path, dst: str | Path, arch: dict[str, Any], drop: Sequence[str] = ()
+    src: str | Path, dst: str | Path, arch: dict[str, Any], drop: Sequence[str] = (), identity: str | None = None
 ) -> dict[str, Any]:
     """Convert the release file `src` into this project's model file `dst` (model.pt).
 
     Returns what was done: tensors mapped, keys dropped, hyper-parameters checked and ignored, the
-    module that wrote the file, and whether the result is encoder-only.
+    module that wrote the file, and whether the result is encoder-only. `identity` (the pretrain
+    stage's, `xtra.identity`) goes into the file's provenance.
     """
     cfg = ArchConfig.from_dict(arch)
     source = str(src)
@@ -411,6 +412,7 @@ def convert_official(
         "hyper_parameters_checked": checked,
         "hyper_parameters_ignored": ignored,
         "dropped_prefixes": list(dropping),
+        **({"identity": identity} if identity else {}),
     }
     save_model_artifact(dst, init="official", arch=asdict(cfg), state_dict=weights, provenance=provenance)
     what = "encoder-only" if encoder_only else "full"

@@ -9,8 +9,8 @@ reconstruction.png}`; writes under the results folder (`out`):
     figures/<name>.{png,pdf}     top1_bars (this run's benchmarks, the pixel floor a dashed line),
                                  paper_comparison (the published numbers), lr_sweep,
                                  pretrain_loss, images_seen, reconstruction
-    metrics.json                 {model: {kind: {protocol: {<benchmark>|mean15|mean_present|
-                                 n_present: value}}}}
+    metrics.json                 {"identity": <the report's identity>, model: {kind: {protocol:
+                                 {<benchmark>|mean15|mean_present|n_present: value}}}}
     plots/{top1,sweep,loss,images_seen}.csv   long-format plot data for `dvc plots`
 
 and nothing else: only when `--readme FILE` is given (by hand, never by the pipelines) does it paste
@@ -23,7 +23,9 @@ Params read, once, into the stage's typed config (`xtra.report.config.ReportConf
 `reference_models` (published models beside this run), `reference_dir` (null: the package's
 `reference/`), `figure_formats` and `dpi` (their defaults are the schema's).
 Every file is written atomically and only from sorted, formatted data, so an unchanged input
-gives byte-identical outputs.
+gives byte-identical outputs: a re-run of a finished report rewrites the same bytes. Its identity
+(`xtra.identity.stage_identity`: the report recipe version, its keys, the identities of the results
+and models it read and the published numbers) is in metrics.json.
 """
 
 from __future__ import annotations
@@ -38,9 +40,18 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from xtra.atomic import write_atomic
+from xtra.config import params_hash, section_defaults
 from xtra.errors import XtraError
+from xtra.identity import key_values, stage_identity, stage_keys
 from xtra.report import figures, tables
-from xtra.report.collect import Collected, collect_results, read_images_seen, read_pretrain_log
+from xtra.report.collect import (
+    Collected,
+    collect_results,
+    read_images_seen,
+    read_json,
+    read_model_identity,
+    read_pretrain_log,
+)
 from xtra.report.config import ReportConfig
 from xtra.report.reference import BENCHMARKS, load_reference
 
@@ -57,6 +68,7 @@ class Report:
     table: pd.DataFrame
     markdown: str
     metrics: dict
+    identity: str = ""
     figures: dict[str, Figure] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
 
@@ -168,8 +180,30 @@ def _write_tables(out: Path, report: Report, reference: pd.DataFrame) -> list[Pa
         _write(folder / "top1.tex", tables.to_latex(report.table)),
         _write(folder / "results_long.csv", tables.to_csv(report.collected.results)),
         _write(folder / "published.csv", tables.to_csv(reference)),
-        _write(out / "metrics.json", json.dumps(report.metrics, indent=2) + "\n"),
+        _write(out / "metrics.json", json.dumps({"identity": report.identity, **report.metrics}, indent=2) + "\n"),
     ]
+
+
+def report_identity(params: dict, cfg: ReportConfig, collected: Collected, reference: pd.DataFrame) -> str:
+    """The report's identity: its recipe version and keys, the identity of every result and model it read
+    (a result file written without one: its bytes' sha256), and the published numbers."""
+    filled = {
+        **params,
+        "probe": {**section_defaults("probe"), **params["probe"]},
+        "report": {**section_defaults("report"), **(params.get("report") or {})},
+    }
+    results = {}
+    for _, row in collected.results.iterrows():
+        data = read_json(Path(row["file"])) if row["status"] == "ok" else {}
+        results[f"{row['model']}/{row['benchmark']}-{row['kind']}"] = data.get("identity") or (
+            params_hash(data) if data else row["status"]
+        )
+    inputs = {
+        "results": results,
+        "models": {m: read_model_identity(cfg.models_dir, m) for m in collected.models},
+        "reference": params_hash(tables.to_csv(reference)),
+    }
+    return stage_identity("report", key_values(filled, stage_keys(filled, "report")), inputs)
 
 
 def build_report(params: dict, out: Path) -> Report:
@@ -188,6 +222,7 @@ def build_report(params: dict, out: Path) -> Report:
         table=table,
         markdown=tables.to_markdown(table, collected.results),
         metrics=tables.metrics_dict(run_table, collected.benchmarks),
+        identity=report_identity(params, cfg, collected, reference),
     )
     report.files += _write_tables(out, report, reference)
     report.figures, plots = _figures(cfg, report, reference)

@@ -1,14 +1,20 @@
-"""Probe results on disk -> one tidy frame, with every expected result that is not there as a row
-whose `status` says why.
+"""The probe results params declares -> one tidy frame, with every expected result that is not there
+(or not current) as a row whose `status` says why.
 
-Inputs (docs/ARCHITECTURE.md): `results/probe/<model>/<benchmark>-<kind>.json`, one per probe
-job, and `results/probe/<model>/failures.json`, written by the probe driver for the jobs that
-failed after their retries. Each result JSON gives one row, under the selection protocol that
-made it (its `protocol`: `paper` or `heldout`, params `probe.protocol`).
+Inputs (docs/ARCHITECTURE.md): the result files of the probe stages of the current params, and only
+those (`results/probe/<model>/<benchmark>-<kind>.json` of each probed model, `probe.models` or every
+model, each benchmark and each kind it is probed with: the stage table's outputs), never every JSON
+on disk (a removed model or benchmark, another profile's results); `results/probe/<model>/failures.json`,
+written by the probe driver for the jobs that failed after their retries; and each probed model's
+`metrics.json`, which carries the model's identity. One row per expected result, under the
+selection protocol of params (`probe.protocol`: `paper` or `heldout`).
 
-`status` is `ok` (a top-1 exists), `missing` (no file), `failed` (named in failures.json) or
-`partial` (the file exists but lacks that number); `reason` says which file and why. A file that
-is not valid JSON, or whose fields have the wrong type, raises `XtraError` naming the file.
+`status` is `ok` (a top-1 exists), `missing` (no file), `failed` (named in failures.json),
+`partial` (the file exists but lacks that number) or `stale` (the file was made from another model
+than the one now in `models/<model>/` (its recorded `model_identity` is not metrics.json's
+`identity`), or under another protocol: its probe stage has to run again); `reason` says which file
+and why. A stale result enters no table, mean or figure. A file that is not valid JSON, or whose
+fields have the wrong type, raises `XtraError` naming the file.
 
 `lr_edge` is `high` (`low`) when the selected learning rate is the largest (smallest) of a sweep of
 two or more: the optimum may lie beyond the grid. `lr_grid` is the sweep's range, `lo..hi`.
@@ -42,6 +48,7 @@ __all__ = [
     "collect_results",
     "benchmark_order",
     "read_images_seen",
+    "read_model_identity",
     "read_pretrain_log",
     "pixel_floor_models",
     "FLOOR_INIT",
@@ -235,66 +242,74 @@ def pixel_floor_models(cfg: ReportConfig) -> list[str]:
 
 
 def _expected(cfg: ReportConfig) -> list[tuple[str, str, str, str]]:
-    """(model, benchmark, kind, protocol) of every probe job params asks for (each model with the kinds
-    it is probed with: `xtra.model.probes.model_kinds`)."""
+    """(model, benchmark, kind, protocol) of every probe job params asks for: each probed model with the
+    kinds it is probed with (`xtra.model.probes.model_kinds`), the probe stages' outputs."""
     return [
         (model, benchmark, kind, cfg.protocol)
-        for model, info in cfg.models.items()
+        for model in cfg.probed
         for benchmark, kinds in cfg.benchmarks.items()
-        for kind in model_kinds(info.init, kinds)
+        for kind in model_kinds(cfg.models[model].init, kinds)
     ]
 
 
-def _read_model_dir(folder: Path) -> tuple[list[dict], list[dict], dict]:
-    rows, heads = [], []
-    for path in sorted(folder.glob("*.json")):
-        if path.name == _FAILURES:
-            continue
-        ids = _job_ids(path)
-        found, sweep = read_probe_result(path)
-        rows.append({**ids, **found, "file": str(path)})
-        heads += [{**ids, **h} for h in sweep]
-    failures = {(folder.name, b, k): r for (b, k), r in read_failures(folder / _FAILURES).items()}
-    return rows, heads, failures
+def read_model_identity(models_dir: Path, model: str) -> str | None:
+    """The model's identity from `models/<model>/metrics.json` (None when it has none)."""
+    path = Path(models_dir) / model / "metrics.json"
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise XtraError(f"{path}: malformed metrics: not a JSON object")
+    value = data.get("identity")
+    return str(value) if value else None
 
 
-def _missing_row(job: tuple[str, str, str, str], probe_dir: Path, failures: dict, files: set[str]) -> dict:
+def _stale(path: Path, data: dict, protocol: str, current: str | None, metrics: Path) -> str:
+    """Why a result file is not the result of the current params and model ("" when it is)."""
+    if data.get("protocol", "paper") != protocol:
+        return f"{path}: made by the {data.get('protocol')} protocol, params say {protocol}"
+    made_from = data.get("model_identity")
+    if made_from and current and made_from != current:
+        return f"{path}: made from model identity {str(made_from)[:12]}, but {metrics} is {current[:12]}"
+    return ""
+
+
+def _row(
+    job: tuple[str, str, str, str], probe_dir: Path, failures: dict, current: str | None, models_dir: Path
+) -> tuple[dict, list[dict]]:
+    """The row of one expected result and its sweep heads (none when it is not a current result)."""
     model, benchmark, kind, protocol = job
     path = probe_dir / model / f"{benchmark}-{kind}.json"
-    if str(path) in files:
-        status, reason = "partial", f"{path}: made by another protocol than {protocol}"
+    ids = {"model": model, "benchmark": benchmark, "kind": kind}
+    if path.is_file():
+        found, sweep = read_probe_result(path)
+        stale = _stale(path, read_json(path), protocol, current, models_dir / model / "metrics.json")
+        if not stale:
+            return {**ids, **found, "file": str(path)}, [{**ids, **h} for h in sweep]
+        status, reason = "stale", stale
     elif (model, benchmark, kind) in failures:
         status = "failed"
         reason = f"{probe_dir / model / _FAILURES}: {failures[(model, benchmark, kind)]}"
     else:
         status, reason = "missing", f"{path}: not found"
-    return {
-        "model": model,
-        "benchmark": benchmark,
-        "kind": kind,
-        "protocol": protocol,
-        "lr_edge": "",
-        "lr_grid": "",
-        "status": status,
-        "reason": reason,
-        "file": str(path) if status == "partial" else "",
-    }
+    row = {**ids, "protocol": protocol, "lr_edge": "", "lr_grid": "", "status": status, "reason": reason}
+    return {**row, "file": str(path) if status == "stale" else ""}, []
 
 
 def collect_results(cfg: ReportConfig) -> Collected:
-    """Read every probe JSON under `paths.results`/probe; add the expected but absent ones."""
+    """Read the result file of every expected probe job under `paths.results`/probe (see the module doc)."""
     probe_dir = cfg.results / "probe"
-    rows, heads, failures = [], [], {}
-    folders = sorted(p for p in probe_dir.glob("*") if p.is_dir()) if probe_dir.is_dir() else []
-    for folder in folders:
-        found, sweep, failed = _read_model_dir(folder)
-        rows, heads = rows + found, heads + sweep
-        failures.update(failed)
-    present = {(r["model"], r["benchmark"], r["kind"], r["protocol"]) for r in rows}
-    files = {r["file"] for r in rows}
-    rows += [_missing_row(job, probe_dir, failures, files) for job in _expected(cfg) if job not in present]
+    failures: dict[tuple[str, str, str], str] = {}
+    for model in cfg.probed:
+        failures.update({(model, b, k): r for (b, k), r in read_failures(probe_dir / model / _FAILURES).items()})
+    identities = {model: read_model_identity(cfg.models_dir, model) for model in cfg.probed}
+    rows, heads = [], []
+    for job in _expected(cfg):
+        row, sweep = _row(job, probe_dir, failures, identities[job[0]], cfg.models_dir)
+        rows.append(row)
+        heads += sweep
     results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
-    models = _ordered(list(cfg.models), set(results["model"]))
+    models = _ordered(list(cfg.probed), set(results["model"]))
     benchmarks = benchmark_order(cfg, set(results["benchmark"]))
     results = _sort(results, models, benchmarks)
     sweep = pd.DataFrame(heads, columns=list(SWEEP_COLUMNS))

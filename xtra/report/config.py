@@ -33,6 +33,7 @@ class ReportConfig:
     results: Path  # paths.results: probe results in, tables and figures out
     models_dir: Path  # paths.models: each model's log.csv, metrics.json, reconstruction.png
     models: dict[str, ReportModel]
+    probed: tuple[str, ...]  # the models whose probe results it reads: probe.models, else every model
     benchmarks: dict[str, tuple[str, ...]]  # benchmark -> its kinds
     protocol: str
     reference_models: tuple[str, ...]
@@ -55,6 +56,7 @@ class ReportConfig:
             results=Path(params["paths"]["results"]),
             models_dir=Path(params["paths"]["models"]),
             models=models,
+            probed=tuple(probe.get("models") or models),
             benchmarks={b: tuple({**bench_defaults, **s}["kinds"]) for b, s in probe["benchmarks"].items()},
             protocol=probe["protocol"],
             reference_models=tuple(report["reference_models"]),

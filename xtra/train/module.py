@@ -82,7 +82,14 @@ class PretrainModule(L.LightningModule):
     """
 
     def __init__(
-        self, arch: dict[str, Any], train: TrainConfig, steps_per_epoch: int, run_id: str, seed: int = 0
+        self,
+        arch: dict[str, Any],
+        train: TrainConfig,
+        steps_per_epoch: int,
+        run_id: str,
+        seed: int = 0,
+        segments: list[dict[str, int]] | None = None,
+        last_loss: float | None = None,
     ) -> None:
         super().__init__()
         # plain data, never a pickled dataclass: a checkpoint names its arch, recipe and run
@@ -92,7 +99,10 @@ class PretrainModule(L.LightningModule):
         self.train_cfg, self.seed = train, seed
         self.steps_per_epoch = steps_per_epoch
         self.warmup_steps, self.total_steps = schedule_steps(train, steps_per_epoch)
-        self.last_loss: float | None = None  # the loss of the last training step (this rank)
+        # the schedule segments of the run, the last one this one's ({start_step, epochs, max_steps,
+        # total_steps}; each checkpoint records them with the step reached, `end_step`)
+        self.segments = [dict(s) for s in segments or []]
+        self.last_loss = last_loss  # the loss of the last training step (this rank), kept in the checkpoints
         self.last_grad_norm: float | None = None
         self.last_lr: float | None = None  # the rate the last optimiser step used
 
@@ -142,6 +152,12 @@ class PretrainModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.trainer.datamodule.set_epoch(self.current_epoch)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """What the final files are made of besides the weights: the last loss, the schedule segments."""
+        checkpoint["last_loss"] = self.last_loss
+        ended = [{**self.segments[-1], "end_step": int(self.global_step)}] if self.segments else []
+        checkpoint["segments"] = self.segments[:-1] + ended
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of an epoch's last batch holds the loader state of an exhausted epoch: drop it, so

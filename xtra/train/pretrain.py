@@ -8,11 +8,27 @@ Outputs in `<paths.models>/<model>/`:
 - `checkpoints/<run id>/step-NNNNNN.ckpt`: resumable Lightning checkpoints of one run (see
   `xtra.train.identity`), every `checkpoint_every_n_steps` and at the end; the newest
   `keep_last_checkpoints` are kept (and every `keep_every_n_steps`-th). Re-running the same command
-  resumes exactly from the newest readable one, on every rank;
-- `run.json` (written at start: world size, batches, steps, schedule, resume source, parameter
-  counts, precision, attention path) and `tb/<run id>/` (TensorBoard);
-- on completion: `model.pt` (weights-only, `xtra.model.artifact`), `metrics.json`, `log.csv`,
-  `val.csv` (validation loss, when `val_every_n_steps` > 0) and `reconstruction.png`.
+  resumes exactly from the newest readable one, on every rank. Each records the last loss and the
+  run's schedule segments;
+- `run.json` (the plan, written at start: world size, batches, steps, schedule, resume source,
+  parameter counts, precision, attention path; and when fit ends, its wall time) and `tb/<run id>/`
+  (TensorBoard);
+- on completion: `model.pt` (weights-only, `xtra.model.artifact`) and `metrics.json`, the stage's
+  outputs, plus `log.csv`, `val.csv` (validation loss, when `val_every_n_steps` > 0) and
+  `reconstruction.png`.
+
+Identity and reuse (`xtra.identity`). A trained model's identity is its run's id, the steps taken and
+the schedule segments they were taken under (`model_identity`); any other model's is its params keys
+and source file (`stage_identity`). It is written into model.pt's provenance and metrics.json, which
+are pure functions of the final checkpoint and the identity (no time, no absolute path), so:
+- a finished run asked again (a forced re-run, a Slurm resubmission, a params edit that does not
+  change the identity) trains nothing: an existing model.pt of the same identity is left untouched,
+  and missing final files (DVC deletes a stage's outputs before running it) are written again from
+  the final checkpoint, byte for byte;
+- a longer run (epochs or max_steps raised) continues the run: a new schedule segment begins at the
+  step it had reached;
+- a run asked for fewer steps than it has taken is refused, naming `models.<m>.train.epochs` /
+  `max_steps` (the shorter model is another result: `--restart` begins the run afresh).
 """
 
 from __future__ import annotations
@@ -27,14 +43,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from xtra.atomic import write_json_atomic
+from xtra.atomic import sha256_file, write_atomic, write_json_atomic
 from xtra.config import load_params
-from xtra.errors import writing_to
+from xtra.errors import CheckpointError, ParamsError, writing_to
+from xtra.identity import key_values, model_identity, stage_identity, stage_keys
 from xtra.model.arch import ArchConfig
-from xtra.model.artifact import ARTIFACT_NAME, save_model_artifact
+from xtra.model.artifact import ARTIFACT_NAME, read_model_artifact, save_model_artifact
 from xtra.model.flops import peak_flops_per_s, train_flops_per_image
 from xtra.model.mask import resolve_attn_impl
 from xtra.model.xtra import XTRA
@@ -56,9 +74,9 @@ from xtra.train.module import (
     RebuildBucketsOnResume,
 )
 from xtra.train.reconstruct import write_model_reconstruction
-from xtra.train.schedule import batches_per_epoch, steps_per_epoch
+from xtra.train.schedule import batches_per_epoch, release_warmup_cosine, schedule_steps, steps_per_epoch
 
-__all__ = ["configure_parser", "run", "pretrain_model", "FINAL_FILES"]
+__all__ = ["configure_parser", "run", "pretrain_model", "FINAL_FILES", "init_identity"]
 
 # the files that exist only once the stage has finished (model.pt is written last)
 FINAL_FILES = (ARTIFACT_NAME, "metrics.json")
@@ -89,64 +107,96 @@ def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> 
     init, out = cfg.init, cfg.out
     with writing_to(out):
         out.mkdir(parents=True, exist_ok=True)
-        # a previous run's final files must not outlive a re-run that fails or is killed (every rank
-        # gets here before any rank can have written new ones: they meet at the start of fit)
-        for stale in FINAL_FILES:
-            (out / stale).unlink(missing_ok=True)
+        if init == "pretrain":
+            try:
+                return _train(cfg, params, restart)
+            except BaseException:
+                for leftover in (ARTIFACT_NAME + ".tmp", "log.csv.tmp", "reconstruction.tmp.png"):
+                    (out / leftover).unlink(missing_ok=True)
+                raise
+        ident = init_identity(params, name)
+        if _is_current(out, ident):
+            print(f"{name}: up to date ({out / ARTIFACT_NAME}, identity {ident[:12]}): left untouched")
+            return out
+        _remove_final_files(out)
         try:
             if init == "random":
-                return _write_random(cfg)
+                return _write_random(cfg, ident)
             if init == "official":
-                return _write_official(cfg)
+                return _write_official(cfg, ident)
             if init == "pixels":
                 from xtra.probe.pixels import write_pixels_model  # the probe package's pixel floor
 
-                write_pixels_model(cfg.model, cfg.arch, out)
+                write_pixels_model(cfg.model, cfg.arch, out, identity=ident)
                 return out
-            if init == "backbone":
-                from xtra.release.backbones import write_backbone_model  # a comparison model built by timm
+            from xtra.release.backbones import write_backbone_model  # a comparison model built by timm
 
-                write_backbone_model(params, cfg.model, out)
-                return out
-            return _train(cfg, params, restart)
+            write_backbone_model(params, cfg.model, out, identity=ident)
+            return out
         except BaseException:
-            for leftover in (ARTIFACT_NAME + ".tmp", "log.csv.tmp", "reconstruction.tmp.png"):
-                (out / leftover).unlink(missing_ok=True)
-            if init != "pretrain":  # nothing to resume: no final file without the other
-                for final in FINAL_FILES:
-                    (out / final).unlink(missing_ok=True)
+            _remove_final_files(out)  # nothing to resume: no final file without the other
             raise
+
+
+def init_identity(params: dict[str, Any], name: str) -> str:
+    """The identity of a model that is not trained (random, pixels, official, backbone): its params keys
+    (`xtra.identity.stage_keys`) and, for a converted one, the sha256 of its source file."""
+    model = params["models"][name]
+    inputs = {"source": sha256_file(model["checkpoint"])} if model["init"] in ("official", "backbone") else {}
+    return stage_identity("pretrain", key_values(params, stage_keys(params, "pretrain", model=name)), inputs)
+
+
+def _is_current(out: Path, ident: str) -> bool:
+    """Both final files are there and carry this identity."""
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+        return (
+            metrics.get("identity") == ident
+            and read_model_artifact(out / ARTIFACT_NAME).provenance.get("identity") == ident
+        )
+    except (OSError, ValueError, CheckpointError):
+        return False
+
+
+def _remove_final_files(out: Path) -> None:
+    """A previous result's final files must not outlive a re-run that fails or is killed (every rank
+    gets here before any rank can have written new ones: they meet at the start of fit)."""
+    for final in FINAL_FILES:
+        (out / final).unlink(missing_ok=True)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     write_json_atomic(path, payload, indent=2, sort_keys=True)
 
 
-def _write_random(cfg: PretrainConfig) -> Path:
+def _write_random(cfg: PretrainConfig, ident: str) -> Path:
     """The random-init control: the model as initialised with the run's seed, never trained."""
     L.seed_everything(cfg.seed, verbose=False)
     model = XTRA(ArchConfig.from_dict(cfg.arch))
-    _write_json(cfg.out / "metrics.json", {"init": "random", "steps": 0, "images_seen": 0, "seed": cfg.seed})
+    metrics = {"identity": ident, "init": "random", "steps": 0, "images_seen": 0, "seed": cfg.seed}
+    _write_json(cfg.out / "metrics.json", metrics)
     write_model_reconstruction(cfg, model)  # the control is drawn like the trained models
     save_model_artifact(
         cfg.out / ARTIFACT_NAME,
         init="random",
         arch=cfg.arch,
         state_dict=model.state_dict(),
-        provenance={"seed": cfg.seed, "steps": 0},
+        provenance={"identity": ident, "seed": cfg.seed, "steps": 0},
     )
     print(f"{cfg.model}: wrote the random-init control to {cfg.out / ARTIFACT_NAME}")
     return cfg.out
 
 
-def _write_official(cfg: PretrainConfig) -> Path:
+def _write_official(cfg: PretrainConfig, ident: str) -> Path:
     """A released checkpoint through the converter (`xtra.release.convert.convert_official`), with the
     model's `drop_prefixes`: weights-only loading, stored hyper_parameters checked, every key mapped or
     dropped; a fine-tuned release file becomes an encoder-only model file that probing accepts."""
     from xtra.release.convert import convert_official
 
-    report = convert_official(cfg.checkpoint, cfg.out / ARTIFACT_NAME, cfg.arch, cfg.drop_prefixes)
-    _write_json(cfg.out / "metrics.json", {"init": "official", "source": str(cfg.checkpoint), **report})
+    report = convert_official(cfg.checkpoint, cfg.out / ARTIFACT_NAME, cfg.arch, cfg.drop_prefixes, identity=ident)
+    _write_json(
+        cfg.out / "metrics.json", {"identity": ident, "init": "official", "source": str(cfg.checkpoint), **report}
+    )
     return cfg.out
 
 
@@ -158,14 +208,66 @@ def _train(cfg: PretrainConfig, params: dict[str, Any], restart: bool) -> Path:
     L.seed_everything(cfg.seed, verbose=False)
     data = PretrainData(cfg.prepared, train, cfg.arch["img_size"], cfg.eval_resize, cfg.seed)
     trainer = _trainer(train)  # the world size is the trainer's, however `devices` is spelled
-    values = identity.trajectory(params, cfg.model, trainer.world_size, identity.data_fingerprint(cfg.prepared))
+    values = identity.trajectory(params, cfg.model, trainer.world_size, identity.data_identity(cfg.prepared))
     run = identity.run_id(values)
     steps = steps_per_epoch(len(data.train_set), train.batch_size, trainer.world_size, train.accumulate_grad_batches)
-    module = PretrainModule(cfg.arch, train, steps, run, cfg.seed)
-    trainer.fit_loop.epoch_loop.max_steps = module.total_steps
     run_dir = _run_dir(out, run, restart, trainer.is_global_zero)
     resume = find_resume_checkpoint(run_dir, run)  # every rank, read-only: no broadcast before fit
-    plan = _plan(cfg, trainer, data, module, run, run_dir, resume)
+    taken, segments, last_loss = _progress(resume)
+    total = schedule_steps(train, steps)[1]
+    if taken > total:
+        raise ParamsError(
+            f"models.{cfg.model}.train.epochs ({train.epochs}) / max_steps ({train.max_steps}) ask for {total} "
+            f"steps, but run {run} has taken {taken} ({resume}): a shorter run is another model. Raise "
+            f"models.{cfg.model}.train.epochs or max_steps to cover {taken} steps, or begin the run afresh with "
+            f"`xtra pretrain {cfg.model} --restart` (its checkpoints are moved aside, never deleted)"
+        )
+    if not segments or segments[-1]["total_steps"] != total:  # a new run, or one extended: a new segment
+        segments = [*segments, {"start_step": taken, "epochs": train.epochs, "max_steps": train.max_steps}]
+        segments[-1]["total_steps"] = total
+    module = PretrainModule(cfg.arch, train, steps, run, cfg.seed, segments=segments, last_loss=last_loss)
+    trainer.fit_loop.epoch_loop.max_steps = module.total_steps
+    plan = _plan(cfg, trainer, data, module, values["data"], run_dir, resume)
+    finished = resume is not None and taken == total  # its final files come from its last checkpoint
+    if trainer.is_global_zero:
+        _other_runs(out, run, values)
+        _write_json(run_dir / "trajectory.json", values)
+        _write_json(out / "run.json", plan)
+        done = (
+            f"{cfg.model}: run {run} has taken its {total} steps ({resume.name}): nothing to train" if finished else ""
+        )
+        print(done or _summary(plan), flush=True)
+    if finished:
+        final = resume
+    else:
+        _remove_final_files(out)
+        final = _fit(cfg, trainer, data, module, plan, run_dir, resume)
+    if trainer.is_global_zero:
+        _finish(cfg, module, final, plan, run_dir)
+    return out
+
+
+def _progress(resume: Path | None) -> tuple[int, list[dict[str, int]], float | None]:
+    """(steps taken, schedule segments, last loss) of the checkpoint a run resumes from; (0, [], None) without."""
+    if resume is None:
+        return 0, [], None
+    ckpt = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)
+    if "segments" not in ckpt:
+        raise CheckpointError(f"{resume} records no schedule segments (written by an older xtra): --restart the run")
+    return int(ckpt["global_step"]), list(ckpt["segments"]), ckpt.get("last_loss")
+
+
+def _fit(
+    cfg: PretrainConfig,
+    trainer: L.Trainer,
+    data: PretrainData,
+    module: PretrainModule,
+    plan: dict[str, Any],
+    run_dir: Path,
+    resume: Path | None,
+) -> Path:
+    """Train from `resume` (or from scratch) to the scheduled steps; returns the final checkpoint."""
+    train, out = cfg.train, cfg.out
     trainer.callbacks[:0] = [
         LogSteps(
             run_dir / "log.csv",
@@ -191,21 +293,21 @@ def _train(cfg: PretrainConfig, params: dict[str, Any], restart: bool) -> Path:
             save_last=False,
         )
     )
-    trainer.loggers = [TensorBoardLogger(save_dir=str(out / "tb"), name="", version=run, default_hp_metric=False)]
-    if trainer.is_global_zero:
-        _other_runs(out, run, values)
-        _write_json(run_dir / "trajectory.json", values)
-        _write_json(out / "run.json", plan)
-        print(_summary(plan), flush=True)
+    trainer.loggers = [
+        TensorBoardLogger(save_dir=str(out / "tb"), name="", version=plan["run_id"], default_hp_metric=False)
+    ]
     started = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    final = run_dir / f"step-{trainer.global_step:06d}.ckpt"
     if trainer.global_step % train.checkpoint_every_n_steps != 0 or trainer.global_step == 0:
         # the end state (same decision on every rank), so that extending epochs/max_steps continues from it
-        trainer.save_checkpoint(run_dir / f"step-{trainer.global_step:06d}.ckpt")
+        trainer.save_checkpoint(final)
     if trainer.is_global_zero:
         prune_checkpoints(run_dir, train.keep_last_checkpoints, train.keep_every_n_steps)
-        _finish(cfg, module, trainer, plan, run_dir, time.time() - started)
-    return out
+        wall = round(time.time() - started, 2)  # a timing: in the log and run.json, never in an output
+        _write_json(out / "run.json", {**plan, "fit_wall_time_s": wall, "fit_steps": trainer.global_step})
+        print(f"{cfg.model}: fit ended at step {trainer.global_step} after {wall} s", flush=True)
+    return final
 
 
 def _trainer(train: TrainConfig) -> L.Trainer:
@@ -264,18 +366,19 @@ def _plan(
     trainer: L.Trainer,
     data: PretrainData,
     module: PretrainModule,
-    run: str,
+    data_identity: str,
     run_dir: Path,
     resume: Path | None,
 ) -> dict[str, Any]:
-    """What the run will do (run.json): its layout, batches, schedule, parameters and attention path."""
+    """What the run will do (run.json): its layout, data, batches, schedule, parameters and attention path."""
     train = cfg.train
     world, accum, batch = trainer.world_size, train.accumulate_grad_batches, train.batch_size
     device = trainer.strategy.root_device
     return {
         "model": cfg.model,
-        "run_id": run,
+        "run_id": module.hparams["run_id"],
         "run_dir": str(run_dir),
+        "data": data_identity,
         "world_size": world,
         "num_nodes": trainer.num_nodes,
         "devices_per_node": trainer.num_devices,
@@ -288,6 +391,7 @@ def _plan(
         "warmup_steps": module.warmup_steps,
         "total_steps": module.total_steps,
         "schedule": "release_warmup_cosine",
+        "segments": module.segments,
         "resume_from": str(resume) if resume else None,
         "parameters": {
             "total": sum(p.numel() for p in module.model.parameters()),
@@ -314,46 +418,59 @@ def _summary(plan: dict[str, Any]) -> str:
     )
 
 
-def _finish(
-    cfg: PretrainConfig,
-    module: PretrainModule,
-    trainer: L.Trainer,
-    plan: dict[str, Any],
-    run_dir: Path,
-    wall: float,
-) -> None:
-    """The final files (rank 0): metrics.json, the curves, the reconstruction, and model.pt last."""
+def _finish(cfg: PretrainConfig, module: PretrainModule, final: Path, plan: dict[str, Any], run_dir: Path) -> None:
+    """The final files (rank 0), pure functions of the final checkpoint and the model's identity:
+    metrics.json, then (unless model.pt of this identity is there) the curves, the reconstruction and
+    model.pt last."""
+    ckpt = torch.load(final, map_location="cpu", weights_only=False, mmap=True)
+    steps, segments = int(ckpt["global_step"]), list(ckpt["segments"])
+    ident = model_identity(plan["run_id"], steps, segments)
     digests = {p.name: p.read_text().strip() for p in run_dir.glob("rank-*.sha256")}
+    train, last = cfg.train, segments[-1]
     metrics = {
+        "identity": ident,
         "init": "pretrain",
-        "steps": trainer.global_step,
-        "epochs": trainer.current_epoch,
-        "images_seen": trainer.global_step * plan["global_batch"],
-        "global_batch": plan["global_batch"],
-        "final_loss": module.last_loss,
-        "wall_time_s": round(wall, 2),
-        "world_size": trainer.world_size,
-        "ranks_in_sync": len(set(digests.values())) <= 1,
         "run_id": plan["run_id"],
-        "final_lr": float(trainer.optimizers[0].param_groups[0]["lr"]),  # the schedule's rate after the last step
+        "data": plan["data"],
+        "steps": steps,
+        "epochs": round(steps / plan["steps_per_epoch"], 6),
+        "images_seen": steps * plan["global_batch"],
+        "global_batch": plan["global_batch"],
+        "segments": segments,
+        "final_loss": ckpt.get("last_loss"),
+        "world_size": plan["world_size"],
+        "ranks_in_sync": len(set(digests.values())) <= 1,
+        # the schedule's rate after the last step, under the segment it was taken in
+        "final_lr": release_warmup_cosine(
+            steps, train.lr, last["total_steps"], module.warmup_steps, train.warmup_start_lr, train.min_lr
+        ),
     }
     out = cfg.out
+    text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+    if not (out / "metrics.json").is_file() or (out / "metrics.json").read_text() != text:
+        write_atomic(out / "metrics.json", text)
+    if _is_current(out, ident):
+        print(f"{cfg.model}: {ARTIFACT_NAME} of identity {ident[:12]} is there ({steps} steps): left untouched")
+        return
     for log in ("log.csv", "val.csv"):  # this run's curves, where dvc plots finds them
         if (run_dir / log).exists():
             shutil.copyfile(run_dir / log, out / f"{log}.tmp")
             (out / f"{log}.tmp").replace(out / log)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    module.model.load_state_dict(state)
     write_model_reconstruction(cfg, module.model)
-    _write_json(out / "metrics.json", metrics)
-    provenance = {k: metrics[k] for k in ("steps", "images_seen", "run_id", "final_loss")}
     save_model_artifact(
         out / ARTIFACT_NAME,
         init="pretrain",
         arch=cfg.arch,
-        state_dict=module.model.state_dict(),
+        state_dict=state,
         provenance={
-            **provenance,
-            "checkpoint": str(run_dir / f"step-{trainer.global_step:06d}.ckpt"),
+            **{k: metrics[k] for k in ("identity", "run_id", "data", "steps", "images_seen", "segments", "final_loss")},
+            "checkpoint": final.relative_to(out).as_posix(),  # relative: no absolute path in an output
             "resolved_arch": asdict(module.model.cfg),
         },
     )
-    print(f"{cfg.model}: {metrics['steps']} steps, final loss {metrics['final_loss']}, wrote {out / ARTIFACT_NAME}")
+    print(
+        f"{cfg.model}: {steps} steps, final loss {metrics['final_loss']}, "
+        f"wrote {out / ARTIFACT_NAME} (identity {ident[:12]})"
+    )
