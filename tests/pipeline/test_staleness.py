@@ -34,7 +34,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from xtra.pipeline.dag import Stage, code_files, identity, stage_table
+from xtra.identity import params_identity
+from xtra.pipeline.dag import Stage, stage_table
 from xtra.pipeline.dvc_yaml import CHECK_STAGE
 
 BIN = Path(sys.executable).parent
@@ -66,9 +67,24 @@ def _set(key: str, value) -> Callable[[Path], None]:
 
 
 def _code_line(name: str) -> Callable[[Path], None]:
+    """A refactor: a changed line of code, no change of numerics (no stage depends on code)."""
+
     def edit(path: Path) -> None:
         with open(path / name, "a") as handle:
             handle.write("# a changed line (staleness test)\n")
+
+    return edit
+
+
+def _bump(kind: str) -> Callable[[Path], None]:
+    """A change of numerics with its recipe version bump (xtra/recipes.yaml)."""
+
+    def edit(path: Path) -> None:
+        recipes = path / "xtra" / "recipes.yaml"
+        text = recipes.read_text()
+        versions = yaml.safe_load(text)
+        recipes.write_text(text.replace(f"\n{kind}: {versions[kind]}\n", f"\n{kind}: {versions[kind] + 1}\n", 1))
+        assert yaml.safe_load(recipes.read_text())[kind] == versions[kind] + 1
 
     return edit
 
@@ -100,8 +116,10 @@ EDITS: list[tuple[str, Callable[[Path], None], set[str]]] = [
     ("model resources", _set("models.xtra_k2.resources.mem_mb", 64000), set()),
     ("probe resources", _set("probe.resources.runtime", 600), set()),
     ("logging cadence", _set("models.xtra_k2.train.log_every_n_steps", 7), set()),
-    ("xtra/model/xtra.py", _code_line("xtra/model/xtra.py"), {*(f"pretrain-{m}" for m in MODELS), *PROBES, "report"}),
-    ("xtra/report/figures.py", _code_line("xtra/report/figures.py"), {"report"}),
+    ("refactor xtra/model/xtra.py", _code_line("xtra/model/xtra.py"), set()),
+    ("refactor xtra/report/figures.py", _code_line("xtra/report/figures.py"), set()),
+    ("pretrain recipe bump", _bump("pretrain"), {*(f"pretrain-{m}" for m in MODELS), *PROBES, "report"}),
+    ("probe recipe bump", _bump("probe"), {*PROBES, "report"}),
     # params.yaml spells out every key, so an existing default changes what no command sees ...
     ("schema default", _schema(_MIN_LR, _MIN_LR.replace("0.00001", "0.0001")), set()),
     # ... and a new key reaches params.yaml through `xtra profile --fill`: the stages that read it.
@@ -126,11 +144,16 @@ def _downstream(table: dict[str, Stage], names: set[str]) -> set[str]:
     return stale
 
 
-def _table_stale(before: dict, after: dict, changed_file: str | None = None) -> set[str]:
+def _table_stale(before: dict, after: dict, bumped: str | None = None) -> set[str]:
+    """The stages a params edit (and a recipe bump of stage kind `bumped`) makes stale, with downstream."""
     old, new = _table(before), _table(after)
-    direct = {n for n, s in new.items() if identity(after, s) != identity(before, old[n])}
-    if changed_file:
-        direct |= {n for n, s in new.items() if changed_file in s.code}
+    direct = {
+        n
+        for n, s in new.items()
+        if n not in old or params_identity(after, s.kind, s.params) != params_identity(before, s.kind, old[n].params)
+    }
+    if bumped:
+        direct |= {n for n, s in new.items() if s.kind == bumped}
     return _downstream(new, direct)
 
 
@@ -155,20 +178,27 @@ def test_params_identities_change_exactly(name, key, value, expected):
     assert _table_stale(before, after) == expected, name
 
 
+TRAINED = {"pretrain-xtra_k2", "pretrain-xtra_k1"}  # the demo's models with init pretrain
+
+
 @pytest.mark.parametrize(
-    "file,expected",
+    "kind,expected",
     [
-        ("xtra/model/xtra.py", {*(f"pretrain-{m}" for m in MODELS), *PROBES, "report"}),
-        ("xtra/report/figures.py", {"report"}),
-        (
-            "xtra/data/readers/demo.py",
-            {"prepare-mnist5k", "prepare-digits", *(f"pretrain-{m}" for m in MODELS[:2]), *PROBES, "report"},
-        ),
+        ("prepare", {"prepare-mnist5k", "prepare-digits", *TRAINED, *PROBES, "report"}),
+        ("pretrain", {*(f"pretrain-{m}" for m in MODELS), *PROBES, "report"}),
+        ("probe", {*PROBES, "report"}),
+        ("report", {"report"}),
     ],
 )
-def test_code_lists_reach_exactly(file, expected):
+def test_a_recipe_bump_reaches_exactly_its_kind_and_downstream(kind, expected):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert _table_stale(params, params, file) == expected
+    assert _table_stale(params, params, kind) == expected
+
+
+def test_no_stage_depends_on_code():
+    """A refactor re-runs nothing: the table lists params keys and data files, never a source file."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert not [d for s in stage_table(params) for d in s.data if d.endswith(".py")]
 
 
 def test_inits_read_only_what_they_need():
@@ -187,9 +217,8 @@ def test_inits_read_only_what_they_need():
 def test_report_is_keyed_on_its_section_and_the_reference_data():
     table = _table(yaml.safe_load((REPO / "params.yaml").read_text()))
     report = table["report"]
-    assert "xtra/report/reference" in report.code and "report.reference_models" in report.params
+    assert "xtra/report/reference" in report.data and "report.reference_models" in report.params
     assert not any(d.endswith(".ckpt") or d.endswith("model.pt") for d in report.data)
-    assert "xtra/report/figures.py" in code_files("report") and "xtra/report/figures.py" not in code_files("probe")
 
 
 # ---------------------------------------------------------------- slow: the two real front-ends
@@ -282,6 +311,7 @@ def _snapshot(path: Path) -> dict[Path, tuple[bytes, os.stat_result]]:
         "params.yaml",
         "dvc.yaml",
         "xtra/schema/params.schema.yaml",
+        "xtra/recipes.yaml",
         "xtra/model/xtra.py",
         "xtra/report/figures.py",
         *(f"profiles/{p.name}" for p in (path / "profiles").glob("*.yaml")),

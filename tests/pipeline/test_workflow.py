@@ -28,9 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from xtra.cli import COMMANDS
 from xtra.cli import main as xtra_main
-from xtra.pipeline.dag import COMMAND_MODULES
 from xtra.pipeline.dvc_yaml import CHECK_STAGE, check_stamp
 
 BIN = Path(sys.executable).parent
@@ -409,81 +407,34 @@ def test_dvc_reruns_only_the_stages_a_params_change_touches(copies, monkeypatch)
     assert _changed(path) == set()
 
 
-# ---------------------------------------------------------------- the code deps are complete
-
-# Plumbing every stage imports that only checks params (a change cannot alter a result without a
-# params change): not a dependency, so editing the CLI does not re-run a 100-epoch pre-training.
-PLUMBING = {"xtra", "xtra.cli", "xtra.config", "xtra.errors", "xtra.pipeline"} | {
-    f"xtra.pipeline.{m}" for m in ("dag", "dvc_yaml", "fill", "params_doc", "profiles")
-}
-STAGE_MODULES = {kind: COMMANDS[kind][0] for kind in STAGES}  # the module each `xtra <kind>` runs
+# ---------------------------------------------------------------- no code deps, a recipe version each
 
 
-def _module_file(name: str) -> Path | None:
-    base = REPO / Path(*name.split("."))
-    for candidate in (base / "__init__.py", base.with_suffix(".py")):
-        if candidate.is_file():
-            return candidate
-    return None
+def test_stages_depend_on_their_recipe_version_and_no_code(copies):
+    """A refactor re-runs nothing (xtra/identity.py): no stage of dvc.yaml depends on a source file;
+    each depends on its kind's recipe version (xtra/recipes.yaml, a params file of the stage)."""
+    import yaml as pyyaml
 
-
-def imported_files(module: str) -> set[str]:
-    """Source files of `module` and of every xtra module it imports, also inside functions."""
-    seen: set[Path] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        path = _module_file(name)
-        if name in PLUMBING or path is None or path in seen:
+    stages = pyyaml.safe_load((copies["demo"] / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        code = [d for d in stage.get("deps", []) if str(d).startswith("xtra/") and str(d).endswith(".py")]
+        assert code == [], f"{name} depends on code {code}"
+        if name == CHECK_STAGE:
             continue
-        seen.add(path)
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("xtra"):
-                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.startswith("xtra")]
-    return {p.relative_to(REPO).as_posix() for p in seen}
+        recipes = [p for p in stage["params"] if isinstance(p, dict) and "xtra/recipes.yaml" in p]
+        assert recipes == [{"xtra/recipes.yaml": [name.split("-")[0]]}], name
 
 
-@pytest.mark.parametrize("kind", STAGES)
-def test_dvc_code_deps_cover_every_imported_module(kind, copies):
-    if _module_file(STAGE_MODULES[kind]) is None:
-        pytest.skip(f"{STAGE_MODULES[kind]} is not written yet")
-    stage = next(s for s in dvc_stages(copies["demo"]).values() if s["kind"] == kind)
-    missing = [
-        f
-        for f in sorted(imported_files(STAGE_MODULES[kind]))
-        if (REPO / f).stat().st_size  # an empty __init__.py changes nothing (and DVC warns on it)
-        and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in stage["deps"])
-    ]
-    assert not missing, f"dvc.yaml stage {kind} lacks deps on {missing}"
+def test_dvc_data_deps_are_files_the_pipeline_or_the_package_holds():
+    """A dependency that does not exist makes `dvc repro` fail on a fresh clone: every dep is another
+    stage's output, the check stamp, or a file of the repository."""
+    import yaml as pyyaml
 
-
-def test_registries_packages_are_code_of_the_stages_that_use_them():
-    """Every Registry of the package is known to the stage table (its modules are imported by it, not by
-    an import statement), and the stages' code deps hold its package's modules."""
-    from xtra.data.readers import READERS
-    from xtra.model.probes import PROBE_KINDS
-    from xtra.pipeline.dag import DISCOVERED, code_files
-
-    owners = sorted(
-        p.relative_to(REPO).with_suffix("").as_posix().removesuffix("/__init__").replace("/", ".")
-        for p in (REPO / "xtra").rglob("*.py")
-        if re.search(r"\bRegistry\(", p.read_text()) and p.name != "registry.py"
-    )
-    assert owners == sorted(DISCOVERED)
-    assert DISCOVERED == {"xtra.data.readers": READERS.package, "xtra.model.probes": PROBE_KINDS.package}
-    assert "xtra/data/readers/cifar.py" in code_files("prepare")
-    assert {"xtra/model/probe_kinds/linear.py", "xtra/model/probe_kinds/attentive.py"} <= set(code_files("probe"))
-
-
-def test_dvc_code_deps_exist():
-    """A dependency that does not exist makes `dvc repro` fail on a fresh clone."""
-    text = (REPO / "dvc.yaml").read_text()
-    deps = {d for d in re.findall(r"^\s+- (xtra/\S+)$", text, re.M)}
-    assert deps and not [d for d in deps if not (REPO / d).exists()]
+    stages = pyyaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    outs = {next(iter(o)) if isinstance(o, dict) else o for s in stages.values() for o in s.get("outs", [])}
+    outs |= {next(iter(m)) if isinstance(m, dict) else m for s in stages.values() for m in s.get("metrics", [])}
+    missing = [d for s in stages.values() for d in s.get("deps", []) if d not in outs and not (REPO / d).exists()]
+    assert not missing, missing
 
 
 def test_one_schema_for_both_front_ends():
@@ -518,9 +469,8 @@ def test_the_check_stage_refuses_stale_or_incomplete_params(tmp_path, capsys):
     assert xtra_main(check) == 2 and "probe.grad_clip" in capsys.readouterr().err
 
 
-def test_the_cli_is_a_leaf_and_names_the_stage_modules():
-    """No module of the package imports xtra.cli (it imports the commands, lazily), and its stage
-    commands run the modules the DAG's code dependencies start from."""
+def test_the_cli_is_a_leaf():
+    """No module of the package imports xtra.cli (it imports the commands, lazily)."""
     importers = []
     for path in sorted((REPO / "xtra").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -531,7 +481,6 @@ def test_the_cli_is_a_leaf_and_names_the_stage_modules():
             ):
                 importers.append(path.relative_to(REPO).as_posix())
     assert importers == []
-    assert {kind: COMMANDS[kind][0] for kind in STAGES} == COMMAND_MODULES
 
 
 @pytest.mark.slow

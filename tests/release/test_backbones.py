@@ -193,7 +193,7 @@ def test_backbone_errors_name_the_file_and_key(tmp_path: Path) -> None:
 
 def test_the_pipeline_depends_on_the_weights_file_and_the_backbone_keys(tmp_path: Path) -> None:
     """The pretrain stage of a backbone (and of an official model) reads its source file and the keys that
-    choose what is built from it; its probes read only model.pt, as for every model."""
+    choose what is built from it; its probes read only the model's metrics.json (its identity), as for every model."""
     from tests.probe.test_stage import make_params
     from xtra.config import validate_params
     from xtra.pipeline.dag import stage_table
@@ -209,8 +209,10 @@ def test_the_pipeline_depends_on_the_weights_file_and_the_backbone_keys(tmp_path
     params = validate_params(params, "test params", check_paths=False)
     stages = {s.name: s for s in stage_table(params)}
     assert stages["pretrain-mae"].data == ["/weights/mae_pretrain_vit_huge.pth"]
-    assert {"models.mae.checkpoint", "models.mae.backbone", "models.mae.arch"} <= set(stages["pretrain-mae"].params)
+    assert {"models.mae.checkpoint", "models.mae.backbone", "models.mae.arch.img_size"} <= set(
+        stages["pretrain-mae"].params
+    )
     assert stages["pretrain-rel"].data == ["/weights/xtra_h14.ckpt"]
     assert "models.rel.drop_prefixes" in stages["pretrain-rel"].params
-    assert stages["probe-mae-bench_a"].data[0] == f"{tmp_path}/models/mae/model.pt"
+    assert stages["probe-mae-bench_a"].data[0] == f"{tmp_path}/models/mae/metrics.json"  # the model's identity
     assert not any("weights" in path for path in stages["probe-mae-bench_a"].data)
