@@ -427,3 +427,22 @@ def test_make_repro_changes_no_tracked_file(tmp_path):
     (path / "RAN").unlink()
     _run(["make", "repro", f"VENV={venv}"], path)
     assert not (path / "RAN").exists(), "a second make repro ran a stage"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_temporary_experiment_shares_the_prepared_data(tmp_path, monkeypatch):
+    """`dvc exp run --temp` runs in a copy of the repository under .dvc/tmp/exps without the git-ignored
+    prepared data: the `check` stage links the repository's (xtra.pipeline.dvc_yaml.share_prepared), so
+    the experiment re-prepares nothing and runs only what its -S edit makes stale."""
+    path = copy_with_fake_xtra(tmp_path / "repo")
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    _run([*git, "add", "-A"], path)
+    _run([*git, "commit", "-qm", "copy"], path)
+    _run([str(BIN / "dvc"), "repro", "-q"], path)
+    _run([*git, "add", "dvc.lock"], path)
+    _run([*git, "commit", "-qm", "run"], path)
+    ran = tmp_path / "RAN-temp"
+    monkeypatch.setenv("XTRA_FAKE_RAN", str(ran))
+    _run([str(BIN / "dvc"), "exp", "run", "--temp", "-S", "probe.benchmarks.mnist.lrs=[0.001]"], path)
+    assert set(ran.read_text().split()) == {*probes("mnist"), "report"}
