@@ -83,6 +83,9 @@ FINAL_FILES = (ARTIFACT_NAME, "metrics.json")
 
 # The run folder holds the run's trajectory.json and logs before its first checkpoint, by design.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# Lightning looks for a loader position in the loaders only; ours is the data module's state (the
+# batches done of the epoch, `PretrainData.state_dict`), from which a resumed loader continues exactly.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
