@@ -80,6 +80,12 @@ def test_run_writes_its_plan_logs_and_a_weights_only_model(small, tmp_path: Path
     assert list(out.rglob("*.ckpt")) == [run_dir / "step-000006.ckpt"]  # and no other checkpoint anywhere
     artifact = read_model_artifact(out / "model.pt")
     assert artifact.init == "pretrain" and artifact.provenance["steps"] == 6
+    # the environment (issue 26): one segment, the thread count the run had (OMP_NUM_THREADS=1 here)
+    (segment,) = artifact.provenance["environments"]
+    env = segment["environment"]
+    assert segment["from_step"] == 0 and (env["threads"], env["ranks"], env["device"]) == (1, 1, "cpu")
+    assert env["device_name"] and env["torch"] == torch.__version__ and plan["environment"] == env
+    assert json.loads((out / "metrics.json").read_text())["environments"] == artifact.provenance["environments"]
     encoder = build_arch_encoder(ArchConfig.from_dict(artifact.arch))
     load_strict(
         encoder,

@@ -94,3 +94,35 @@ def test_ddp_kill_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(
     assert max_weight_difference(final_weights(resumed), final_weights(reference)) == 0
     metrics = json.loads((resumed / "models" / "m" / "metrics.json").read_text())
     assert metrics["world_size"] == ranks and metrics["ranks_in_sync"] and metrics["steps"] == 12
+
+
+def test_a_run_resumed_under_another_thread_count_continues_records_both_and_says_so(
+    small, reference_1, tmp_path: Path
+) -> None:
+    """`resources.threads` is no part of the run: a resume on 2 threads continues the 1-thread run; its
+    final files record both segments' environments, and the log says what changed."""
+    from xtra.model.artifact import read_model_artifact
+
+    tmp, prepared = small
+    params = tiny_params(tmp, prepared)
+    params["models"]["m"]["resources"] = {"threads": 1}
+    killed = run_pretrain(tmp_path, params, prepared, kill_after=4)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    params["models"]["m"]["resources"] = {"threads": 2}
+    resumed = run_pretrain(tmp_path, params, prepared)
+    _check(resumed)
+    assert "resuming from" in resumed.stdout and "step-000004.ckpt" in resumed.stdout, resumed.stdout[-2000:]
+    assert "2 torch thread(s)" in resumed.stdout
+    assert "note: resumed at step 4 in another environment than the run's last segment (threads: 1 -> 2)" in (
+        resumed.stdout
+    )
+    metrics = json.loads((tmp_path / "models" / "m" / "metrics.json").read_text())
+    assert [(s["from_step"], s["environment"]["threads"]) for s in metrics["environments"]] == [(0, 1), (4, 2)]
+    assert (
+        read_model_artifact(tmp_path / "models" / "m" / "model.pt").provenance["environments"]
+        == (metrics["environments"])
+    )
+    # not asserted: how far 2 threads move the weights from the 1-thread run (docs/pretraining.md, Determinism)
+    print(
+        f"max |w(1 then 2 threads) - w(1 thread)| = {max_weight_difference(final_weights(tmp_path), reference_1):.3g}"
+    )

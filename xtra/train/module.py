@@ -40,6 +40,7 @@ from xtra.data.prepared import EpochSampler, PreparedDataset, SeededView
 from xtra.data.rng import derive_seed
 from xtra.data.streaming import ShardStream, make_stream_loader
 from xtra.data.transforms import eval_transform, pretrain_transform
+from xtra.environment import add_segment, environment
 from xtra.errors import XtraError
 from xtra.model.arch import ArchConfig
 from xtra.model.flops import peak_memory_mb
@@ -55,6 +56,7 @@ __all__ = [
     "LogValidationLoss",
     "DigestRankWeights",
     "RebuildBucketsOnResume",
+    "RecordEnvironments",
     "LOG_FIELDS",
     "VAL_FIELDS",
     "model_seed",
@@ -403,3 +405,31 @@ class RebuildBucketsOnResume(L.Callback):
                 loss = trainer.strategy.training_step(batch, batch_idx)  # through DDP, in the precision's autocast
                 loss.backward()
                 pl_module.zero_grad(set_to_none=True)
+
+
+class RecordEnvironments(L.Callback):
+    """The environment of each segment of the run (`xtra.environment`): where it started and what it ran on.
+
+    Kept in every checkpoint (`environments`), so a resumed run knows the segments before it; a
+    resume in another environment (thread count, ranks, device, torch) adds a segment and says so in
+    the log. The final files (model.pt provenance, metrics.json) copy the final checkpoint's list.
+    """
+
+    def __init__(self) -> None:
+        self.segments: list[dict[str, Any]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        env = environment(trainer.world_size, trainer.strategy.root_device)
+        self.segments, changed = add_segment(self.segments, "from_step", trainer.global_step, env)
+        if changed and trainer.is_global_zero:
+            print(
+                f"note: resumed at step {trainer.global_step} in another environment than the run's last "
+                f"segment ({'; '.join(changed)}): recorded as a segment of its own",
+                flush=True,
+            )
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["environments"] = list(self.segments)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.segments = list(checkpoint.get("environments", []))
