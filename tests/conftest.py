@@ -35,7 +35,12 @@ SMALL_ARCH = {
 
 
 def demo_params() -> dict[str, Any]:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    """The demo's params with one torch thread per job (the commands apply `resources.threads`; the tests
+    pin one thread, as `one_thread` does in this process)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section in [*params["models"].values(), params["probe"]]:
+        section["resources"]["threads"] = 1
+    return params
 
 
 def write_params(directory: Path, params: dict[str, Any], prepared: Path | None = None) -> Path:

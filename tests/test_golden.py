@@ -8,7 +8,9 @@ Four measurements on tiny inputs, one thread, CPU:
   bit), and the same model trained for 12 steps (drop path and pseudo-random block orders on, stream
   loader): every logged step's loss, lr and gradient norm, and the sha256 of every final tensor;
 - probe: that model's linear and attentive banks (2 lrs each, RandAugment on, 2 epochs): every
-  head's top-1, every epoch's loss of every head, and the sha256 of every final head tensor.
+  head's top-1, every epoch's loss of every head, and the sha256 of every final head tensor. The
+  measurement is named by the pretrain version of the model it probes (`sweep of a pretrain-<v>
+  model`): a new pretrain version moves these numbers without any change of the probe stage.
 
 tests/golden/numerics.json holds them as {stage: {recipe version: {measurement: values}}}. A refactor
 leaves every value of the current versions equal, bit for bit. A change of numerics fails here, saying
@@ -189,4 +191,4 @@ def test_probing_is_the_golden_sweep(golden_run) -> None:
     for kind, trainer in sorted(state["trainers"].items()):
         values[f"{kind}/history"] = trainer["history"]
         values[f"{kind}/heads"] = tensor_digests(trainer["bank"])
-    check("probe", "sweep", values)
+    check("probe", f"sweep of a pretrain-{recipe_version('pretrain')} model", values)

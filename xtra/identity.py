@@ -40,7 +40,6 @@ __all__ = [
     "STAGE_KINDS",
     "NOT_RESULT_KEYS",
     "TRAIN_TRAJECTORY_KEYS",
-    "TRAIN_STREAM_KEYS",
     "ARCH_NON_TRAJECTORY_KEYS",
     "RUN_LENGTH_KEYS",
     "WORLD_SIZE_KEYS",
@@ -67,6 +66,7 @@ NOT_RESULT_KEYS = {
     "dataset": frozenset({"num_workers", "resources"}),
     "train": frozenset(
         {
+            "num_workers",
             "log_every_n_steps",
             "checkpoint_every_n_steps",
             "keep_last_checkpoints",
@@ -86,7 +86,7 @@ NOT_RESULT_KEYS = {
 }
 # A pre-training run (its checkpoint folder, `xtra.train.identity.run_id`) is the trajectory: these
 # train keys, the arch but its attention kernel, the world size, the data's identity, the seed and
-# the recipe version. With the stream loader the batch order also depends on its worker count.
+# the recipe version. Not the loader workers: the batch order does not depend on them (xtra.data.streaming).
 TRAIN_TRAJECTORY_KEYS = (
     "batch_size",
     "accumulate_grad_batches",
@@ -100,7 +100,6 @@ TRAIN_TRAJECTORY_KEYS = (
     "precision",
     "loader",
 )
-TRAIN_STREAM_KEYS = ("num_workers",)  # trajectory keys with `loader: stream` only
 ARCH_NON_TRAJECTORY_KEYS = ("attn_impl",)  # the same mask computed by another kernel
 # Not in the run (a longer run continues it) but in the model: how far it went.
 RUN_LENGTH_KEYS = ("epochs", "max_steps")
@@ -152,8 +151,7 @@ def _pretrain_keys(params: Mapping[str, Any], model: str) -> list[str]:
     section, where = params["models"][model], f"models.{model}"
     keys = ["seed", f"{where}.init"] + [f"{where}.arch.{k}" for k in result_keys("arch")]
     if section["init"] == "pretrain":
-        stream = TRAIN_STREAM_KEYS if section["train"]["loader"] == "stream" else ()
-        train = TRAIN_TRAJECTORY_KEYS + stream + RUN_LENGTH_KEYS + WORLD_SIZE_KEYS
+        train = TRAIN_TRAJECTORY_KEYS + RUN_LENGTH_KEYS + WORLD_SIZE_KEYS
         keys += [f"{where}.dataset"] + [f"{where}.train.{k}" for k in train]
     elif section["init"] == "official":
         keys += [f"{where}.checkpoint", f"{where}.drop_prefixes"]

@@ -327,3 +327,51 @@ def test_a_local_ray_is_sized_by_the_cpu_affinity_not_the_machine(monkeypatch):
     assert allocated_cpus() == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4096)))
     assert allocated_cpus() <= (os.cpu_count() or 1)  # the cgroup / machine count caps it
+
+
+def _environments(params: dict, kind: str = "linear") -> list[dict]:
+    result = Path(params["paths"]["results"]) / "probe" / "rand" / f"bench_b-{kind}.json"
+    return json.loads(result.read_text())["environments"]
+
+
+@pytest.mark.timeout(300)
+def test_each_result_records_the_thread_count_the_job_set(inputs, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job sets it (probe.resources.threads); restored after
+    for threads in (1, 2):
+        params = _params(inputs, f"threads_{threads}")
+        params["probe"]["resources"]["threads"] = threads
+        assert probe_model(params, "rand", ["bench_b"], ["linear"], use_ray=False) == 0
+        assert torch.get_num_threads() == threads
+        (segment,) = _environments(params)
+        assert segment["from_epoch"] == 0
+        assert {k: segment["environment"][k] for k in ("threads", "ranks", "device")} == {
+            "threads": threads,
+            "ranks": 1,
+            "device": "cpu",
+        }
+        assert segment["environment"]["torch"] == torch.__version__ and segment["environment"]["device_name"]
+
+
+@pytest.mark.timeout(300)
+def test_a_job_resumed_under_another_thread_count_records_both_and_says_so(inputs, monkeypatch, capsys):
+    from xtra.probe.driver import FAIL_AFTER_ENV
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    params = _params(inputs, "threads_resumed")
+    params["probe"]["resources"]["threads"] = 1
+    params["probe"]["ray"]["max_retries"] = 0
+    monkeypatch.setenv(FAIL_AFTER_ENV, "2")  # fails after saving epoch 2 of 3
+    assert probe_model(params, "rand", ["bench_b"], ["linear"], use_ray=False) == 1
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    params["probe"]["resources"]["threads"] = 2  # resubmitted with another thread count: continues
+    assert probe_model(params, "rand", ["bench_b"], ["linear"], use_ray=False) == 0
+    first, second = _environments(params)
+    assert (first["from_epoch"], first["environment"]["threads"]) == (0, 1)
+    assert (second["from_epoch"], second["environment"]["threads"]) == (2, 2)
+    assert "resumed at epoch 2 in another environment (threads: 1 -> 2)" in capsys.readouterr().out
+    log = state_path(probe_config(params, "rand", "bench_b", ["linear"])).with_suffix(".log").read_text()
+    assert log.splitlines()[:3] == [
+        "start epoch 0",
+        "resume epoch 2",
+        "resumed at epoch 2 in another environment (threads: 1 -> 2)",
+    ]

@@ -80,6 +80,12 @@ def test_run_writes_its_plan_logs_and_a_weights_only_model(small, tmp_path: Path
     assert list(out.rglob("*.ckpt")) == [run_dir / "step-000006.ckpt"]  # and no other checkpoint anywhere
     artifact = read_model_artifact(out / "model.pt")
     assert artifact.init == "pretrain" and artifact.provenance["steps"] == 6
+    # the environment (issue 26): one segment, the thread count the run had (OMP_NUM_THREADS=1 here)
+    (segment,) = artifact.provenance["environments"]
+    env = segment["environment"]
+    assert segment["from_step"] == 0 and (env["threads"], env["ranks"], env["device"]) == (1, 1, "cpu")
+    assert env["device_name"] and env["torch"] == torch.__version__ and plan["environment"] == env
+    assert json.loads((out / "metrics.json").read_text())["environments"] == artifact.provenance["environments"]
     encoder = build_arch_encoder(ArchConfig.from_dict(artifact.arch))
     load_strict(
         encoder,
@@ -237,16 +243,20 @@ def test_trajectory_keys_exclude_what_does_not_change_the_optimisation() -> None
     lr = dict(params, models={"m": {**params["models"]["m"], "train": {**train, "lr": 0.5}}})
     assert changed_keys(base, trajectory(lr, "m", 2, "data")) == ["train.lr: 0.001 -> 0.5"]
     assert run_id(trajectory(params, "m", 4, "data")) != run_id(base)  # the world size is part of the run
-    workers = {**train, "num_workers": 7}  # the stream's order depends on its workers, random access's not
-    assert run_id(
-        trajectory(dict(params, models={"m": {**params["models"]["m"], "train": workers}}), "m", 2, "data")
-    ) != run_id(base)
-    rand = {**train, "loader": "random"}
-    rand_base = trajectory(dict(params, models={"m": {**params["models"]["m"], "train": rand}}), "m", 2, "data")
-    rand_workers = trajectory(
-        dict(params, models={"m": {**params["models"]["m"], "train": {**rand, "num_workers": 7}}}), "m", 2, "data"
+    for loader in ("stream", "random"):  # neither loader's order depends on its workers (xtra.data.streaming)
+        section = {**train, "loader": loader}
+        one = trajectory(dict(params, models={"m": {**params["models"]["m"], "train": section}}), "m", 2, "data")
+        seven = trajectory(
+            dict(params, models={"m": {**params["models"]["m"], "train": {**section, "num_workers": 7}}}),
+            "m",
+            2,
+            "data",
+        )
+        assert run_id(seven) == run_id(one), loader
+    rand = trajectory(
+        dict(params, models={"m": {**params["models"]["m"], "train": {**train, "loader": "random"}}}), "m", 2, "data"
     )
-    assert run_id(rand_workers) == run_id(rand_base) != run_id(base)
+    assert run_id(rand) != run_id(base)
 
 
 def _lr_rows(directory: Path) -> list[float]:

@@ -88,7 +88,7 @@ def _part(root: Path, split: str, seed: int, n: int, tf: Callable | None) -> Sha
 
 def _warm(ds: ShardStream) -> None:
     """Read the shards the measured part touches once (untimed): the rates are CPU costs, not the storage's."""
-    for shard in np.unique(ds.index.shard[ds.worker_run(0, 0, 1)]):
+    for shard in np.unique(ds.index.shard[ds.rank_part(0)]):
         with open(ds.index.files[int(shard)], "rb") as f:
             while f.read(1 << 24):
                 pass
@@ -105,7 +105,7 @@ def _plain(ds: ShardStream) -> int:
 def _bare_decode(ds: ShardStream) -> dict:
     """Decode the stored payloads the part reads, read into memory first (not timed)."""
     reader = PreparedDataset(ds.root, ds.split)._reader
-    ids = ds.worker_run(0, 0, 1)
+    ids = ds.rank_part(0)
     payloads = [reader.read(int(i)) for i in ids]
     reader.close()
 

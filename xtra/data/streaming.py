@@ -1,24 +1,29 @@
-"""Streaming reads of prepared shards for pre-training: each shard opened once per epoch, read front to back.
+"""Streaming reads of prepared shards for pre-training: each shard opened at most once per worker and epoch.
 
 `ShardStream(root, split, transform, seed=..., rank=..., world_size=...)` is an IterableDataset over
 one split of a prepared dataset (`xtra prepare`); `make_stream_loader(ds, batch_size, num_workers)`
-wraps it in torchdata's `StatefulDataLoader`, whose `state_dict()` / `load_state_dict()` save and
-restore the position inside an epoch (Lightning stores it in its checkpoints).
+wraps it in a DataLoader. `ds.start_at(epoch, batches_done)` makes the next iteration of that epoch
+begin at its batch `batches_done`: the position a resumed run continues from (the pre-training's
+data module keeps it in its checkpoints).
 
-Order of epoch e (a pure function of seed, e, world_size, num_workers and batch_size):
+Order of epoch e, a pure function of (seed, e, world_size, batch_size), whatever the loader workers:
 1. the split's shards in a seeded permutation (`derive_seed(seed, "shards", e)`; the manifest
    order when shuffle is False), their samples concatenated in tar order: the *epoch order*
    (`epoch_order(e)`, global sample indices);
 2. the first `world_size * M` samples of it are cut into `world_size` contiguous parts of M, one
-   per rank (M = `len(ds)`);
-3. a rank's part is cut into its batches, and worker w of K reads the w-th contiguous run of
-   whole batches (the DataLoader then interleaves the workers' batches);
-4. each worker reads its run front to back and emits it through a seeded shuffle buffer of
-   `shuffle_buffer` samples (`derive_seed(seed, "buffer", e, rank, w, K)`).
-A worker therefore opens only the shards its run touches, each once, and holds at most
-`shuffle_buffer` encoded payloads. Each sample's transform runs under
-`seeded(derive_seed(seed, "aug", e, i))` (i = the sample's index in the split), so its
-augmentation is the same whichever rank or worker reads it, and after a resume.
+   per rank (M = `len(ds)`; `rank_part(e)`);
+3. a rank's part, read front to back, goes through a seeded shuffle buffer of `shuffle_buffer`
+   samples (`derive_seed(seed, "buffer", e, rank)`): the rank's *yield order* (`rank_order(e)`),
+   cut into batches of B;
+4. loader worker w of K yields batches w, w + K, w + 2K, ... (from the start position s on:
+   s + w, s + w + K, ...), so the DataLoader, which takes one batch from each worker in turn,
+   yields batches s, s + 1, s + 2, ... in order for any K.
+A worker reads the samples of its batches in ascending position of the rank's part (so it opens
+each shard at most once per epoch), one `pread` of its stored bytes each, and holds those read
+ahead of their turn: at most `shuffle_buffer` encoded payloads (what a shuffle buffer holds). No
+sample is read by two workers. Each sample's transform runs under
+`seeded(derive_seed(seed, "aug", e, i))` (i = the sample's index in the split), so its augmentation
+is the same whichever rank or worker reads it, and after a resume.
 
 Remainder rule. Every rank yields the same number of samples, M (DDP needs equal batch counts):
 with drop_last (the default of `make_stream_loader`), M = floor(N / (world_size * B)) * B, so
@@ -28,15 +33,13 @@ world_size * B) are not read in epoch e; the shard permutation changes each epoc
 left out change too. All the others are read exactly once per epoch across all ranks.
 With a plain DataLoader (no `make_stream_loader`), B = 1.
 
-State. `state_dict()` (called by StatefulDataLoader inside each worker, after each batch) is
-{epoch, yielded, ...}: how many samples this worker's run has emitted. It holds no rank, and at
-the same batch count every rank's worker w has emitted the same number, so the rank-0 copy that
-Lightning saves restores every rank. Restoring recomputes the order, re-reads the payloads that
-were in the shuffle buffer (from the shards they came from) and goes on front to back, so the
-batches that follow are exactly those of an uninterrupted epoch. Call `set_epoch(e)` before each
-epoch's iteration; a restored state's epoch applies to the next iteration only (a state saved at
-the end of an epoch makes StatefulDataLoader start a fresh iteration, which reads the epoch set).
-Workers are not persistent, so each epoch's workers see the epoch set in the main process.
+Position. The position inside an epoch is the number of batches done, the same on every rank and
+for any number of workers: `start_at(e, k)` and the next iteration of epoch e yields its batches
+k, k + 1, ... exactly as an uninterrupted epoch does (the payloads that would be in the shuffle
+buffer at batch k are read again from their shards). Call `set_epoch(e)` before each epoch's
+iteration; workers are not persistent, so each epoch's workers see the epoch (and the start) set
+in the main process. Before issue 19, worker w read a contiguous run of batches, so the order
+depended on the number of workers, which was part of the run's identity; it no longer is.
 
 Why a thin IterableDataset and not a library (numbers in docs/data.md, "Reading prepared data"):
 - WebDataset 1.0.2 reads our tars (they are WebDataset-format), but its shuffle buffer state is
@@ -45,23 +48,20 @@ Why a thin IterableDataset and not a library (numbers in docs/data.md, "Reading 
   counts when shards differ in size. Its tar parser also re-reads every header and `.cls` member
   that the sidecar index already gives.
 - litdata needs its own chunk format (a second copy of 400 GB for ImageNet-21k).
-- torchdata nodes (0.11) give a stateful pipeline but replace the DataLoader contract Lightning
-  and the pre-training loop use; `StatefulDataLoader` over a Stateful IterableDataset is the part
-  of torchdata that fits, and is what is used here.
+- torchdata's StatefulDataLoader saves one state per worker, so a position saved under K workers
+  cannot be restored under another K; the position here is one number, the batches done.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from xtra.data.prepared import decode_rgb, load_manifest
 from xtra.data.rng import derive_seed, seeded
@@ -155,14 +155,21 @@ class ShardStream(IterableDataset):
         self._shard_starts = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
         self.epoch = 0
         self.batch_size, self.drop_last = 1, False  # set by make_stream_loader
-        self._resume: dict | None = None  # a restored state, used by the next iteration
-        self._iter_epoch: int | None = None  # the epoch of the current iteration
-        self._yielded = 0  # samples the current iteration has emitted
+        self._start = (0, 0)  # (epoch, batches done): where an iteration of that epoch begins
 
     # -- the order ------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration reads (its shard permutation, shuffle buffer and augmentation)."""
         self.epoch = int(epoch)
+
+    def start_at(self, epoch: int, batches_done: int) -> None:
+        """Iterations of `epoch` begin at its batch `batches_done` (a resumed position); other epochs at 0."""
+        if not 0 <= batches_done <= self.num_batches:
+            raise DataError(
+                f"ShardStream {self.name}/{self.split}: cannot start at batch {batches_done} of an epoch of "
+                f"{self.num_batches} batches"
+            )
+        self._start = (int(epoch), int(batches_done))
 
     @property
     def num_samples(self) -> int:
@@ -173,6 +180,11 @@ class ShardStream(IterableDataset):
         """M: samples this rank yields per epoch (the same on every rank; see the remainder rule)."""
         n, w, b = self.num_samples, self.world_size, self.batch_size
         return (n // (w * b)) * b if self.drop_last else n // w
+
+    @property
+    def num_batches(self) -> int:
+        """Batches this rank yields per epoch (the last one short without drop_last)."""
+        return -(-len(self) // self.batch_size)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """(N,) global sample indices of `epoch`: shards in their seeded permutation, each in tar order."""
@@ -186,50 +198,22 @@ class ShardStream(IterableDataset):
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(starts, ends)])
 
-    def worker_run(self, epoch: int, worker: int, num_workers: int) -> np.ndarray:
-        """Global indices worker `worker` of `num_workers` reads, front to back, in `epoch` (before the buffer)."""
-        m, b = len(self), self.batch_size
-        part = self.epoch_order(epoch)[self.rank * m : (self.rank + 1) * m]
-        num_batches = -(-m // b)
-        first, last = worker * num_batches // num_workers, (worker + 1) * num_batches // num_workers
-        return part[first * b : min(last * b, m)]
+    def rank_part(self, epoch: int) -> np.ndarray:
+        """(M,) global indices of this rank's contiguous part of `epoch`'s order (the order they are read in)."""
+        m = len(self)
+        return self.epoch_order(epoch)[self.rank * m : (self.rank + 1) * m]
 
-    def _emit_order(self, epoch: int, worker: int, num_workers: int, n: int) -> np.ndarray:
+    def yield_positions(self, epoch: int) -> np.ndarray:
+        """(M,) positions into `rank_part(epoch)` in the order this rank yields them (the shuffle buffer's)."""
+        m = len(self)
         if not self.shuffle:
-            return np.arange(n)
-        rng = np.random.default_rng(derive_seed(self.seed, "buffer", int(epoch), self.rank, worker, num_workers))
-        return shuffle_buffer_order(n, self.shuffle_buffer, rng)
+            return np.arange(m)
+        rng = np.random.default_rng(derive_seed(self.seed, "buffer", int(epoch), self.rank))
+        return shuffle_buffer_order(m, self.shuffle_buffer, rng)
 
-    # -- state ----------------------------------------------------------------------------------
-    def _layout(self, num_workers: int) -> dict:
-        return {
-            "num_samples": self.num_samples,
-            "world_size": self.world_size,
-            "num_workers": num_workers,
-            "batch_size": self.batch_size,
-            "drop_last": self.drop_last,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "shuffle_buffer": self.shuffle_buffer,
-        }
-
-    def state_dict(self) -> dict:
-        """{epoch, yielded, and the layout it is valid for}: the position of this worker (rank-agnostic)."""
-        info = get_worker_info()
-        epoch = self.epoch if self._iter_epoch is None else self._iter_epoch
-        return {"epoch": epoch, "yielded": self._yielded, **self._layout(info.num_workers if info else 0)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume the next iteration at `state` (from `state_dict` of any rank with the same layout)."""
-        info = get_worker_info()
-        expected = self._layout(info.num_workers if info else 0)
-        wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if wrong:
-            detail = ", ".join(f"{k}: saved {s!r}, now {v!r}" for k, (s, v) in sorted(wrong.items()))
-            raise DataError(
-                f"ShardStream {self.name}/{self.split}: the saved position is for another layout ({detail})"
-            )
-        self._resume = {"epoch": int(state["epoch"]), "yielded": int(state["yielded"])}
+    def rank_order(self, epoch: int) -> np.ndarray:
+        """(M,) global indices this rank yields in `epoch`, in order: batch k is `[k * B, (k + 1) * B)`."""
+        return self.rank_part(epoch)[self.yield_positions(epoch)]
 
     # -- reading --------------------------------------------------------------------------------
     def _sample(self, data: bytes, i: int, epoch: int) -> tuple[Any, int]:
@@ -242,33 +226,28 @@ class ShardStream(IterableDataset):
         return x, int(idx.label[i])
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
-        # The position is taken now, not when the generator starts: StatefulDataLoader may create
-        # (and drop) an iterator right after restoring a state, e.g. one saved at the end of an epoch.
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        resume, self._resume = self._resume, None
-        epoch = resume["epoch"] if resume else self.epoch
-        skip = resume["yielded"] if resume else 0
-        self._iter_epoch, self._yielded = epoch, skip
-        return self._read(epoch, skip, worker, num_workers)
+        start_epoch, done = self._start
+        return self.read_batches(self.epoch, done if start_epoch == self.epoch else 0, worker, num_workers)
 
-    def _read(self, epoch: int, skip: int, worker: int, num_workers: int) -> Iterator[tuple[Any, int]]:
-        """This worker's run of `epoch` from its `skip`-th emitted sample: read front to back, emit in buffer order."""
-        run = self.worker_run(epoch, worker, num_workers)
-        order = self._emit_order(epoch, worker, num_workers, len(run))  # positions into run
-        emitted = np.zeros(len(run), dtype=bool)
-        emitted[order[:skip]] = True
-        pos = int(np.argmin(emitted)) if not emitted.all() else len(run)  # first position not yet emitted
-        reader, pending = _SequentialShards(self.index), {}
+    def read_batches(self, epoch: int, first: int, worker: int, num_workers: int) -> Iterator[tuple[Any, int]]:
+        """The samples of batches first + worker, first + worker + num_workers, ... of `epoch`, in order.
+
+        Read in ascending position of the rank's part (each shard opened at most once), each
+        payload held from its read until its turn (at most `shuffle_buffer` of them).
+        """
+        part, positions, b = self.rank_part(epoch), self.yield_positions(epoch), self.batch_size
+        mine = [positions[k * b : (k + 1) * b] for k in range(first + worker, self.num_batches, num_workers)]
+        turns = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)  # positions, in yield order
+        reads = np.sort(turns).tolist()  # the same positions, in read order
+        reader, held, r = _SequentialShards(self.index), {}, 0
         try:
-            for p in order[skip:]:
-                while pos <= p:  # read front to back up to the position to emit
-                    if not emitted[pos]:
-                        pending[pos] = reader.read(int(run[pos]))
-                    pos += 1
-                sample = self._sample(pending.pop(int(p)), int(run[p]), epoch)
-                self._yielded += 1
-                yield sample
+            for p in turns.tolist():
+                while r < len(reads) and reads[r] <= p:  # read front to back up to the position to yield
+                    held[reads[r]] = reader.read(int(part[reads[r]]))
+                    r += 1
+                yield self._sample(held.pop(p), int(part[p]), epoch)
         finally:
             reader.close()
 
@@ -279,23 +258,20 @@ class ShardStream(IterableDataset):
         )
 
 
-def make_stream_loader(
-    ds: ShardStream, batch_size: int, num_workers: int, drop_last: bool = True
-) -> StatefulDataLoader:
-    """A StatefulDataLoader over `ds` in batches of `batch_size`; sets ds's batch layout (see the remainder rule).
+def make_stream_loader(ds: ShardStream, batch_size: int, num_workers: int, drop_last: bool = True) -> DataLoader:
+    """A DataLoader over `ds` in batches of `batch_size`; sets ds's batch layout (see the remainder rule).
 
-    Workers are started per epoch (not persistent), so `ds.set_epoch` in the main process reaches them.
+    Workers are started per epoch (not persistent), so `ds.set_epoch` and `ds.start_at` in the main
+    process reach them; the DataLoader takes one batch from each worker in turn, in order.
     """
     if batch_size < 1:
         raise DataError(f"make_stream_loader: batch_size must be >= 1, got {batch_size}")
     ds.batch_size, ds.drop_last = int(batch_size), bool(drop_last)
-    with warnings.catch_warnings():  # torchdata 0.11 calls torch's deprecated set_vital in its __init__
-        warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
-        return StatefulDataLoader(
-            ds,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            drop_last=drop_last,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
-        )
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )

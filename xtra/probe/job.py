@@ -38,6 +38,7 @@ import torch
 
 from xtra.atomic import sha256_file, write_json_atomic
 from xtra.data.prepared import load_manifest
+from xtra.environment import add_segment, apply_threads, environment
 from xtra.errors import DataError, ParamsError
 from xtra.identity import dataset_identity, key_values, stage_identity, stage_keys
 from xtra.model.artifact import ARTIFACT_NAME, artifact_identity
@@ -69,6 +70,7 @@ __all__ = [
     "write_results",
     "result_path",
     "model_path",
+    "job_threads",
     "CACHE_LIMIT_ENV",
     "InjectedFailure",
 ]
@@ -218,6 +220,7 @@ def _run_rank(
     log: Callable[[str], None],
 ) -> dict[str, dict] | None:
     """The job on this rank; rank 0 evaluates, keeps and returns the results, the other ranks None."""
+    apply_threads(job_threads(params, job.benchmark))  # each rank's process, in a Ray task too
     start = time.perf_counter()
     identity, model = identities
     cfg = probe_config(params, job.model, job.benchmark, job.kinds)
@@ -241,11 +244,12 @@ def _run_rank(
         f"{data.num_train} train images, {len(groups)} training pass(es) per epoch "
         f"(features {', '.join(f for _, f, _ in groups)}), {epochs} epochs on {device} x {world()[1]}"
     )
-    first = _resume(spath, identity, groups, log, job)
+    first, saved = _resume(spath, identity, groups, log, job)
+    segments = _environments(saved, first, device, spath, log, job)
     for epoch in range(first, epochs):
         for source, _, trainers in groups:
             train_banks(trainers, source, epoch + 1, start_epoch=epoch)
-        _end_epoch(spath, identity, epoch, groups, hooks, first)
+        _end_epoch(spath, identity, epoch, groups, hooks, first, segments)
     features = {t.cfg.kind: f for _, f, ts in groups for t in ts}
     del groups
     results = None
@@ -256,6 +260,7 @@ def _run_rank(
                 **_select(cfg, kind, banks[kind], encoder, data, device),
                 **_facts(cfg, kind, features[kind], data, sha, str(device)),
                 **ids,
+                "environments": segments,
             }
             for kind in cfg.kinds
         }
@@ -294,13 +299,16 @@ def _cache_limit_bytes() -> float:
     return float(os.environ.get(CACHE_LIMIT_ENV, DEFAULT_CACHE_GB)) * 2**30
 
 
-def _resume(spath: Path, identity: str, groups: list, log: Callable[[str], None], job: ProbeJob) -> int:
-    """Load the saved state of this job into its trainers; returns the first epoch to train."""
+def _resume(
+    spath: Path, identity: str, groups: list, log: Callable[[str], None], job: ProbeJob
+) -> tuple[int, list[dict]]:
+    """Load the saved state of this job into its trainers; returns the first epoch to train and the
+    environments of the segments before it."""
     state = load_state(spath, identity)
     if state is None:
         if world()[0] == 0:
             log_progress(spath, "start epoch 0")
-        return 0
+        return 0, []
     for _, _, trainers in groups:
         for t in trainers:
             t.load_state_dict(state["trainers"][t.cfg.kind])
@@ -308,14 +316,36 @@ def _resume(spath: Path, identity: str, groups: list, log: Callable[[str], None]
     if world()[0] == 0:
         log_progress(spath, f"resume epoch {first}")
     log(f"[{job.model}/{job.name}] resuming after epoch {first} from {spath}")
-    return first
+    return first, list(state.get("environments", []))
 
 
-def _end_epoch(spath: Path, identity: str, epoch: int, groups: list, hooks: JobHooks, first: int) -> None:
+def _environments(
+    saved: list[dict], first: int, device: torch.device, spath: Path, log: Callable[[str], None], job: ProbeJob
+) -> list[dict]:
+    """The environments of the job's segments (`xtra.environment`) with this one's from epoch `first`; a
+    resume in another environment says so in the log and the job's progress log."""
+    segments, changed = add_segment(saved, "from_epoch", first, environment(world()[1], device))
+    if changed and world()[0] == 0:
+        note = f"resumed at epoch {first} in another environment ({'; '.join(changed)})"
+        log(f"[{job.model}/{job.name}] note: {note}: recorded as a segment of its own")
+        log_progress(spath, note)
+    return segments
+
+
+def job_threads(params: dict, benchmark: str) -> int | None:
+    """The job's torch threads: `probe.resources.threads`, or the benchmark's own
+    (`probe.benchmarks.<b>.resources.threads`); None leaves torch's own choice."""
+    own = params["probe"]["benchmarks"][benchmark].get("resources") or {}
+    return own["threads"] if "threads" in own else params["probe"]["resources"]["threads"]
+
+
+def _end_epoch(
+    spath: Path, identity: str, epoch: int, groups: list, hooks: JobHooks, first: int, segments: list[dict]
+) -> None:
     """Save the state (rank 0, atomically), then the fault-injection hooks of the tests."""
     if world()[0] == 0:
         trainers = {t.cfg.kind: t.state_dict() for _, _, ts in groups for t in ts}
-        save_state(spath, identity, epoch + 1, trainers)
+        save_state(spath, identity, epoch + 1, trainers, segments)
     _barrier()
     if hooks.kill_after_epoch is not None and epoch + 1 == hooks.kill_after_epoch:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -2,8 +2,10 @@
 
 Written atomically (temporary file, then rename) after every epoch by rank 0: every kind's bank
 (heads and shared normalisation statistics), its AdamW state, optimiser-step count and loss
-history, the number of finished epochs, and the job's identity (`xtra.probe.job.job_identity`:
-the probe recipe version, its params keys, the model's and the dataset's identities). Nothing else
+history, the number of finished epochs, the environments of its segments so far
+(`xtra.environment`: a job resumed in another environment records both), and the job's identity
+(`xtra.probe.job.job_identity`: the probe recipe version, its params keys, the model's and the
+dataset's identities). Nothing else
 is needed to continue exactly: the batch order is a function of (seed, epoch), each sample's
 augmentation of (seed, epoch, sample) and cached features are recomputed the same. Once the job has
 evaluated, its state also keeps the finished results (`finish_state`), so a re-run of the finished
@@ -16,6 +18,7 @@ output (DVC would delete it before re-running the stage).
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +45,13 @@ def state_path(cfg: ProbeConfig) -> Path:
     return cfg.results / STATE_DIR / cfg.model / cfg.benchmark / f"{'+'.join(cfg.kinds)}.pt"
 
 
-def save_state(path: Path, identity: str, epochs_done: int, trainers: dict[str, dict]) -> None:
+def save_state(
+    path: Path, identity: str, epochs_done: int, trainers: dict[str, dict], environments: Sequence[dict] = ()
+) -> None:
     """Write the state atomically; a full disk is an OutputError naming the state folder."""
+    state = {"identity": identity, "epochs_done": epochs_done, "trainers": trainers, "environments": list(environments)}
     with writing_to(path.parent):
-        save_torch_atomic({"identity": identity, "epochs_done": epochs_done, "trainers": trainers}, path)
+        save_torch_atomic(state, path)
 
 
 def load_state(path: Path, identity: str) -> dict[str, Any] | None:

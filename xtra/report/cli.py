@@ -16,7 +16,8 @@ reconstruction.png}`; writes under the results folder (`out`):
 and nothing else: only when `--readme FILE` is given (by hand, never by the pipelines) does it paste
 the Markdown table between the two markers of FILE.
 A missing/partial result and a selected lr at the edge of its grid are each a `warning:` line on
-stderr (and a line under the Markdown table).
+stderr (and a line under the Markdown table); so is a table whose cells come from mixed environments
+(thread count, ranks, device, torch: `xtra.report.environments`), which also gets a column `environment`.
 
 Params read, once, into the stage's typed config (`xtra.report.config.ReportConfig`): `paths.results`,
 `paths.models`, `models`, `probe.benchmarks` (kinds), `probe.protocol` and the `report` section:
@@ -50,9 +51,11 @@ from xtra.report.collect import (
     read_images_seen,
     read_json,
     read_model_identity,
+    read_pretrain_environments,
     read_pretrain_log,
 )
 from xtra.report.config import ReportConfig
+from xtra.report.environments import Mixed, mark_table, mixed_environments
 from xtra.report.reference import BENCHMARKS, load_reference
 
 __all__ = ["MARKERS", "Report", "build_report", "update_readme", "configure_parser", "run"]
@@ -69,6 +72,7 @@ class Report:
     markdown: str
     metrics: dict
     identity: str = ""
+    mixed: Mixed | None = None  # the environments of its cells differ (xtra.report.environments)
     figures: dict[str, Figure] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
 
@@ -217,12 +221,17 @@ def build_report(params: dict, out: Path) -> Report:
         collected.results, reference, collected.benchmarks, list(cfg.reference_models), collected.floor_models
     )
     run_table = table[table["row"].isin(list(tables.OWN_ROWS))]
+    trained = {m: read_pretrain_environments(cfg.models_dir, m) for m in collected.models}
+    mixed = mixed_environments(collected.results, trained)
+    table = mark_table(table, collected.results, trained, mixed)
+    markdown = tables.to_markdown(table, collected.results)
     report = Report(
         collected=collected,
         table=table,
-        markdown=tables.to_markdown(table, collected.results),
+        markdown=markdown if mixed is None else f"{markdown}\n{mixed.note()}\n",
         metrics=tables.metrics_dict(run_table, collected.benchmarks),
         identity=report_identity(params, cfg, collected, reference),
+        mixed=mixed,
     )
     report.files += _write_tables(out, report, reference)
     report.figures, plots = _figures(cfg, report, reference)
@@ -275,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {line.removeprefix('- ')}", file=sys.stderr)
     for line in tables.edge_lines(results):
         print(f"warning: {line.removeprefix('- ')}", file=sys.stderr)
+    if report.mixed is not None:
+        print(f"warning: {report.mixed.note()}", file=sys.stderr)
     if args.readme and Path(args.readme).is_file():
         pasted = update_readme(Path(args.readme), report.markdown)
         state = "results table updated" if pasted else "no results markers, unchanged"

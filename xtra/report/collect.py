@@ -16,6 +16,9 @@ than the one now in `models/<model>/` (its recorded `model_identity` is not metr
 and why. A stale result enters no table, mean or figure. A file that is not valid JSON, or whose
 fields have the wrong type, raises `XtraError` naming the file.
 
+`environments` holds the result's distinct environments (`xtra.report.environments`: thread count,
+ranks, device, torch), as JSON text; `read_pretrain_environments` reads a model's pre-training ones.
+
 `lr_edge` is `high` (`low`) when the selected learning rate is the largest (smallest) of a sweep of
 two or more: the optimum may lie beyond the grid. `lr_grid` is the sweep's range, `lo..hi`.
 
@@ -36,6 +39,7 @@ import pandas as pd
 from xtra.errors import XtraError
 from xtra.model.probes import PIXEL_FLOOR_INIT, model_kinds
 from xtra.report.config import ReportConfig
+from xtra.report.environments import distinct, environments_text
 from xtra.report.reference import BENCHMARKS, KIND_ORDER, PROTOCOLS
 
 __all__ = [
@@ -49,6 +53,7 @@ __all__ = [
     "benchmark_order",
     "read_images_seen",
     "read_model_identity",
+    "read_pretrain_environments",
     "read_pretrain_log",
     "pixel_floor_models",
     "FLOOR_INIT",
@@ -67,6 +72,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "lr_grid",
     "status",
     "reason",
+    "environments",
     "file",
 )
 SWEEP_COLUMNS: tuple[str, ...] = (
@@ -193,7 +199,7 @@ def read_probe_result(path: Path) -> tuple[dict, list[dict]]:
         raise XtraError(f"{path}: malformed result: protocol is {protocol!r}")
     row = _selection_row(data, path, protocol)
     heads = _heads(data, path, row)
-    return {**row, **_grid_edge(row, heads)}, heads
+    return {**row, **_grid_edge(row, heads), "environments": environments_text(data.get("environments"))}, heads
 
 
 def _failure_list(data: Any, path: Path) -> list[tuple[str, str, str]]:
@@ -293,7 +299,7 @@ def _row(
     else:
         status, reason = "missing", f"{path}: not found"
     row = {**ids, "protocol": protocol, "lr_edge": "", "lr_grid": "", "status": status, "reason": reason}
-    return {**row, "file": str(path) if status == "stale" else ""}, []
+    return {**row, "environments": "", "file": str(path) if status == "stale" else ""}, []
 
 
 def collect_results(cfg: ReportConfig) -> Collected:
@@ -348,6 +354,13 @@ def read_images_seen(models_dir: Path, model: str) -> tuple[float | None, str]:
         raise XtraError(f"{path}: malformed metrics: not a JSON object")
     value = _number(data.get("images_seen"), path, "images_seen")
     return (value, "") if value is not None else (None, f"{path}: no images_seen")
+
+
+def read_pretrain_environments(models_dir: Path, model: str) -> list[dict]:
+    """The distinct environments of a model's pre-training (`environments` of its metrics.json; [] when none)."""
+    path = Path(models_dir) / model / "metrics.json"
+    data = read_json(path) if path.is_file() else {}
+    return distinct(data.get("environments")) if isinstance(data, dict) else []
 
 
 def _log_column(frame: pd.DataFrame, names: tuple[str, ...], prefix: str | None) -> str | None:

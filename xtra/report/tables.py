@@ -31,6 +31,7 @@ __all__ = [
     "ID_COLUMNS",
     "MEAN_COLUMNS",
     "OWN_ROWS",
+    "ENVIRONMENT_COLUMN",
     "EDGE_MARK",
     "run_rows",
     "published_rows",
@@ -51,6 +52,8 @@ ID_COLUMNS: tuple[str, ...] = ("row", "model", "kind", "protocol", "reference")
 MEAN_COLUMNS: tuple[str, ...] = ("mean15", "mean_present", "n_present")
 # The rows holding this run's own results (the models probed, the pixel floor among them).
 OWN_ROWS: tuple[str, ...] = ("run", "floor")
+# the column a table of mixed environments gets (xtra.report.environments): text, like `source`
+ENVIRONMENT_COLUMN = "environment"
 FLOOR_LABEL = "pixel floor"
 
 
@@ -289,7 +292,7 @@ EDGE_MARK = {"md": "†", "tex": r"$^\dagger$"}
 
 def _numeric_columns(table: pd.DataFrame) -> list[str]:
     """The numeric columns of a results table: benchmarks and means."""
-    return [c for c in table.columns if c not in (*ID_COLUMNS, "source", "lr_at_edge")]
+    return [c for c in table.columns if c not in (*ID_COLUMNS, "source", "lr_at_edge", ENVIRONMENT_COLUMN)]
 
 
 def _cell(row: pd.Series, col: str, missing: str, mark: str, math_signs: bool) -> str:

@@ -76,6 +76,7 @@ class PretrainConfig:
     seed: int
     prepared: Path  # the prepared dataset's folder (paths.prepared / dataset)
     out: Path  # the model's folder (paths.models / model)
+    threads: int | None = None  # resources.threads: torch threads of each rank (no result's identity)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], model: str) -> PretrainConfig:
@@ -96,4 +97,5 @@ class PretrainConfig:
             seed=params["seed"],
             prepared=Path(params["paths"]["prepared"]) / str(section["dataset"]),
             out=Path(params["paths"]["models"]) / model,
+            threads=section["resources"]["threads"],
         )

@@ -4,17 +4,18 @@ A run is identified by the hash of `trajectory(params, model, world_size, data)`
 `xtra.identity`'s):
 - `arch`: every key except `attn_impl` (the same mask computed by another kernel);
 - `train`: `TRAIN_TRAJECTORY_KEYS` (batch_size, accumulate_grad_batches, lr, warmup_start_lr, min_lr,
-  warmup_epochs, weight_decay, betas, grad_clip, precision, loader); with `loader: stream` also
-  `TRAIN_STREAM_KEYS` (num_workers: the stream's order depends on how many workers split each rank's share);
+  warmup_epochs, weight_decay, betas, grad_clip, precision, loader);
 - the world size resolved by the trainer (devices x num_nodes, however `devices` is spelled);
 - the training data by identity (`xtra.identity.dataset_identity`: every shard's sha256 and the
   classes, from the prepared manifest), not the dataset's params, so a re-preparation that gives the
   same bytes is the same run;
 - `seed`, and the pretrain recipe version (`xtra/recipes.yaml`): a new version is a new run.
 Not in it: `epochs` and `max_steps` (extending them continues the run; each schedule segment is
-recorded in the checkpoints and the model's identity, `xtra.identity.model_identity`), the datasets'
-`num_workers` (and the train loader's with `loader: random`), `checkpoint_every_n_steps`, `keep_*`,
-`log_every_n_steps`, `val_*`, `reconstruct_images`, `resources`, `accelerator`, `strategy`, `eval_resize`.
+recorded in the checkpoints and the model's identity, `xtra.identity.model_identity`), `num_workers`
+(the loaders' order does not depend on it, `xtra.data.streaming`; a run resumes exactly under another
+count), `checkpoint_every_n_steps`, `keep_*`, `log_every_n_steps`, `val_*`, `reconstruct_images`,
+`resources` (`threads` too: each segment's is recorded, `xtra.environment`), `accelerator`, `strategy`,
+`eval_resize`.
 
 Each run has a folder of its own, `models/<m>/checkpoints/<run id>/`: a changed trajectory starts a
 new folder beside the old one and never deletes or moves it; going back to earlier params resumes
@@ -31,7 +32,6 @@ from xtra.config import params_hash
 from xtra.errors import DataError
 from xtra.identity import (
     ARCH_NON_TRAJECTORY_KEYS,
-    TRAIN_STREAM_KEYS,
     TRAIN_TRAJECTORY_KEYS,
     dataset_identity,
     recipe_version,
@@ -56,10 +56,9 @@ def data_identity(prepared_root: Path) -> str:
 def trajectory(params: dict[str, Any], name: str, world_size: int, data: str) -> dict[str, Any]:
     """The values that define model `name`'s run (see the module doc)."""
     model = params["models"][name]
-    stream = TRAIN_STREAM_KEYS if model["train"]["loader"] == "stream" else ()
     return {
         "arch": {k: v for k, v in sorted(model["arch"].items()) if k not in ARCH_NON_TRAJECTORY_KEYS},
-        "train": {k: model["train"][k] for k in TRAIN_TRAJECTORY_KEYS + stream},
+        "train": {k: model["train"][k] for k in TRAIN_TRAJECTORY_KEYS},
         "world_size": int(world_size),
         "data": data,
         "seed": params["seed"],

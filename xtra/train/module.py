@@ -9,14 +9,15 @@ non-finite loss; Lightning then accumulates, clips the gradient norm (`train.gra
 AdamW at the rate of `release_warmup_cosine` (`xtra.train.schedule`).
 
 The data (`PretrainData`), by `train.loader`:
-- `stream` (default): `ShardStream` through torchdata's `StatefulDataLoader`: each worker opens
-  each of its shards once per epoch and reads it front to back; the order is a pure function of
-  seed, epoch, world size, loader workers and batch size. Its position is the loader's
-  `state_dict`, which Lightning stores in every checkpoint and restores on resume;
+- `stream` (default): `ShardStream` through a DataLoader: each worker opens each shard it needs at
+  most once per epoch and reads it front to back; the order is a pure function of seed, epoch,
+  world size and batch size (loader worker w yields batches w, w + K, ...; not a function of K);
 - `random`: random access through the shard index (`xtra.data.prepared`): the order of epoch e is a
   seeded permutation of (seed, e), cut into one disjoint share per rank (`drop_last`: the remainder
-  waits for a later epoch); the position is one number, the batches of the current epoch already
-  trained on (the data module's `state_dict`), and a resumed run's sampler skips exactly those.
+  waits for a later epoch).
+In both the position is one number, the batches of the current epoch already trained on (the data
+module's `state_dict`, the same on every rank and for any `num_workers`), and a resumed run's
+loader begins at the next batch (`ShardStream.start_at`, `EpochSampler.skip_batches`).
 In both, sample i's augmentation in epoch e runs under `seeded(derive_seed(seed, "aug", e, i))`
 (`xtra.data.rng`): the same whichever rank, worker or resume reads it.
 """
@@ -39,6 +40,7 @@ from xtra.data.prepared import EpochSampler, PreparedDataset, SeededView
 from xtra.data.rng import derive_seed
 from xtra.data.streaming import ShardStream, make_stream_loader
 from xtra.data.transforms import eval_transform, pretrain_transform
+from xtra.environment import add_segment, environment
 from xtra.errors import XtraError
 from xtra.model.arch import ArchConfig
 from xtra.model.flops import peak_memory_mb
@@ -54,6 +56,7 @@ __all__ = [
     "LogValidationLoss",
     "DigestRankWeights",
     "RebuildBucketsOnResume",
+    "RecordEnvironments",
     "LOG_FIELDS",
     "VAL_FIELDS",
     "model_seed",
@@ -159,14 +162,6 @@ class PretrainModule(L.LightningModule):
         ended = [{**self.segments[-1], "end_step": int(self.global_step)}] if self.segments else []
         checkpoint["segments"] = self.segments[:-1] + ended
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint of an epoch's last batch holds the loader state of an exhausted epoch: drop it, so
-        that the next epoch starts at its beginning instead of resuming the finished one (as an
-        uninterrupted run does). Mid-epoch checkpoints keep theirs."""
-        fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
-        if (fit.get("epoch_loop.batch_progress") or {}).get("is_last_batch") and "state_dict" in fit:
-            fit["state_dict"].pop("combined_loader", None)
-
 
 class PretrainData(L.LightningDataModule):
     """The train loader (resumable; see the module doc) and, with `val_every_n_steps` > 0, the validation loader."""
@@ -199,11 +194,15 @@ class PretrainData(L.LightningDataModule):
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
             )
+            loader = make_stream_loader(self.stream, cfg.batch_size, cfg.num_workers, drop_last=True)
             # a run resumed from an epoch's last batch goes on with the next epoch (Lightning advances
             # its counter only later, after the loader's first iteration may have begun)
-            ended = self._resume is not None and self._resume[1] < 0
-            self.stream.set_epoch(self._resume[0] + 1 if ended else trainer.current_epoch)
-            return make_stream_loader(self.stream, cfg.batch_size, cfg.num_workers, drop_last=True)
+            epoch = trainer.current_epoch
+            if self._resume is not None:
+                epoch = self._resume[0] + 1 if self._resume[1] < 0 else self._resume[0]
+                self.stream.start_at(self._resume[0], max(0, self._resume[1]))
+            self.stream.set_epoch(epoch)
+            return loader
         self.sampler = EpochSampler(
             self.train_set,
             num_replicas=trainer.world_size,
@@ -241,9 +240,8 @@ class PretrainData(L.LightningDataModule):
         return DataLoader(subset, batch_size=cfg.batch_size, sampler=sampler, num_workers=0)
 
     def state_dict(self) -> dict[str, int]:
-        """The loader position at a checkpoint: the epoch, the batches of it already trained on (the random
-        loader skips them on resume; the stream loader's position is its own state, saved by
-        Lightning) and whether that was the epoch's last batch."""
+        """The loader position at a checkpoint: the epoch, the batches of it already trained on (a resumed
+        loader begins after them) and whether that was the epoch's last batch."""
         progress = self.trainer.fit_loop.epoch_loop.batch_progress
         return {
             "epoch": int(self.trainer.current_epoch),
@@ -407,3 +405,31 @@ class RebuildBucketsOnResume(L.Callback):
                 loss = trainer.strategy.training_step(batch, batch_idx)  # through DDP, in the precision's autocast
                 loss.backward()
                 pl_module.zero_grad(set_to_none=True)
+
+
+class RecordEnvironments(L.Callback):
+    """The environment of each segment of the run (`xtra.environment`): where it started and what it ran on.
+
+    Kept in every checkpoint (`environments`), so a resumed run knows the segments before it; a
+    resume in another environment (thread count, ranks, device, torch) adds a segment and says so in
+    the log. The final files (model.pt provenance, metrics.json) copy the final checkpoint's list.
+    """
+
+    def __init__(self) -> None:
+        self.segments: list[dict[str, Any]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        env = environment(trainer.world_size, trainer.strategy.root_device)
+        self.segments, changed = add_segment(self.segments, "from_step", trainer.global_step, env)
+        if changed and trainer.is_global_zero:
+            print(
+                f"note: resumed at step {trainer.global_step} in another environment than the run's last "
+                f"segment ({'; '.join(changed)}): recorded as a segment of its own",
+                flush=True,
+            )
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["environments"] = list(self.segments)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.segments = list(checkpoint.get("environments", []))

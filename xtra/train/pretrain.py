@@ -49,6 +49,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from xtra.atomic import sha256_file, write_atomic, write_json_atomic
 from xtra.config import load_params
+from xtra.environment import apply_threads, environment
 from xtra.errors import CheckpointError, ParamsError, writing_to
 from xtra.identity import key_values, model_identity, stage_identity, stage_keys
 from xtra.model.arch import ArchConfig
@@ -72,6 +73,7 @@ from xtra.train.module import (
     PretrainData,
     PretrainModule,
     RebuildBucketsOnResume,
+    RecordEnvironments,
 )
 from xtra.train.reconstruct import write_model_reconstruction
 from xtra.train.schedule import batches_per_epoch, release_warmup_cosine, schedule_steps, steps_per_epoch
@@ -83,6 +85,9 @@ FINAL_FILES = (ARTIFACT_NAME, "metrics.json")
 
 # The run folder holds the run's trajectory.json and logs before its first checkpoint, by design.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# Lightning looks for a loader position in the loaders only; ours is the data module's state (the
+# batches done of the epoch, `PretrainData.state_dict`), from which a resumed loader continues exactly.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
 def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> Path:
     """Run the pretrain stage for model `name` of validated params; returns its output directory."""
     cfg = PretrainConfig.from_params(params, name)
+    apply_threads(cfg.threads)  # resources.threads, in every rank (each runs this command)
     init, out = cfg.init, cfg.out
     with writing_to(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -280,6 +286,7 @@ def _fit(
         DigestRankWeights(run_dir),
         CheckSameResumeOnEveryRank(resume),
         RebuildBucketsOnResume(),  # exact resume at 3+ DDP ranks
+        RecordEnvironments(),
     ]
     trainer.callbacks.append(  # last: it saves after the other callbacks' end-of-batch work
         KeepCheckpoints(
@@ -402,6 +409,7 @@ def _plan(
         "attention": resolve_attn_impl(module.model.cfg.attn_impl, device, training=False),
         "peak_flops_per_s": peak_flops_per_s(device),
         "val_every_n_steps": train.val_every_n_steps,
+        "environment": environment(world, device),
     }
 
 
@@ -413,7 +421,7 @@ def _summary(plan: dict[str, Any]) -> str:
         f"{p['accumulate_grad_batches']} = {p['global_batch']} global; {p['batches_per_epoch']} batches = "
         f"{p['steps_per_epoch']} steps/epoch; warm-up {p['warmup_steps']}, total {p['total_steps']} steps; "
         f"{p['parameters']['total'] / 1e6:.2f}M params ({p['parameters']['encoder'] / 1e6:.2f}M encoder); "
-        f"{p['precision']}, attention {p['attention']}; "
+        f"{p['precision']}, attention {p['attention']}, {p['environment']['threads']} torch thread(s); "
         + (f"resuming from {p['resume_from']}" if p["resume_from"] else "starting afresh")
     )
 
@@ -444,6 +452,7 @@ def _finish(cfg: PretrainConfig, module: PretrainModule, final: Path, plan: dict
         "final_lr": release_warmup_cosine(
             steps, train.lr, last["total_steps"], module.warmup_steps, train.warmup_start_lr, train.min_lr
         ),
+        "environments": list(ckpt["environments"]),  # each segment's (RecordEnvironments), no identity
     }
     out = cfg.out
     text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
@@ -465,7 +474,8 @@ def _finish(cfg: PretrainConfig, module: PretrainModule, final: Path, plan: dict
         arch=cfg.arch,
         state_dict=state,
         provenance={
-            **{k: metrics[k] for k in ("identity", "run_id", "data", "steps", "images_seen", "segments", "final_loss")},
+            **{k: metrics[k] for k in ("identity", "run_id", "data", "steps", "images_seen", "segments")},
+            **{k: metrics[k] for k in ("final_loss", "environments")},
             "checkpoint": final.relative_to(out).as_posix(),  # relative: no absolute path in an output
             "resolved_arch": asdict(module.model.cfg),
         },
