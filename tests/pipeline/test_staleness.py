@@ -108,6 +108,7 @@ _MIN_LR = "min_lr: {type: number, minimum: 0, default: 0.00001,"
 _PROBE_MIN_LR = "      " + _MIN_LR  # the probe section's (the train section's default is 0.000001)
 EDITS: list[tuple[str, Callable[[Path], None], set[str]]] = [
     ("dataset num_workers", _set("datasets.mnist5k.num_workers", 3), set()),
+    ("model num_workers", _set("models.xtra_k2.train.num_workers", 3), set()),
     ("dataset image_size", _set("datasets.digits.image_size", 24), {"prepare-digits", *probes("digits"), "report"}),
     ("model lr", _set("models.xtra_k1.train.lr", 0.002), {"pretrain-xtra_k1", *probes(model="xtra_k1"), "report"}),
     ("benchmark lrs", _set("probe.benchmarks.mnist.lrs", [0.001, 0.01]), {*probes("mnist"), "report"}),
@@ -168,6 +169,9 @@ def _table_stale(before: dict, after: dict, bumped: str | None = None) -> set[st
         ("reference_models", "report.reference_models", ["AIM-0.6B"], {"report"}),
         ("resources", "models.xtra_k2.resources.nodes", 2, set()),
         ("probe num_workers", "probe.num_workers", 4, set()),
+        ("train num_workers", "models.xtra_k2.train.num_workers", 3, set()),
+        ("threads", "models.xtra_k2.resources.threads", 1, set()),
+        ("epochs", "models.xtra_k2.train.epochs", 3, {"pretrain-xtra_k2", *probes(model="xtra_k2"), "report"}),
     ],
 )
 def test_params_identities_change_exactly(name, key, value, expected):
