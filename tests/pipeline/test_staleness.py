@@ -381,7 +381,7 @@ def test_scale_checkpoints_and_shards_cost_dvc_nothing(built):
         for _ in range(3):
             start = time.perf_counter()
             proc = _run([str(BIN / "dvc"), "status", "-q"], built, check=False)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # 1: `check` is always changed
             times.append(time.perf_counter() - start)
         return min(times)
 
