@@ -98,6 +98,9 @@ def _pretrain(params: dict[str, Any], name: str) -> Stage:
     data = []
     if model["init"] == "pretrain":
         data = [_manifest(params, model["dataset"])]
+        online = model["online_probe"]
+        if online["kinds"] and online["dataset"] is not None:  # the labelled set the online heads train on
+            data.append(_manifest(params, online["dataset"]))
     elif model["init"] in ("official", "backbone"):
         data = [str(model["checkpoint"])]
     folder = f"{params['paths']['models']}/{name}"
