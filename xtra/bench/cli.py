@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             model["arch"],
             model["train"]["batch_size"],
             kinds=tuple(args.kind or ("linear",)),
+            kind_params=params["probe"]["kinds"],  # each kind's settings, as the run's online heads take them
             lrs=tuple(args.lr or (1e-3,)),
             steps=args.steps,
             rounds=args.rounds,

@@ -51,6 +51,7 @@ def run_online_bench(
     arch: dict[str, Any],
     batch_size: int,
     kinds: tuple[str, ...] = ("linear",),
+    kind_params: dict[str, Any] | None = None,
     lrs: tuple[float, ...] = (1e-3,),
     steps: int = 10,
     rounds: int = 5,
@@ -60,7 +61,8 @@ def run_online_bench(
     num_classes: int = 10,
     threads: int | None = None,
 ) -> dict[str, float]:
-    """Median step time without and with online heads, their overhead, and an evaluation's time (printed)."""
+    """Median step time without and with online heads, their overhead, and an evaluation's time (printed).
+    `kind_params`: params' `probe.kinds` (each kind's settings, e.g. attentive's num_last_blocks)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -71,7 +73,10 @@ def run_online_bench(
     batches = [(torch.randn(batch_size, 3, size, size), torch.randint(0, num_classes, (batch_size,))) for _ in range(4)]
     encoder, depth = model.encoder, len(model.encoder.blocks)
     sweeps = [
-        SweepConfig(kind=k, settings=settings_grid(lrs, [0.0]), epochs=1, options=kind_settings(k)) for k in kinds
+        SweepConfig(
+            kind=k, settings=settings_grid(lrs, [0.0]), epochs=1, options=kind_settings(k, (kind_params or {}).get(k))
+        )
+        for k in kinds
     ]
     trainers = [
         OnlineBankTrainer(HeadBank(s.kind, encoder.width, num_classes, s.settings, s.options), s, device)
