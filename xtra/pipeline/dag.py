@@ -145,7 +145,7 @@ def probed_models(params: dict[str, Any]) -> list[str]:
 def _report(params: dict[str, Any], probes: list[Stage]) -> Stage:
     results = params["paths"]["results"]
     data = sorted(o for s in probes for o in s.outs) + sorted(_model_metrics(params, m) for m in probed_models(params))
-    plots = [f"{results}/plots/{name}.csv" for name in ("top1", "sweep", "loss", "images_seen")]
+    plots = [f"{results}/plots/{name}.csv" for name in ("top1", "sweep", "loss", "online", "images_seen")]
     reference = (params.get("report") or {}).get("reference_dir") or REFERENCE_DIR
     return Stage(
         "report",

@@ -85,10 +85,12 @@ _PLOTS = [
     {"{results}/plots/top1.csv": {"template": "bar_horizontal", "x": "top1", "y": "key"}},
     {"{results}/plots/sweep.csv": {"template": "scatter", "x": "lr", "y": "top1"}},
     {"{results}/plots/loss.csv": {"x": "step", "y": "loss"}},
+    {"{results}/plots/online.csv": {"x": "images_seen", "y": "top1"}},
     {"{results}/plots/images_seen.csv": {"template": "scatter", "x": "images_seen", "y": "top1"}},
     "{results}/figures/top1_bars.png",
     "{results}/figures/lr_sweep.png",
     "{results}/figures/pretrain_loss.png",
+    "{results}/figures/online_top1.png",
 ]
 
 
