@@ -119,6 +119,18 @@ def test_online_heads_are_part_of_the_run_folder_and_of_the_stage_keys_not_of_th
     assert configured and set(configured) <= set(stage_keys(on, "pretrain", model="m"))
 
 
+def test_online_logs_are_outputs_of_their_pretrain_stage_and_inputs_of_the_report(small) -> None:
+    from xtra.pipeline.dag import stage_table
+
+    tmp, prepared = small
+    for online, expected in (({"kinds": []}, []), (ONLINE, ["models/m/online.csv"])):
+        params = validate_params(tiny_params(tmp, prepared, online=online), check_paths=False)
+        params["paths"]["models"] = "models"
+        stages = {s.name: s for s in stage_table(params)}
+        assert [o for o in stages["pretrain-m"].outs if o.endswith("online.csv")] == expected
+        assert [d for d in stages["report"].data if d.endswith("online.csv")] == expected
+
+
 def test_online_flops_are_a_small_share_unless_an_extra_forward_is_needed() -> None:
     from xtra.model.arch import MODEL_PRESETS, ArchConfig
     from xtra.model.flops import encoder_forward_flops, online_probe_flops_per_image, train_flops_per_image

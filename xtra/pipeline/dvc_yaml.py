@@ -68,10 +68,10 @@ _HEADER = """\
 #   whether they are current). The manifest holds every shard's sha256, so depending on it is
 #   depending on the shards. `dvc push`/`pull` do not carry prepared data: re-prepare it from the
 #   raw data, or point `paths.prepared` at a shared copy.
-# - pretrain: model.pt (the weights-only artifact) and metrics.json are cached (linked, not
-#   copied), so `dvc push` shares the trained model and `dvc exp apply` restores it. The resumable
-#   checkpoints in models/<model>/checkpoints/ are no output: DVC never hashes, caches or deletes
-#   them, and an interrupted run resumes from them.
+# - pretrain: model.pt (the weights-only artifact), metrics.json and, with online probes on,
+#   online.csv are cached (linked, not copied), so `dvc push` shares the trained model and `dvc exp
+#   apply` restores it. The resumable checkpoints in models/<model>/checkpoints/ are no output: DVC
+#   never hashes, caches or deletes them, and an interrupted run resumes from them.
 # - probe: one stage per (model, benchmark); its result JSONs are cached (small), so a failed job
 #   leaves every other stage's results in place and committed; its resumable state in
 #   results/probe-state/ is no output.
