@@ -193,6 +193,11 @@ def _cross_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
                 yield f"{where}.checkpoint: path {ckpt!r} does not exist"
         if (model["init"] == "backbone") != (model.get("backbone") is not None):
             yield f"{where}.backbone: required for init 'backbone', and for no other init (init is {model['init']!r})"
+        online = model["online_probe"]
+        if online["kinds"] and model["init"] != "pretrain":
+            yield f"{where}.online_probe.kinds: online probes train during pre-training; init is {model['init']!r}"
+        if online["dataset"] is not None and online["dataset"] not in datasets:
+            yield f"{where}.online_probe.dataset: {online['dataset']!r} is not a dataset of this params file"
     yield from _probe_checks(params["probe"], datasets, params["models"])
 
 
@@ -210,6 +215,13 @@ def _probe_checks(probe: dict[str, Any], datasets: dict[str, Any], models: dict[
             if kind not in PROBE_KINDS:
                 yield (
                     f"probe.benchmarks.{name}.kinds: unknown probe kind {kind!r}; "
+                    f"known: {', '.join(PROBE_KINDS.names())}"
+                )
+    for name, model in models.items():
+        for kind in model["online_probe"]["kinds"]:
+            if kind not in PROBE_KINDS:
+                yield (
+                    f"models.{name}.online_probe.kinds: unknown probe kind {kind!r}; "
                     f"known: {', '.join(PROBE_KINDS.names())}"
                 )
     for name in probe.get("models") or []:

@@ -146,13 +146,18 @@ def param_value(params: Mapping[str, Any], key: str) -> Any:
 
 
 def _pretrain_keys(params: Mapping[str, Any], model: str) -> list[str]:
-    """A trained model: its trajectory, length and world size; a random or pixels model: its
-    architecture and the seed; a converted one (official, backbone): also its source and how it is read."""
+    """A trained model: its trajectory, length and world size, and its online probes (`online_probe` and
+    their kinds' settings: they shape the stage's metrics, not the model; `xtra.train.identity`); a random
+    or pixels model: its architecture and the seed; a converted one (official, backbone): also its source
+    and how it is read."""
     section, where = params["models"][model], f"models.{model}"
     keys = ["seed", f"{where}.init"] + [f"{where}.arch.{k}" for k in result_keys("arch")]
     if section["init"] == "pretrain":
         train = TRAIN_TRAJECTORY_KEYS + RUN_LENGTH_KEYS + WORLD_SIZE_KEYS
         keys += [f"{where}.dataset"] + [f"{where}.train.{k}" for k in train]
+        # the online heads change metrics.json's `online` (this stage's metric), never model.pt
+        kinds = [f"probe.kinds.{k}" for k in section["online_probe"]["kinds"] if k in params["probe"]["kinds"]]
+        keys += [f"{where}.online_probe"] + kinds
     elif section["init"] == "official":
         keys += [f"{where}.checkpoint", f"{where}.drop_prefixes"]
     elif section["init"] == "backbone":

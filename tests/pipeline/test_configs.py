@@ -17,7 +17,7 @@ from xtra.data.config import PrepareConfig
 from xtra.model.arch import MODEL_PRESETS, PRESETS, ArchConfig
 from xtra.probe.config import probe_config
 from xtra.report.config import ReportConfig
-from xtra.train.config import PretrainConfig, TrainConfig
+from xtra.train.config import OnlineProbeConfig, PretrainConfig, TrainConfig
 
 PROFILES = sorted((REPO / "profiles").glob("*.yaml"))
 
@@ -32,6 +32,7 @@ def _keys(section: str) -> set[str]:
 
 def test_each_typed_config_has_a_field_per_schema_key():
     assert _fields(TrainConfig) == _keys("train")
+    assert _fields(OnlineProbeConfig) - {"prepared", "options"} == _keys("online_probe")
     assert _fields(ArchConfig) == _keys("arch")
     assert _fields(PrepareConfig) - {"name", "out_root"} == _keys("dataset")
     assert _fields(ReportConfig) >= _keys("report")

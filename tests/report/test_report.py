@@ -109,6 +109,14 @@ def _write_models(tmp: Path) -> None:
         }
     ).to_csv(xtra / "log.csv", index=False)
     _write_json(xtra / "metrics.json", {"images_seen": 50_000, "final_loss": 1.0})
+    # xtra.train.online's log: a row per head (2 lrs) and kind at each evaluation; lr 0.01 and 0.001 tie at step 4
+    (xtra / "online.csv").write_text(
+        "step,epoch,images_seen,kind,lr,weight_decay,top1\n"
+        "2,0,20000,linear,0.001,0,30.0\n2,0,20000,linear,0.01,0,35.5\n"
+        "2,0,20000,attentive,0.001,0,40.0\n2,0,20000,attentive,0.01,0,20.0\n"
+        "4,1,40000,linear,0.01,0,50.0\n4,1,40000,linear,0.001,0,50.0\n"
+        "4,1,40000,attentive,0.001,0,45.0\n4,1,40000,attentive,0.01,0,61.25\n"
+    )
     grid = (np.arange(48 * 64 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
     Image.fromarray(grid).save(xtra / "reconstruction.png")
     _write_json(tmp / "models" / "random" / "metrics.json", {"images_seen": 0})
@@ -374,6 +382,42 @@ def test_metrics_and_plot_data(built):
     }
     run_points = seen[seen["origin"] == "run"]
     assert set(run_points["images_seen"]) == {50_000} and len(run_points) == 4
+
+
+def test_online_probes_along_training_are_a_figure_and_plot_data_of_their_own(built, tmp_path):
+    """The best head of each kind at each evaluation (a tie: the smaller lr), against images seen, on axes of
+    their own (no published point); a trained model without online probes is named under the figure."""
+    online = pd.read_csv(built["out"] / "plots" / "online.csv")
+    assert list(online.columns) == ["model", "step", "images_seen", "kind", "lr", "top1"]
+    best = {(r.kind, r.step): (r.lr, r.top1) for r in online.itertuples()}
+    assert set(online["model"]) == {"xtra"} and len(online) == 4
+    assert best == {
+        ("attentive", 2): (0.001, 40.0),
+        ("linear", 2): (0.01, 35.5),
+        ("attentive", 4): (0.01, 61.25),
+        ("linear", 4): (0.001, 50.0),
+    }
+    fig = built["report"].figures["online_top1"]
+    attentive, linear = fig.axes
+    assert attentive.get_title() == "online attentive probe (best lr)"
+    assert [list(line.get_ydata()) for line in linear.get_lines()] == [[35.5, 50.0]]
+    assert list(attentive.get_lines()[0].get_xdata()) == [20_000, 40_000]
+    assert not fig.get_supxlabel()  # random is a control, not a trained model: nothing to say
+    params = make_demo(tmp_path)
+    (tmp_path / "models" / "xtra" / "online.csv").unlink()
+    report = build_report(params, tmp_path / "results")
+    assert "xtra (" in report.figures["online_top1"].get_supxlabel()
+    assert "online.csv not found" in report.figures["online_top1"].get_supxlabel()
+    assert report.identity != built["report"].identity  # the online log is one of the report's inputs
+
+
+def test_a_malformed_online_log_names_the_file(tmp_path):
+    from xtra.report.collect import read_online_log
+
+    path = tmp_path / "online.csv"
+    path.write_text("step,kind,top1\n2,linear,30\n")
+    with pytest.raises(XtraError, match=r"online.csv: online probe log lacks column\(s\) images_seen, lr"):
+        read_online_log(path)
 
 
 def test_outputs_are_byte_identical_on_rerun(built):

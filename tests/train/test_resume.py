@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.fixtures.pretrain import final_weights, max_weight_difference, run_pretrain, tiny_params
 
@@ -126,3 +127,92 @@ def test_a_run_resumed_under_another_thread_count_continues_records_both_and_say
     print(
         f"max |w(1 then 2 threads) - w(1 thread)| = {max_weight_difference(final_weights(tmp_path), reference_1):.3g}"
     )
+
+
+# ---------------------------------------------------------------- online probes (models.<m>.online_probe)
+
+ONLINE = {"kinds": ["linear", "attentive"], "lrs": [1e-3, 1e-2]}
+
+
+def _online_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The online heads' part of the run's last checkpoint (banks, AdamW moments, steps), as named tensors."""
+    ckpt = sorted((directory / "models" / "m" / "checkpoints").glob("*/step-*.ckpt"))[-1]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"]["OnlineProbes"]
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(value, name: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}")
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                walk(item, f"{name}.{i}")
+        elif isinstance(value, torch.Tensor):
+            flat[name] = value
+        elif isinstance(value, int | float):
+            flat[name] = torch.tensor(float(value))
+
+    walk(state, "online")
+    return flat
+
+
+def _online_log(directory: Path) -> str:
+    return (directory / "models" / "m" / "online.csv").read_text()
+
+
+@pytest.mark.parametrize("order", ["pseudo_random", "raster"])
+def test_online_heads_change_no_weight_and_resume_exactly(small, request, tmp_path: Path, order: str) -> None:
+    """Online heads on: the model ends bit for bit as without them (they are no part of its training), and a
+    run killed mid-epoch ends with the weights, online heads and online log of the uninterrupted one. Raster
+    order feeds them the training forward's features (hooks); pseudo-random order a raster forward of its own."""
+    tmp, prepared = small
+    common = {"arch": {"block_order": order}, "val_every_n_steps": 3}
+    if order == "pseudo_random":
+        without = request.getfixturevalue("reference_1")
+    else:
+        plain = tmp_path / "without"
+        plain.mkdir()
+        _check(run_pretrain(plain, tiny_params(tmp, prepared, **common), prepared))
+        without = final_weights(plain)
+    params = tiny_params(tmp, prepared, online=ONLINE, **common)
+    uninterrupted = tmp_path / "uninterrupted"
+    uninterrupted.mkdir()
+    _check(run_pretrain(uninterrupted, params, prepared))
+    assert max_weight_difference(final_weights(uninterrupted), without) == 0
+    if order == "raster":  # the same weights, the same model identity: its probe results stay valid
+        identities = [
+            json.loads((d / "models" / "m" / "metrics.json").read_text())["identity"] for d in (plain, uninterrupted)
+        ]
+        assert identities[0] == identities[1]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    out = _killed_then_resumed(resumed, params, prepared, step=4)
+    assert "step-000004.ckpt" in out, out[-2000:]
+    assert max_weight_difference(final_weights(resumed), final_weights(uninterrupted)) <= 1e-6
+    reference_heads, heads = _online_state(uninterrupted), _online_state(resumed)
+    assert heads.keys() == reference_heads.keys() and any("exp_avg" in k for k in heads)
+    assert max(float((heads[k] - reference_heads[k]).abs().max()) for k in heads) <= 1e-6
+    assert _online_log(resumed) == _online_log(uninterrupted)
+    steps = [int(line.split(",")[0]) for line in _online_log(resumed).splitlines()[1:]]
+    assert steps == [s for s in (3, 6, 9, 12) for _ in range(4)]  # 2 kinds x 2 lrs, every 3 steps, no duplicate
+    metrics = json.loads((resumed / "models" / "m" / "metrics.json").read_text())
+    assert metrics["online"]["step"] == 12 and set(metrics["online"]["top1"]) == {"linear", "attentive"}
+
+
+def test_online_heads_resume_exactly_on_two_ddp_ranks(small, tmp_path: Path) -> None:
+    """2 gloo processes, online heads on (their gradients and normalisation all-reduced by themselves): killed
+    mid-epoch and re-run, the model, the heads and the online log end as in the uninterrupted run."""
+    tmp, prepared = small
+    params = tiny_params(tmp, prepared, online=ONLINE, devices=2, strategy="ddp", batch_size=2, val_every_n_steps=3)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    _check(run_pretrain(reference, params, prepared, timeout=300))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    out = _killed_then_resumed(resumed, params, prepared, step=4)
+    assert "step-000004.ckpt" in out and "on 2 process(es)" in out, out[-2000:]
+    assert max_weight_difference(final_weights(resumed), final_weights(reference)) == 0
+    reference_heads, heads = _online_state(reference), _online_state(resumed)
+    assert heads.keys() == reference_heads.keys()
+    assert max(float((heads[k] - reference_heads[k]).abs().max()) for k in heads) <= 1e-6
+    assert _online_log(resumed) == _online_log(reference)

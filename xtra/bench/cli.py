@@ -1,4 +1,4 @@
-"""`xtra bench gpu|attention|data|sweep`: measured throughput, printed as tables with ratios (one module each).
+"""`xtra bench gpu|attention|data|sweep|online`: measured throughput, printed as tables with ratios (one module each).
 
 - gpu: XTRA-B/16 and H/14 training images/s, step time, peak memory and MFU in bf16 (dense-mask
   SDPA vs compiled FlexAttention) and the release's fp16 recipe, as ratios;
@@ -6,7 +6,9 @@
   reference that rebuilds the mask in every call);
 - data: per-core images/s of a prepared dataset through the streaming reader and random access
   against a bare decode of the same images, opens per 1,000 samples, and cores per GPU;
-- sweep: a K-learning-rate probe sweep in one pass vs K separate runs.
+- sweep: a K-learning-rate probe sweep in one pass vs K separate runs;
+- online: a pre-training step with and without online probe heads, an evaluation's time, and their
+  FLOPs at B/16 and H/14.
 These measure; nothing here asserts a timing.
 """
 
@@ -51,6 +53,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--kind", action="append", default=None, help="a probe kind (repeatable; default: linear, attentive)"
     )
     sweep.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    online = sub.add_parser("online", help="a pre-training step with and without online probe heads")
+    online.add_argument("--params", default="params.yaml")
+    online.add_argument("--model", default="xtra_k2", help="a model of params (its arch and batch size)")
+    online.add_argument("--kind", action="append", default=None, help="a probe kind (repeatable; default: linear)")
+    online.add_argument("--lr", action="append", type=float, default=None, help="a head's lr (repeatable)")
+    online.add_argument("--steps", type=int, default=10, help="steps per round")
+    online.add_argument("--rounds", type=int, default=5, help="rounds of each, alternating")
+    online.add_argument("--eval-images", type=int, default=1000)
+    online.add_argument("--extra-forward", action="store_true", help="feed the heads a raster forward of their own")
+    online.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +104,25 @@ def run(args: argparse.Namespace) -> int:
             img_size=args.img_size,
             num_images=args.num_images,
             batch_size=args.batch,
+        )
+    elif args.bench == "online":
+        from xtra.bench.online import run_online_bench
+        from xtra.config import load_params
+
+        params = load_params(args.params, check_paths=False)
+        model = params["models"][args.model]
+        run_online_bench(
+            model["arch"],
+            model["train"]["batch_size"],
+            kinds=tuple(args.kind or ("linear",)),
+            kind_params=params["probe"]["kinds"],  # each kind's settings, as the run's online heads take them
+            lrs=tuple(args.lr or (1e-3,)),
+            steps=args.steps,
+            rounds=args.rounds,
+            eval_images=args.eval_images,
+            val_every=model["train"]["val_every_n_steps"] or 50,
+            extra_forward=args.extra_forward,
+            threads=args.threads,
         )
     else:
         from xtra.bench.sweep import run_sweep_bench

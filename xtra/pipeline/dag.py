@@ -80,6 +80,13 @@ def _model_metrics(params: dict[str, Any], model: str) -> str:
     return f"{params['paths']['models']}/{model}/metrics.json"
 
 
+def _online_log(params: dict[str, Any], model: str) -> list[str]:
+    """A pre-trained model's online probe log (`xtra.train.online`), when its online probes are on."""
+    section = params["models"][model]
+    on = section["init"] == "pretrain" and section["online_probe"]["kinds"]
+    return [f"{params['paths']['models']}/{model}/online.csv"] if on else []
+
+
 def _prepare(params: dict[str, Any], name: str) -> Stage:
     return Stage(
         f"prepare-{name}",
@@ -98,6 +105,9 @@ def _pretrain(params: dict[str, Any], name: str) -> Stage:
     data = []
     if model["init"] == "pretrain":
         data = [_manifest(params, model["dataset"])]
+        online = model["online_probe"]
+        if online["kinds"] and online["dataset"] is not None:  # the labelled set the online heads train on
+            data.append(_manifest(params, online["dataset"]))
     elif model["init"] in ("official", "backbone"):
         data = [str(model["checkpoint"])]
     folder = f"{params['paths']['models']}/{name}"
@@ -107,7 +117,7 @@ def _pretrain(params: dict[str, Any], name: str) -> Stage:
         f"xtra pretrain {name}",
         data=data,
         params=stage_keys(params, "pretrain", model=name),
-        outs=[f"{folder}/model.pt"],
+        outs=[f"{folder}/model.pt", *_online_log(params, name)],
         metrics=[f"{folder}/metrics.json"],
         item={"model": name},
     )
@@ -141,8 +151,10 @@ def probed_models(params: dict[str, Any]) -> list[str]:
 
 def _report(params: dict[str, Any], probes: list[Stage]) -> Stage:
     results = params["paths"]["results"]
-    data = sorted(o for s in probes for o in s.outs) + sorted(_model_metrics(params, m) for m in probed_models(params))
-    plots = [f"{results}/plots/{name}.csv" for name in ("top1", "sweep", "loss", "images_seen")]
+    models = probed_models(params)
+    data = sorted(o for s in probes for o in s.outs) + sorted(_model_metrics(params, m) for m in models)
+    data += sorted(log for m in models for log in _online_log(params, m))  # the online_top1 figure's curves
+    plots = [f"{results}/plots/{name}.csv" for name in ("top1", "sweep", "loss", "online", "images_seen")]
     reference = (params.get("report") or {}).get("reference_dir") or REFERENCE_DIR
     return Stage(
         "report",

@@ -68,10 +68,10 @@ _HEADER = """\
 #   whether they are current). The manifest holds every shard's sha256, so depending on it is
 #   depending on the shards. `dvc push`/`pull` do not carry prepared data: re-prepare it from the
 #   raw data, or point `paths.prepared` at a shared copy.
-# - pretrain: model.pt (the weights-only artifact) and metrics.json are cached (linked, not
-#   copied), so `dvc push` shares the trained model and `dvc exp apply` restores it. The resumable
-#   checkpoints in models/<model>/checkpoints/ are no output: DVC never hashes, caches or deletes
-#   them, and an interrupted run resumes from them.
+# - pretrain: model.pt (the weights-only artifact), metrics.json and, with online probes on,
+#   online.csv are cached (linked, not copied), so `dvc push` shares the trained model and `dvc exp
+#   apply` restores it. The resumable checkpoints in models/<model>/checkpoints/ are no output: DVC
+#   never hashes, caches or deletes them, and an interrupted run resumes from them.
 # - probe: one stage per (model, benchmark); its result JSONs are cached (small), so a failed job
 #   leaves every other stage's results in place and committed; its resumable state in
 #   results/probe-state/ is no output.
@@ -85,10 +85,12 @@ _PLOTS = [
     {"{results}/plots/top1.csv": {"template": "bar_horizontal", "x": "top1", "y": "key"}},
     {"{results}/plots/sweep.csv": {"template": "scatter", "x": "lr", "y": "top1"}},
     {"{results}/plots/loss.csv": {"x": "step", "y": "loss"}},
+    {"{results}/plots/online.csv": {"x": "images_seen", "y": "top1"}},
     {"{results}/plots/images_seen.csv": {"template": "scatter", "x": "images_seen", "y": "top1"}},
     "{results}/figures/top1_bars.png",
     "{results}/figures/lr_sweep.png",
     "{results}/figures/pretrain_loss.png",
+    "{results}/figures/online_top1.png",
 ]
 
 

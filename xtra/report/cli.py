@@ -1,6 +1,6 @@
 """`xtra report`: probe results -> tables, figures, DVC metrics and plot data.
 
-Reads `<paths.results>/probe/<model>/*.json` and `<paths.models>/<model>/{log.csv,metrics.json,
+Reads `<paths.results>/probe/<model>/*.json` and `<paths.models>/<model>/{log.csv,online.csv,metrics.json,
 reconstruction.png}`; writes under the results folder (`out`):
 
     tables/top1.{csv,md,tex}     run, published and difference rows (see xtra.report.tables)
@@ -8,10 +8,11 @@ reconstruction.png}`; writes under the results folder (`out`):
     tables/published.csv         every published cell shipped, with its source and confidence
     figures/<name>.{png,pdf}     top1_bars (this run's benchmarks, the pixel floor a dashed line),
                                  paper_comparison (the published numbers), lr_sweep,
-                                 pretrain_loss, images_seen, reconstruction
+                                 pretrain_loss, online_top1 (online probes along training: their own
+                                 axes, no benchmark's), images_seen, reconstruction
     metrics.json                 {"identity": <the report's identity>, model: {kind: {protocol:
                                  {<benchmark>|mean15|mean_present|n_present: value}}}}
-    plots/{top1,sweep,loss,images_seen}.csv   long-format plot data for `dvc plots`
+    plots/{top1,sweep,loss,online,images_seen}.csv   long-format plot data for `dvc plots`
 
 and nothing else: only when `--readme FILE` is given (by hand, never by the pipelines) does it paste
 the Markdown table between the two markers of FILE.
@@ -40,17 +41,19 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from xtra.atomic import write_atomic
+from xtra.atomic import sha256_file, write_atomic
 from xtra.config import params_hash, section_defaults
 from xtra.errors import XtraError
 from xtra.identity import key_values, stage_identity, stage_keys
 from xtra.report import figures, tables
 from xtra.report.collect import (
+    ONLINE_COLUMNS,
     Collected,
     collect_results,
     read_images_seen,
     read_json,
     read_model_identity,
+    read_online_log,
     read_pretrain_environments,
     read_pretrain_log,
 )
@@ -119,6 +122,23 @@ def _model_inputs(cfg: ReportConfig, models: list[str]) -> tuple[dict, dict, dic
     return logs, no_log, seen, not_seen
 
 
+def _online_inputs(cfg: ReportConfig, models: list[str]) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """Each trained model's online probe log (`read_online_log`: the best head per kind and evaluation),
+    and why a trained model has none."""
+    inits = _inits(cfg, models)
+    online, missing = {}, {}
+    for model in models:
+        if inits[model] != "pretrain":
+            continue
+        path = cfg.models_dir / model / "online.csv"
+        frame = read_online_log(path) if path.is_file() else None
+        if frame is not None and len(frame):
+            online[model] = frame
+        else:
+            missing[model] = f"{path} has no evaluation" if frame is not None else f"{path} not found"
+    return online, missing
+
+
 def _not_shown(results: pd.DataFrame) -> dict[str, str]:
     """ "model/benchmark/kind" -> status (reason) of every expected result that is not there."""
     bad = results[results["status"] != "ok"]
@@ -147,6 +167,7 @@ def _figures(cfg: ReportConfig, report: Report, reference: pd.DataFrame) -> tupl
     paper_columns = [*BENCHMARKS, "mean15"]
     paper_rows = table[table["row"].isin(["run", "published"])]
     logs, no_log, seen, not_seen = _model_inputs(cfg, collected.models)
+    online, no_online = _online_inputs(cfg, collected.models)
     points = tables.images_seen_frame(table[table["row"] == "run"], seen, reference)
     images, titles = _reconstructions(cfg, collected)
     edges = [line.removeprefix("- ").split(": lr ")[0] for line in tables.edge_lines(collected.results)]
@@ -155,6 +176,7 @@ def _figures(cfg: ReportConfig, report: Report, reference: pd.DataFrame) -> tupl
         "paper_comparison": figures.paper_figure(paper_rows, paper_columns, run_benchmarks),
         "lr_sweep": figures.sweep_figure(collected.sweep, collected.floor_models, edges),
         "pretrain_loss": figures.loss_figure(logs, no_log),
+        "online_top1": figures.online_figure(online, no_online),
         "images_seen": figures.images_seen_figure(points, not_seen, table[table["row"] == "floor"]),
         "reconstruction": figures.reconstruction_figure(images, titles),
     }
@@ -163,7 +185,16 @@ def _figures(cfg: ReportConfig, report: Report, reference: pd.DataFrame) -> tupl
         if logs
         else pd.DataFrame(columns=["step", "loss", "lr", "model"])
     )
-    plots = {"loss": loss[["model", "step", "loss", "lr"]], "images_seen": points}
+    online_points = (
+        pd.concat([frame.assign(model=m) for m, frame in online.items()], ignore_index=True)
+        if online
+        else pd.DataFrame(columns=["model", *ONLINE_COLUMNS])
+    )
+    plots = {
+        "loss": loss[["model", "step", "loss", "lr"]],
+        "online": online_points[["model", *ONLINE_COLUMNS]],
+        "images_seen": points,
+    }
     return figs, plots
 
 
@@ -190,7 +221,8 @@ def _write_tables(out: Path, report: Report, reference: pd.DataFrame) -> list[Pa
 
 def report_identity(params: dict, cfg: ReportConfig, collected: Collected, reference: pd.DataFrame) -> str:
     """The report's identity: its recipe version and keys, the identity of every result and model it read
-    (a result file written without one: its bytes' sha256), and the published numbers."""
+    (a result file written without one: its bytes' sha256), each online probe log's sha256 (a model's
+    identity does not cover its online heads, which change none of its weights), and the published numbers."""
     filled = {
         **params,
         "probe": {**section_defaults("probe"), **params["probe"]},
@@ -205,6 +237,9 @@ def report_identity(params: dict, cfg: ReportConfig, collected: Collected, refer
     inputs = {
         "results": results,
         "models": {m: read_model_identity(cfg.models_dir, m) for m in collected.models},
+        "online": {
+            m: sha256_file(path) for m in collected.models if (path := cfg.models_dir / m / "online.csv").is_file()
+        },
         "reference": params_hash(tables.to_csv(reference)),
     }
     return stage_identity("report", key_values(filled, stage_keys(filled, "report")), inputs)

@@ -55,6 +55,8 @@ __all__ = [
     "read_model_identity",
     "read_pretrain_environments",
     "read_pretrain_log",
+    "ONLINE_COLUMNS",
+    "read_online_log",
     "pixel_floor_models",
     "FLOOR_INIT",
 ]
@@ -395,3 +397,27 @@ def read_pretrain_log(path: Path) -> pd.DataFrame:
         raise XtraError(f"{path}: non-numeric step/loss/lr: {exc}") from exc
     out = out.dropna(subset=["step"]).dropna(subset=["loss", "lr"], how="all")
     return out.groupby("step", sort=True).first().reset_index()
+
+
+ONLINE_COLUMNS = ("step", "images_seen", "kind", "lr", "top1")
+
+
+def read_online_log(path: Path) -> pd.DataFrame:
+    """A pre-training's online probe log (`models/<model>/online.csv`, `xtra.train.online`) -> the best
+    head of each kind at each evaluation: columns step, images_seen, kind, lr, top1 (percent), one row
+    per (step, kind); ties go to the smaller lr. A file that cannot be read, or lacks a column, is an
+    XtraError naming it."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise XtraError(f"{path}: cannot read the online probe log: {exc}") from exc
+    lacking = [c for c in ONLINE_COLUMNS if c not in frame.columns]
+    if lacking:
+        raise XtraError(f"{path}: online probe log lacks column(s) {', '.join(lacking)}")
+    frame = frame[list(ONLINE_COLUMNS)]
+    try:
+        frame = frame.astype({"step": int, "images_seen": float, "kind": str, "lr": float, "top1": float})
+    except ValueError as exc:
+        raise XtraError(f"{path}: non-numeric step/images_seen/lr/top1: {exc}") from exc
+    best = frame.sort_values(["step", "kind", "top1", "lr"], ascending=[True, True, False, True], kind="stable")
+    return best.drop_duplicates(["step", "kind"]).reset_index(drop=True)

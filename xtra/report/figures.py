@@ -8,6 +8,8 @@ Each function returns its Figure so tests can count panels, bars and lines:
 - `paper_figure`: the published numbers (15 benchmarks, mean15) and any of this run's on them;
 - `sweep_figure`: a panel per benchmark, a line per (model, kind[, weight decay]) over the lrs;
 - `loss_figure`: two panels (loss, learning rate), a line per model with a pre-training log;
+- `online_figure`: a panel per online probe kind, the best head's held-out top-1 against images seen,
+  a line per model that trained online probes;
 - `images_seen_figure`: two panels (mean top-1, ImageNet-1k top-1), a line per series;
 - `reconstruction_figure`: a panel per model with an encoder, its reconstruction grid or why not.
 """
@@ -25,12 +27,14 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 from xtra.errors import XtraError
+from xtra.report.reference import KIND_ORDER
 
 __all__ = [
     "bars_figure",
     "paper_figure",
     "sweep_figure",
     "loss_figure",
+    "online_figure",
     "images_seen_figure",
     "reconstruction_figure",
     "figure_bytes",
@@ -266,6 +270,29 @@ def loss_figure(logs: dict[str, pd.DataFrame], missing: dict[str, str]) -> Figur
     _footnote(fig, "no log: ", missing)
     if not logs:
         _note(loss_ax, "no pre-training log")
+    return fig
+
+
+def online_figure(online: dict[str, pd.DataFrame], missing: dict[str, str]) -> Figure:
+    """Online probes along pre-training (`collect.read_online_log`): a panel per probe kind, the best
+    head's top-1 on the pre-training set's held-out split against images seen, a line per model. Its
+    own axes: these are no benchmark's numbers, and no published point goes beside them."""
+    found = {k for frame in online.values() for k in frame["kind"]}
+    kinds = [k for k in KIND_ORDER if k in found] + sorted(found - set(KIND_ORDER))
+    fig, axes = _figure(max(len(kinds), 1), 4.0, 3.0)
+    colors = dict(zip(online, sns.color_palette(_PALETTE, max(len(online), 1))))
+    for ax, kind in zip(axes, kinds):
+        for model, frame in online.items():
+            part = frame[frame["kind"] == kind]
+            if len(part):
+                ax.plot(part["images_seen"], part["top1"], marker="o", markersize=3, label=model, color=colors[model])
+        ax.set(
+            title=f"online {kind} probe (best lr)", xlabel="images seen in pre-training", ylabel="held-out top-1 (%)"
+        )
+        ax.legend(fontsize=6)
+    _footnote(fig, "no online probes: ", missing)
+    if not kinds:
+        _note(axes[0], "no model trained online probes (models.<m>.online_probe.kinds)")
     return fig
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from xtra.errors import ParamsError
 
-__all__ = ["TrainConfig", "PretrainConfig"]
+__all__ = ["TrainConfig", "OnlineProbeConfig", "PretrainConfig"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,60 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class OnlineProbeConfig:
+    """A model's `online_probe` section (`$defs/online_probe`), resolved: the split it is evaluated on,
+    the folder of the labelled set, and each kind's own settings (the offline probe's `probe.kinds.<kind>`)."""
+
+    kinds: tuple[str, ...]  # empty: off
+    lrs: tuple[float, ...]
+    weight_decay: float
+    dataset: str | None  # None: the pre-training set
+    eval_split: str
+    eval_batches: int | None  # None: the whole split
+    prepared: Path  # the labelled set's prepared folder (the pre-training set's when dataset is None)
+    options: dict[str, dict[str, Any]]  # kind -> its own settings (e.g. num_last_blocks)
+
+    @property
+    def on(self) -> bool:
+        return bool(self.kinds)
+
+    def identity(self) -> dict[str, Any]:
+        """What the run id holds of it (`xtra.train.identity`): every setting that changes the heads."""
+        return {
+            "kinds": list(self.kinds),
+            "lrs": list(self.lrs),
+            "weight_decay": self.weight_decay,
+            "dataset": self.dataset,
+            "options": {k: dict(sorted(v.items())) for k, v in sorted(self.options.items())},
+        }
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], model: str) -> OnlineProbeConfig:
+        from xtra.probe.config import SWEEP_KEYS, kind_settings  # the probe kinds' settings (imports torch)
+
+        section, where = params["models"][model], f"models.{model}.online_probe"
+        online = section["online_probe"]
+        dataset = online["dataset"]
+        if dataset is not None and dataset not in params["datasets"]:
+            raise ParamsError(f"{where}.dataset: {dataset!r} is not a dataset of this params file")
+        kinds = params["probe"]["kinds"]
+        options = {
+            kind: {k: v for k, v in kind_settings(kind, kinds.get(kind)).items() if k not in SWEEP_KEYS}
+            for kind in online["kinds"]
+        }
+        return cls(
+            kinds=tuple(online["kinds"]),
+            lrs=tuple(float(lr) for lr in online["lrs"]),
+            weight_decay=float(online["weight_decay"]),
+            dataset=dataset,
+            eval_split=online["eval_split"] or section["train"]["val_split"],
+            eval_batches=online["eval_batches"],
+            prepared=Path(params["paths"]["prepared"]) / str(dataset or section["dataset"]),
+            options=options,
+        )
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """One model's pretrain stage: its init, data, architecture section, recipe and folders."""
 
@@ -73,6 +127,7 @@ class PretrainConfig:
     eval_resize: int
     arch: dict[str, Any]  # the params section (plain data)
     train: TrainConfig
+    online_probe: OnlineProbeConfig
     seed: int
     prepared: Path  # the prepared dataset's folder (paths.prepared / dataset)
     out: Path  # the model's folder (paths.models / model)
@@ -94,6 +149,7 @@ class PretrainConfig:
             eval_resize=section["eval_resize"],
             arch=dict(section["arch"]),
             train=TrainConfig.from_dict(section["train"]),
+            online_probe=OnlineProbeConfig.from_params(params, model),
             seed=params["seed"],
             prepared=Path(params["paths"]["prepared"]) / str(section["dataset"]),
             out=Path(params["paths"]["models"]) / model,

@@ -17,6 +17,13 @@ count), `checkpoint_every_n_steps`, `keep_*`, `log_every_n_steps`, `val_*`, `rec
 `resources` (`threads` too: each segment's is recorded, `xtra.environment`), `accelerator`, `strategy`,
 `eval_resize`.
 
+The run's folder also holds the online probe heads (`models.<m>.online_probe`, when on) in every
+checkpoint, so the folder id is `run_id(run_values(...))`: the trajectory plus the heads' settings and
+their labelled set's identity. They never change a weight of the model (a test compares both bit for
+bit), so the model's identity (`xtra.identity.model_identity`) is keyed on the trajectory alone,
+`run_id(trajectory(...))`: turning the online probes on or off trains in another folder but gives a
+model of the same identity, and every probe result of that model stays valid.
+
 Each run has a folder of its own, `models/<m>/checkpoints/<run id>/`: a changed trajectory starts a
 new folder beside the old one and never deletes or moves it; going back to earlier params resumes
 (or finds finished) the earlier run. The run id is computed by every rank from its own params, so
@@ -37,7 +44,7 @@ from xtra.identity import (
     recipe_version,
 )
 
-__all__ = ["trajectory", "run_id", "changed_keys", "data_identity"]
+__all__ = ["trajectory", "run_values", "run_id", "changed_keys", "data_identity"]
 
 
 def data_identity(prepared_root: Path) -> str:
@@ -64,6 +71,13 @@ def trajectory(params: dict[str, Any], name: str, world_size: int, data: str) ->
         "seed": params["seed"],
         "recipe": recipe_version("pretrain"),
     }
+
+
+def run_values(trajectory: dict[str, Any], online: dict[str, Any] | None) -> dict[str, Any]:
+    """What the run's folder id hashes: the trajectory and, with online probes on, their settings
+    (`OnlineProbeConfig.identity`, with the identity of the labelled set they train on); without them
+    the trajectory alone, so a run without online probes keeps its id."""
+    return trajectory if online is None else {**trajectory, "online_probe": online}
 
 
 def run_id(values: dict[str, Any]) -> str:

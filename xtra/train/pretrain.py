@@ -34,6 +34,7 @@ are pure functions of the final checkpoint and the identity (no time, no absolut
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import time
@@ -75,6 +76,7 @@ from xtra.train.module import (
     RebuildBucketsOnResume,
     RecordEnvironments,
 )
+from xtra.train.online import OnlineProbes, online_num_classes
 from xtra.train.reconstruct import write_model_reconstruction
 from xtra.train.schedule import batches_per_epoch, release_warmup_cosine, schedule_steps, steps_per_epoch
 
@@ -215,6 +217,10 @@ def _train(cfg: PretrainConfig, params: dict[str, Any], restart: bool) -> Path:
     data = PretrainData(cfg.prepared, train, cfg.arch["img_size"], cfg.eval_resize, cfg.seed)
     trainer = _trainer(train)  # the world size is the trainer's, however `devices` is spelled
     values = identity.trajectory(params, cfg.model, trainer.world_size, identity.data_identity(cfg.prepared))
+    online = None
+    if cfg.online_probe.on:  # the heads live in the run's checkpoints: another folder, the same model
+        online = {**cfg.online_probe.identity(), "data": identity.data_identity(cfg.online_probe.prepared)}
+    values, trajectory_id = identity.run_values(values, online), identity.run_id(values)
     run = identity.run_id(values)
     steps = steps_per_epoch(len(data.train_set), train.batch_size, trainer.world_size, train.accumulate_grad_batches)
     run_dir = _run_dir(out, run, restart, trainer.is_global_zero)
@@ -233,7 +239,7 @@ def _train(cfg: PretrainConfig, params: dict[str, Any], restart: bool) -> Path:
         segments[-1]["total_steps"] = total
     module = PretrainModule(cfg.arch, train, steps, run, cfg.seed, segments=segments, last_loss=last_loss)
     trainer.fit_loop.epoch_loop.max_steps = module.total_steps
-    plan = _plan(cfg, trainer, data, module, values["data"], run_dir, resume)
+    plan = _plan(cfg, trainer, data, module, values["data"], trajectory_id, run_dir, resume)
     finished = resume is not None and taken == total  # its final files come from its last checkpoint
     if trainer.is_global_zero:
         _other_runs(out, run, values)
@@ -288,6 +294,9 @@ def _fit(
         RebuildBucketsOnResume(),  # exact resume at 3+ DDP ranks
         RecordEnvironments(),
     ]
+    if cfg.online_probe.on:  # before the checkpoints: a checkpoint holds the heads trained on its step
+        classes = online_num_classes(cfg)  # refuses a set without labels, naming the key
+        trainer.callbacks.insert(2, OnlineProbes(cfg, classes, run_dir / "online.csv", plan["global_batch"]))
     trainer.callbacks.append(  # last: it saves after the other callbacks' end-of-batch work
         KeepCheckpoints(
             train.keep_last_checkpoints,
@@ -374,16 +383,19 @@ def _plan(
     data: PretrainData,
     module: PretrainModule,
     data_identity: str,
+    trajectory_id: str,
     run_dir: Path,
     resume: Path | None,
 ) -> dict[str, Any]:
-    """What the run will do (run.json): its layout, data, batches, schedule, parameters and attention path."""
+    """What the run will do (run.json): its layout, data, batches, schedule, parameters and attention path.
+    `run_id` names its folder, `trajectory_id` the model's trajectory (the same without online probes)."""
     train = cfg.train
     world, accum, batch = trainer.world_size, train.accumulate_grad_batches, train.batch_size
     device = trainer.strategy.root_device
     return {
         "model": cfg.model,
         "run_id": module.hparams["run_id"],
+        "trajectory_id": trajectory_id,
         "run_dir": str(run_dir),
         "data": data_identity,
         "world_size": world,
@@ -410,7 +422,22 @@ def _plan(
         "peak_flops_per_s": peak_flops_per_s(device),
         "val_every_n_steps": train.val_every_n_steps,
         "environment": environment(world, device),
+        "online_probe": _online_plan(cfg, module),
     }
+
+
+def _online_plan(cfg: PretrainConfig, module: PretrainModule) -> dict[str, Any] | None:
+    """What the online heads train on and what that costs (run.json)."""
+    online = cfg.online_probe
+    if not online.on:
+        return None
+    if online.dataset is not None:
+        feed = f"dataset {online.dataset} (train split): one extra encoder forward a micro-batch"
+    elif module.model.block_orders is None:
+        feed = "the training forward's block outputs (no extra forward)"
+    else:
+        feed = "the training batch again in raster order: one extra encoder forward a micro-batch"
+    return {"kinds": list(online.kinds), "lrs": list(online.lrs), "features": feed, "eval_split": online.eval_split}
 
 
 def _summary(plan: dict[str, Any]) -> str:
@@ -432,7 +459,7 @@ def _finish(cfg: PretrainConfig, module: PretrainModule, final: Path, plan: dict
     model.pt last."""
     ckpt = torch.load(final, map_location="cpu", weights_only=False, mmap=True)
     steps, segments = int(ckpt["global_step"]), list(ckpt["segments"])
-    ident = model_identity(plan["run_id"], steps, segments)
+    ident = model_identity(plan["trajectory_id"], steps, segments)  # online heads or not: the same weights
     digests = {p.name: p.read_text().strip() for p in run_dir.glob("rank-*.sha256")}
     train, last = cfg.train, segments[-1]
     metrics = {
@@ -454,10 +481,24 @@ def _finish(cfg: PretrainConfig, module: PretrainModule, final: Path, plan: dict
         ),
         "environments": list(ckpt["environments"]),  # each segment's (RecordEnvironments), no identity
     }
+    online = run_dir / "online.csv"
+    if online.exists() and cfg.online_probe.on:  # the best head of each kind at the last evaluation
+        with online.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if rows:
+            last_step = int(rows[-1]["step"])
+            metrics["online"] = {"step": last_step, "top1": {}}
+            for row in rows:
+                if int(row["step"]) == last_step:
+                    best = metrics["online"]["top1"].get(row["kind"], -1.0)
+                    metrics["online"]["top1"][row["kind"]] = max(best, float(row["top1"]))
     out = cfg.out
     text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
     if not (out / "metrics.json").is_file() or (out / "metrics.json").read_text() != text:
         write_atomic(out / "metrics.json", text)
+    if online.exists() and cfg.online_probe.on:  # the online curve is this run's, whichever model.pt is there
+        shutil.copyfile(online, out / "online.csv.tmp")
+        (out / "online.csv.tmp").replace(out / "online.csv")
     if _is_current(out, ident):
         print(f"{cfg.model}: {ARTIFACT_NAME} of identity {ident[:12]} is there ({steps} steps): left untouched")
         return
