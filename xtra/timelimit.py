@@ -43,6 +43,7 @@ __all__ = [
     "StopForResubmission",
     "NoProgressError",
     "catch_stop_signals",
+    "release_stop_signals",
     "stop_signal",
     "seconds_since_stop_signal",
     "front_end_attempt",
@@ -80,6 +81,16 @@ def catch_stop_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
             signal.signal(sig, _note)
+
+
+def release_stop_signals() -> None:
+    """Give SIGUSR1 and SIGTERM their default action back (a job with nothing to save: they end it); one that
+    already came is delivered again, so the process ends as it would have without `catch_stop_signals`."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        if (received := stop_signal()) is not None:
+            os.kill(os.getpid(), signal.Signals[received])
 
 
 def stop_signal() -> str | None:

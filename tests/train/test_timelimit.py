@@ -2,6 +2,7 @@
 at the step it is at and exits 75; run again, it ends with the weights of a run never interrupted. A job run
 again by the front-end without progress since its previous attempt stops with the no-progress error (exit 2).
 
+Each run here is a process (~10 s); those beyond the 1-process SIGUSR1 case are marked `slow`.
 The tiny run of tests/train/test_resume.py: 12 steps, a periodic checkpoint every 2 steps. The signal is sent
 with os.kill by the process to itself (so that it comes at a known step) right before the step's end-of-batch
 work; in the 2-process run only rank 1 gets it, and both ranks must stop at that step.
@@ -91,7 +92,11 @@ def _params(small, ranks: int) -> dict:
 
 @pytest.mark.parametrize(
     "ranks, signal, signal_rank",
-    [(1, "SIGUSR1", None), (1, "SIGTERM", None), pytest.param(2, "SIGUSR1", "1", marks=pytest.mark.slow)],
+    [
+        (1, "SIGUSR1", None),
+        pytest.param(1, "SIGTERM", None, marks=pytest.mark.slow),
+        pytest.param(2, "SIGUSR1", "1", marks=pytest.mark.slow),
+    ],
     ids=["1-process-SIGUSR1", "1-process-SIGTERM", "2-process-gloo-SIGUSR1-on-rank-1"],
 )
 def test_a_signalled_pretraining_saves_its_step_exits_75_and_resumes_to_the_uninterrupted_weights(
@@ -123,6 +128,7 @@ def test_a_signalled_pretraining_saves_its_step_exits_75_and_resumes_to_the_unin
     assert steps == list(range(1, 13))  # no step lost, none taken twice
 
 
+@pytest.mark.slow  # 3 runs (~40 s here); the decision itself: test_attempt_log_refuses_only_...
 def test_a_resubmitted_pretraining_without_progress_stops_with_the_no_progress_error(small, tmp_path: Path) -> None:
     tmp, prepared = small
     params = tiny_params(tmp, prepared)
@@ -166,3 +172,19 @@ def test_attempt_log_refuses_only_a_front_end_retry_from_the_same_start(tmp_path
         "attempt 2: from step 40: failed at step 40",
         "attempt 3: from step 40: finished at step 80",
     ]
+
+
+def test_a_job_with_nothing_to_train_is_ended_by_the_signal_as_without_xtra(tmp_path: Path) -> None:
+    """`xtra pretrain` catches the signals from its start, but a model that is not trained (init: random,
+    official, pixels, backbone) gives them back: SIGTERM ends it at once (one that came earlier too)."""
+    script = (
+        "import os, signal, sys\n"
+        "from xtra import timelimit\n"
+        "timelimit.catch_stop_signals()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "assert timelimit.stop_signal() == 'SIGTERM'\n"
+        "timelimit.release_stop_signals()\n"
+        "sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -15, proc.stderr  # ended by SIGTERM, not by the exit(3) after it

@@ -57,7 +57,7 @@ from xtra.model.artifact import ARTIFACT_NAME, read_model_artifact, save_model_a
 from xtra.model.flops import peak_flops_per_s, train_flops_per_image
 from xtra.model.mask import resolve_attn_impl
 from xtra.model.xtra import XTRA
-from xtra.timelimit import AttemptLog, StopForResubmission
+from xtra.timelimit import AttemptLog, StopForResubmission, release_stop_signals
 from xtra.train import identity
 from xtra.train.checkpoints import (
     CheckSameResumeOnEveryRank,
@@ -117,6 +117,7 @@ def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> 
                 for leftover in (ARTIFACT_NAME + ".tmp", "log.csv.tmp", "reconstruction.tmp.png"):
                     (out / leftover).unlink(missing_ok=True)
                 raise
+        release_stop_signals()  # no training to save: the scheduler's signals end the job as they would
         ident = init_identity(params, name)
         if _is_current(out, ident):
             print(f"{name}: up to date ({out / ARTIFACT_NAME}, identity {ident[:12]}): left untouched")
