@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from xtra.errors import WRITE_ERRNOS, XtraError
-from xtra.timelimit import RESUBMIT_EXIT, StopForResubmission, catch_stop_signals
+from xtra.timelimit import RESUBMIT_EXIT, StopForResubmission, catch_stop_signals, ignore_stop_signals
 
 __all__ = ["main", "COMMANDS", "STOP_SAFE"]
 
@@ -76,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" writing {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
+    finally:
+        if args.command in STOP_SAFE:
+            ignore_stop_signals()  # done or saved: a late warning must not turn the exit status into a signal's
 
 
 if __name__ == "__main__":

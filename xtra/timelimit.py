@@ -44,6 +44,7 @@ __all__ = [
     "NoProgressError",
     "catch_stop_signals",
     "release_stop_signals",
+    "ignore_stop_signals",
     "stop_signal",
     "seconds_since_stop_signal",
     "front_end_attempt",
@@ -91,6 +92,16 @@ def release_stop_signals() -> None:
             signal.signal(sig, signal.SIG_DFL)
         if (received := stop_signal()) is not None:
             os.kill(os.getpid(), signal.Signals[received])
+
+
+def ignore_stop_signals() -> None:
+    """The command's work is done or saved: a warning or SIGTERM coming now changes nothing, so it is ignored
+    until the process ends. (Otherwise Python, shutting down, gives the caught signals their default action
+    back, and one coming in those last milliseconds ends a finished job with the signal's status: seen on
+    Slurm, exit 138 after a run that had finished.)"""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def stop_signal() -> str | None:

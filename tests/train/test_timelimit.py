@@ -188,3 +188,22 @@ def test_a_job_with_nothing_to_train_is_ended_by_the_signal_as_without_xtra(tmp_
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -15, proc.stderr  # ended by SIGTERM, not by the exit(3) after it
+
+
+def test_the_signals_are_ignored_once_the_command_returned(tmp_path: Path) -> None:
+    """Python gives caught signals their default action back while it shuts down: a warning coming right after
+    a run finished ended it with 138 (SIGUSR1) on Slurm. Once `xtra pretrain` returned (done, or saved and 75),
+    SIGUSR1 and SIGTERM are ignored, which Python's shutdown leaves as it is."""
+    script = (
+        "import signal, sys\n"
+        "from xtra import cli\n"
+        "class Done:\n"
+        "    run = staticmethod(lambda args: 0)\n"
+        "cli._module_for = lambda command: Done\n"  # the command's work itself does not matter here
+        "cli.build_parser = lambda command: type('P', (), {'parse_args': lambda self, argv: Done})()\n"
+        "Done.command = 'pretrain'\n"
+        "assert cli.main(['pretrain']) == 0\n"
+        "assert signal.getsignal(signal.SIGUSR1) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
