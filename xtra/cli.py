@@ -12,8 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from xtra.errors import WRITE_ERRNOS, XtraError
+from xtra.timelimit import RESUBMIT_EXIT, StopForResubmission, catch_stop_signals, ignore_stop_signals
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "STOP_SAFE"]
 
 # sub-command -> (module, one-line help). Modules are imported only when used.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,6 +29,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-checkpoint": ("xtra.release.convert", "import a checkpoint of the public XTRA release"),
     "bench": ("xtra.bench.cli", "throughput benchmarks (GPU recipes, attention paths, data loading, probe sweep)"),
 }
+
+
+# The commands that save at the next step boundary on the scheduler's warning (xtra.timelimit): their
+# stop signals are caught before the command's module (torch) is imported, since the warning may come early.
+STOP_SAFE = ("pretrain",)
 
 
 def _module_for(command: str):
@@ -47,6 +53,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
+    if command in STOP_SAFE:
+        catch_stop_signals()
     parser = build_parser(command)
     args = parser.parse_args(argv)
     if args.command is None:
@@ -55,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = _module_for(args.command)
     try:
         return int(module.run(args) or 0)
+    except StopForResubmission as exc:
+        print(f"stopped: {exc}; exit {RESUBMIT_EXIT}: run the same command again to continue", file=sys.stderr)
+        return RESUBMIT_EXIT
     except XtraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -65,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" writing {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
+    finally:
+        if args.command in STOP_SAFE:
+            ignore_stop_signals()  # done or saved: a late warning must not turn the exit status into a signal's
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Fixtures of the `cluster` tests: a real one-node Slurm cluster.
 
-Every test module here is marked `cluster` (pytestmark) (not in the default run; `.ci/run` runs them after the demo,
-`python -m pytest -m cluster` runs them by hand, as root with slurm-wlm and munge installed).
+Every test module here but test_time_limits.py (plans only, no scheduler) is marked `cluster` (pytestmark) (not
+in the default run; `.ci/run` runs them after the demo, `python -m pytest -m cluster` runs them by hand, as root
+with slurm-wlm and munge installed).
 """
 
 from __future__ import annotations

@@ -72,11 +72,14 @@ def test_two_cpu_tasks_on_slurm_and_lsf(tmp_path):
         "mpi": launcher,
     }
     assert "gres" not in slurm.resources and "tasks" not in slurm.resources
-    assert slurm.shell.startswith(f"{launcher} xtra pretrain {MODEL}")
+    assert slurm.resources["slurm_extra"] == "--signal=USR1@300"  # the warning before the time limit
+    assert slurm.shell.startswith(f"XTRA_ATTEMPT=1 {launcher} xtra pretrain {MODEL}")
     lsf = _pretrain(_plan(tmp_path / "lsf", "lsf", params))
     assert (lsf.resources["cpus_per_task"], lsf.resources["ptile"], lsf.resources["mem_mb"]) == ("2", "2", "4000")
-    assert "lsf_extra" not in lsf.resources
-    assert lsf.shell.startswith("jsrun --nrs 2 --tasks_per_rs 1 --cpu_per_rs 1 --gpu_per_rs 0 --rs_per_host 2 xtra")
+    assert lsf.resources["lsf_extra"] == "-wa USR1 -wt 5"
+    assert lsf.shell.startswith(
+        "XTRA_ATTEMPT=1 jsrun --nrs 2 --tasks_per_rs 1 --cpu_per_rs 1 --gpu_per_rs 0 --rs_per_host 2 xtra"
+    )
 
 
 def test_one_gpu_on_each_of_four_nodes_names_one_task_per_node(tmp_path):
@@ -87,11 +90,11 @@ def test_one_gpu_on_each_of_four_nodes_names_one_task_per_node(tmp_path):
     assert {k: job.resources.get(k) for k in ("nodes", "tasks", "slurm_extra", "gres", "tasks_per_gpu")} == {
         "nodes": "4",
         "tasks": "4",
-        "slurm_extra": "--ntasks-per-node=1",
+        "slurm_extra": "--ntasks-per-node=1 --signal=USR1@300",
         "gres": "gpu:1",
         "tasks_per_gpu": "0",
     }
-    assert job.shell.startswith("srun --nodes=4 --ntasks-per-node=1 --cpus-per-task=4 xtra pretrain")
+    assert job.shell.startswith("XTRA_ATTEMPT=1 srun --nodes=4 --ntasks-per-node=1 --cpus-per-task=4 xtra pretrain")
 
 
 def test_a_layout_lightning_would_refuse_stops_the_plan(tmp_path):

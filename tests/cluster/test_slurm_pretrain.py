@@ -5,7 +5,7 @@ the job is `sbatch --nodes=1 --ntasks-per-node=2 --cpus-per-task=1` and its comm
 profile's launcher (`srun --nodes=1 --ntasks-per-node=2 ...`); Lightning's SLURMEnvironment reads
 the ranks and the world size from srun's variables (the pre-training code parses none). The same
 request with `gpus: 8, nodes: 8` is the paper run's. The run cut by `scancel` mid-epoch is
-retried by Snakemake (the profile's `retries: 1`), resumes from its checkpoints, and must end with
+retried by Snakemake (the profile's `retries`), resumes from its checkpoints, and must end with
 the weights of the uninterrupted run.
 """
 

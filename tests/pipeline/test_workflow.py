@@ -283,7 +283,9 @@ def test_slurm_plan_of_the_h14_profile(snakemake_runs):
         "mpi": "srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8",
         "mem_mb": "400000",
     }
-    assert pretrain.shell.startswith("srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8 xtra pretrain xtra_h14 ")
+    assert pretrain.shell.startswith(
+        "XTRA_ATTEMPT=1 srun --nodes=8 --ntasks-per-node=8 --cpus-per-task=8 xtra pretrain xtra_h14 "
+    )
     for job in by_rule["probe"]:
         if job.rule.endswith("-in1k"):  # one task with the 8 GPUs of one node: it starts a process per GPU itself
             assert (job.resources["gpu"], job.resources["nodes"], job.resources["cpus_per_task"]) == ("8", "1", "8")
@@ -307,10 +309,12 @@ def test_lsf_plan_of_the_h14_profile(snakemake_runs):
     assert {k: pretrain.resources.get(k) for k in ("cpus_per_task", "ptile", "lsf_extra", "mem_mb")} == {
         "cpus_per_task": "512",
         "ptile": "64",
-        "lsf_extra": "-gpu num=8",
+        "lsf_extra": "-gpu num=8 -wa USR1 -wt 5",
         "mem_mb": "3200000",
     }
-    assert pretrain.resources["mpi"].startswith("jsrun --nrs 64 ") and pretrain.shell.startswith("jsrun --nrs 64 ")
+    assert pretrain.resources["mpi"].startswith("jsrun --nrs 64 ") and pretrain.shell.startswith(
+        "XTRA_ATTEMPT=1 jsrun --nrs 64 "
+    )
     for job in by_rule["probe"]:
         if job.rule.endswith("-in1k"):  # 8 GPUs of one host
             assert job.resources["lsf_extra"] == "-gpu num=8"

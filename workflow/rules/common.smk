@@ -118,6 +118,21 @@ def stage_log(stage):
 # refuses a job without --ntasks-per-node, so a job of one task per node on several nodes sets it
 # through `slurm_extra`.
 
+# The time limit (xtra.timelimit; docs/pipeline.md, "Time limits"). A multi-task pre-training asks the scheduler
+# for a warning signal `signal_lead` seconds (a profile's config key; default 300) before its limit: Slurm
+# `--signal=USR1@<s>` (Slurm may send it up to a minute earlier), LSF `-wa USR1 -wt <minutes>`. The job saves at
+# the next optimiser step and exits 75, and Snakemake runs it again (the profile's `retries`). The lead must
+# cover one step and one checkpoint save (the log prints the save time of each stop).
+# Pitfall: the warning reaches every process of the job step (Slurm) or of the job (LSF), and SIGUSR1 ends any
+# process that does not catch it. A multi-task job's step is the launcher's (`srun ... xtra`): xtra's processes
+# alone. A one-task job's step is the plugin's `srun snakemake ...`, whose Snakemake and shell would die of
+# the warning (and xtra with them): one-task pre-trainings get no warning; they are saved by their periodic
+# checkpoints and by SIGTERM at the limit, which xtra catches too. On LSF the job's own Snakemake is one of the
+# job's processes whatever its tasks: untested (no LSF cluster here).
+# Each job also gets its attempt number (XTRA_ATTEMPT, the rules' shell), so that a resubmitted pre-training
+# that made no progress since its previous attempt stops (exit 2) instead of using up the retries.
+SIGNAL_LEAD_S = int(config.pop("signal_lead", 300))
+
 SCHEDULERS = ("local", "slurm", "lsf")
 DEFAULT_LAUNCHERS = {
     "slurm": "srun --nodes={nodes} --ntasks-per-node={tasks_per_node} --cpus-per-task={cpus}",
@@ -158,9 +173,15 @@ def launcher(req):
                            gpus_per_task=1 if req["gpus"] else 0)
 
 
-def slurm_resources(req):
+def joined(*options):
+    """Extra scheduler options of a job, or None (Snakemake then leaves the key out)."""
+    return " ".join(o for o in options if o) or None
+
+
+def slurm_resources(req, warn):
     per_node, tasks, _ = job_layout(req)
     gpus, multi = req["gpus"], tasks > 1
+    warning = f"--signal=USR1@{SIGNAL_LEAD_S}" if warn and multi else None
     return {
         "nodes": req["nodes"],
         "mem_mb": req["mem_mb"],  # sbatch --mem: per node
@@ -171,28 +192,30 @@ def slurm_resources(req):
         # the plugin takes tasks_per_node > 1 only: one task per node is --ntasks=nodes, plus the
         # --ntasks-per-node=1 that Lightning's SLURMEnvironment insists on
         "tasks": tasks if multi and per_node == 1 else None,
-        "slurm_extra": "--ntasks-per-node=1" if multi and per_node == 1 else None,
+        "slurm_extra": joined("--ntasks-per-node=1" if multi and per_node == 1 else None, warning),
         "tasks_per_gpu": 0 if gpus and multi else None,  # 0: no --ntasks-per-gpu, the layout is per node
     }
 
 
-def lsf_resources(req):
+def lsf_resources(req, warn):
     per_node, tasks, cores_per_node = job_layout(req)
+    warning = f"-wa USR1 -wt {max(1, round(SIGNAL_LEAD_S / 60))}" if warn and tasks > 1 else None  # -wt: minutes
     return {
         "cpus_per_task": tasks * req["cpus"],  # bsub -n: every core of the job
         "mem_mb": req["mem_mb"] * req["nodes"],  # the plugin divides it per core
         "ptile": cores_per_node if tasks > 1 else None,  # span[ptile=...], read for `mpi` jobs
-        "lsf_extra": f"-gpu num={req['gpus']}" if req["gpus"] else None,  # per host
+        "lsf_extra": joined(f"-gpu num={req['gpus']}" if req["gpus"] else None, warning),  # -gpu: per host
     }
 
 
-def cluster_resources(req):
-    """The plugin resources of one request (Snakemake leaves out keys whose value is None)."""
+def cluster_resources(req, warn=False):
+    """The plugin resources of one request (Snakemake leaves out keys whose value is None); `warn`: the job
+    saves on the scheduler's warning signal (a pre-training)."""
     res = {"runtime": req["runtime"], "mpi": launcher(req)}
     if SCHEDULER == "slurm":
-        return {**res, **slurm_resources(req)}
+        return {**res, **slurm_resources(req, warn)}
     if SCHEDULER == "lsf":
-        return {**res, **lsf_resources(req)}
+        return {**res, **lsf_resources(req, warn)}
     # Local: `--resources gpu=N mem_mb=M` on the command line makes Snakemake respect them.
     return {**res, "mem_mb": req["mem_mb"], "gpu": req["gpus"] * req["nodes"] or None}
 
@@ -247,5 +270,10 @@ def resources_of(stage):
     evaluates a rule's `shell:` expression again when the job runs (in the cluster job, and locally),
     and by then the loop variable `stage` is the last stage of the last file, report.smk, so
     every job would run `xtra report`."""
-    res = cluster_resources(stage_request(stage))
+    res = cluster_resources(stage_request(stage), warn=stage.kind == "pretrain")
     return {**{key: res.get(key) for key in RESOURCE_KEYS}, "launch": launch_prefix(res), "cmd": stage.cmd}
+
+
+def front_end_attempt(wildcards, attempt):
+    """Snakemake's attempt number of a job (1, then 2, ... on `retries`), a resource the shell exports."""
+    return attempt

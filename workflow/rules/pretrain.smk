@@ -5,6 +5,8 @@
 # rules/common.smk). Inputs: the dataset's manifest (init: pretrain), the source checkpoint
 # (official) or weights file (backbone), nothing (random, pixels); no code. A re-run of a finished
 # model rewrites the same model.pt and metrics.json from its final checkpoint, without training.
+# A job stopped by the scheduler's warning exits 75 after saving, and the profile's `retries` run it again;
+# XTRA_ATTEMPT (Snakemake's attempt number) lets it stop when it made no progress (xtra/timelimit.py).
 
 
 for stage in stages_of("pretrain"):
@@ -25,5 +27,6 @@ for stage in stages_of("pretrain"):
         threads: job_threads(stage_request(stage))
         resources:
             **resources_of(stage),
+            attempt=front_end_attempt,
         shell:
-            "{resources.launch}{resources.cmd} > {log} 2>&1"
+            "XTRA_ATTEMPT={resources.attempt} {resources.launch}{resources.cmd} > {log} 2>&1"

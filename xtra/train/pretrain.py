@@ -47,6 +47,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from xtra.atomic import sha256_file, write_atomic, write_json_atomic
 from xtra.config import load_params
@@ -58,11 +59,13 @@ from xtra.model.artifact import ARTIFACT_NAME, read_model_artifact, save_model_a
 from xtra.model.flops import peak_flops_per_s, train_flops_per_image
 from xtra.model.mask import resolve_attn_impl
 from xtra.model.xtra import XTRA
+from xtra.timelimit import AttemptLog, StopForResubmission, release_stop_signals
 from xtra.train import identity
 from xtra.train.checkpoints import (
     CheckSameResumeOnEveryRank,
     KeepCheckpoints,
     SameFolderCheckpointIO,
+    cluster_plugins,
     find_resume_checkpoint,
     prune_checkpoints,
 )
@@ -122,6 +125,7 @@ def pretrain_model(params: dict[str, Any], name: str, restart: bool = False) -> 
                 for leftover in (ARTIFACT_NAME + ".tmp", "log.csv.tmp", "reconstruction.tmp.png"):
                     (out / leftover).unlink(missing_ok=True)
                 raise
+        release_stop_signals()  # no training to save: the scheduler's signals end the job as they would
         ident = init_identity(params, name)
         if _is_current(out, ident):
             print(f"{name}: up to date ({out / ARTIFACT_NAME}, identity {ident[:12]}): left untouched")
@@ -237,6 +241,8 @@ def _train(cfg: PretrainConfig, params: dict[str, Any], restart: bool) -> Path:
     if not segments or segments[-1]["total_steps"] != total:  # a new run, or one extended: a new segment
         segments = [*segments, {"start_step": taken, "epochs": train.epochs, "max_steps": train.max_steps}]
         segments[-1]["total_steps"] = total
+    attempts = AttemptLog(run_dir / "attempts.json", "step", f"xtra pretrain {cfg.model}")
+    attempts.check_progress(taken)  # every rank, read-only: a resubmitted job that cannot progress stops
     module = PretrainModule(cfg.arch, train, steps, run, cfg.seed, segments=segments, last_loss=last_loss)
     trainer.fit_loop.epoch_loop.max_steps = module.total_steps
     plan = _plan(cfg, trainer, data, module, values["data"], trajectory_id, run_dir, resume)
@@ -248,12 +254,12 @@ def _train(cfg: PretrainConfig, params: dict[str, Any], restart: bool) -> Path:
         done = (
             f"{cfg.model}: run {run} has taken its {total} steps ({resume.name}): nothing to train" if finished else ""
         )
-        print(done or _summary(plan), flush=True)
+        print(done or _summary(plan), *attempts.history(), sep="\n", flush=True)
     if finished:
         final = resume
     else:
         _remove_final_files(out)
-        final = _fit(cfg, trainer, data, module, plan, run_dir, resume)
+        final = _fit(cfg, trainer, data, module, plan, run_dir, resume, attempts, taken)
     if trainer.is_global_zero:
         _finish(cfg, module, final, plan, run_dir)
     return out
@@ -277,8 +283,13 @@ def _fit(
     plan: dict[str, Any],
     run_dir: Path,
     resume: Path | None,
+    attempts: AttemptLog,
+    taken: int,
 ) -> Path:
-    """Train from `resume` (or from scratch) to the scheduled steps; returns the final checkpoint."""
+    """Train from `resume` (or from scratch) to the scheduled steps; returns the final checkpoint.
+
+    A stop signal (xtra.timelimit) ends it early: KeepCheckpoints saves the step reached and raises
+    StopForResubmission; the attempt's end is recorded in `attempts` either way."""
     train, out = cfg.train, cfg.out
     trainer.callbacks[:0] = [
         LogSteps(
@@ -301,6 +312,8 @@ def _fit(
         KeepCheckpoints(
             train.keep_last_checkpoints,
             train.keep_every_n_steps,
+            attempts,
+            taken,
             dirpath=run_dir,
             filename="step-{step:06d}",
             auto_insert_metric_name=False,
@@ -313,7 +326,18 @@ def _fit(
         TensorBoardLogger(save_dir=str(out / "tb"), name="", version=plan["run_id"], default_hp_metric=False)
     ]
     started = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    except SIGTERMException as exc:  # Lightning's own stop: a SIGTERM before KeepCheckpoints took the signal over
+        raise StopForResubmission(
+            f"SIGTERM before the first step of this attempt: nothing new saved ({run_dir})"
+        ) from exc
+    except Exception as exc:
+        if trainer.is_global_zero:
+            attempts.end("failed", trainer.global_step, error=f"{type(exc).__name__}: {exc}"[:300])
+        raise
+    if trainer.is_global_zero:
+        attempts.end("finished", trainer.global_step)
     final = run_dir / f"step-{trainer.global_step:06d}.ckpt"
     if trainer.global_step % train.checkpoint_every_n_steps != 0 or trainer.global_step == 0:
         # the end state (same decision on every rank), so that extending epochs/max_steps continues from it
@@ -343,7 +367,7 @@ def _trainer(train: TrainConfig) -> L.Trainer:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=train.log_every_n_steps,
-        plugins=[SameFolderCheckpointIO()],
+        plugins=[SameFolderCheckpointIO(), *cluster_plugins()],
         val_check_interval=val * train.accumulate_grad_batches if val > 0 else None,
         check_val_every_n_epoch=None if val > 0 else 1,
         limit_val_batches=1.0 if val > 0 else 0,
@@ -419,6 +443,7 @@ def _plan(
         "precision": train.precision,
         "strategy": train.strategy,
         "attention": resolve_attn_impl(module.model.cfg.attn_impl, device, training=False),
+        "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
         "peak_flops_per_s": peak_flops_per_s(device),
         "val_every_n_steps": train.val_every_n_steps,
         "environment": environment(world, device),
