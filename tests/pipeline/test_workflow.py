@@ -74,7 +74,8 @@ class Job:
 
     @property
     def outputs(self) -> list[str]:
-        return [o.strip() for o in self.fields.get("output", "").split(",") if o.strip()]
+        """The output paths, without Snakemake's flag notes (a prepared manifest is `... (update)`)."""
+        return [re.sub(r"\s*\(\w+\)$", "", o.strip()) for o in self.fields.get("output", "").split(",") if o.strip()]
 
     @property
     def resources(self) -> dict[str, str]:
