@@ -23,7 +23,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.tokens import CommentToken
 
 from xtra.atomic import write_atomic
-from xtra.config import load_schema
+from xtra.config import load_schema, represent_float
 from xtra.errors import ParamsError
 
 __all__ = ["fill_text", "fill_file", "missing_keys"]
@@ -35,17 +35,8 @@ def _yaml() -> YAML:
     y.width = 4096
     y.indent(mapping=2, sequence=4, offset=2)
     y.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    y.representer.add_representer(float, _represent_float)
+    y.representer.add_representer(float, represent_float)
     return y
-
-
-def _represent_float(representer: Any, value: float) -> Any:
-    """`1.0e-05`, not `1e-05`: PyYAML (YAML 1.1, what the xtra commands read) takes the latter for a string."""
-    text = repr(value)
-    if "e" in text and "." not in text.split("e")[0]:
-        mantissa, exponent = text.split("e")
-        text = f"{mantissa}.0e{exponent}"
-    return representer.represent_scalar("tag:yaml.org,2002:float", text)
 
 
 def _resolve(schema: dict[str, Any]) -> dict[str, Any]:
