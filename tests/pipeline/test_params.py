@@ -434,8 +434,8 @@ def test_one_yaml_reading_for_the_project_and_dvc(tmp_path):
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
     from dvc.utils.serialize import parse_yaml
 
-    from xtra.config import dump_yaml, read_yaml
     from xtra.pipeline.profiles import parse_value
+    from xtra.yamlio import dump_yaml, read_yaml
 
     expected = {"lr": 0.001, "min_lr": 1e-6, "flag": "yes", "mode": "on", "ten": 10, "eight": 8, "clock": "1:30"}
     assert read_yaml(YAML_12) == parse_yaml(YAML_12, "dvc") == expected

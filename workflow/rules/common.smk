@@ -7,7 +7,8 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from xtra.config import read_yaml, validate_params
+from xtra.config import validate_params
+from xtra.yamlio import read_yaml
 from xtra.errors import ParamsError
 from xtra.identity import param_value, params_identity
 from xtra.pipeline.dag import stage_table
@@ -22,7 +23,7 @@ def check_config_is_params_file():
     (--configfile would also deep-merge two profiles: the union of their datasets and models.)
 
     Then replace Snakemake's reading of params.yaml (PyYAML, YAML 1.1: `lr: 1e-3` is a string there)
-    by the project's (xtra.config.read_yaml, YAML 1.2, as every xtra command and DVC read it)."""
+    by the project's (xtra.yamlio.read_yaml, YAML 1.2, as every xtra command and DVC read it)."""
     with open(PARAMS_FILE) as handle:
         on_disk = yaml.safe_load(handle)  # Snakemake's own reading, to compare like with like
     if config != on_disk:

@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from xtra.config import read_yaml
 from xtra.errors import ParamsError
 from xtra.pipeline.dag import DVC_YAML, Stage, stage_table
+from xtra.yamlio import read_yaml
 
 __all__ = [
     "RECIPES",

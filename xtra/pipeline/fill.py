@@ -23,8 +23,9 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.tokens import CommentToken
 
 from xtra.atomic import write_atomic
-from xtra.config import load_schema, represent_float
+from xtra.config import load_schema
 from xtra.errors import ParamsError
+from xtra.yamlio import represent_float
 
 __all__ = ["fill_text", "fill_file", "missing_keys"]
 

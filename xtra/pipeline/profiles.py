@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from xtra.atomic import write_atomic
-from xtra.config import dump_yaml, read_yaml, validate_params
+from xtra.config import validate_params
 from xtra.errors import ParamsError
+from xtra.yamlio import dump_yaml, read_yaml
 
 __all__ = [
     "available_profiles",
@@ -63,7 +64,7 @@ def profile_path(name: str, profiles_dir: Path) -> Path:
 
 def parse_value(text: str) -> Any:
     """An override's value as params.yaml would hold it (`true`, `[0.1, 1]`, `l1`, `1e-3`: YAML 1.2,
-    `xtra.config.read_yaml`), so `--set` means what `dvc exp run -S` and the file itself mean."""
+    `xtra.yamlio.read_yaml`), so `--set` means what `dvc exp run -S` and the file itself mean."""
     return read_yaml(text, f"override value {text!r}") if text.strip() else ""
 
 

@@ -435,7 +435,7 @@ def convert_official(
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
-    from xtra.config import read_yaml
+    from xtra.yamlio import read_yaml
 
     key, sep, value = item.partition("=")
     if not sep or not key.startswith("arch.") or len(key) <= len("arch."):
@@ -445,7 +445,7 @@ def _parse_set(item: str) -> tuple[str, Any]:
 
 def arch_from_cli(preset: str | None, arch_file: str | None, sets: Sequence[str]) -> dict[str, Any]:
     """The architecture of --preset (a size or a paper model) or --arch-file (YAML), then every --set."""
-    from xtra.config import read_yaml
+    from xtra.yamlio import read_yaml
 
     if preset in MODEL_PRESETS:
         arch = dict(MODEL_PRESETS[preset])
