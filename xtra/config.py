@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
@@ -35,6 +36,7 @@ __all__ = [
     "load_schema",
     "schema_section",
     "section_defaults",
+    "size_warnings",
     "params_hash",
     "model_arch",
     "launch_problems",
@@ -194,6 +196,7 @@ def _cross_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
         if (model["init"] == "backbone") != (model.get("backbone") is not None):
             yield f"{where}.backbone: required for init 'backbone', and for no other init (init is {model['init']!r})"
     yield from _probe_checks(params["probe"], datasets, params["models"])
+    yield from _split_checks(params, check_paths)
 
 
 def _probe_checks(probe: dict[str, Any], datasets: dict[str, Any], models: dict[str, Any]) -> Iterator[str]:
@@ -215,6 +218,63 @@ def _probe_checks(probe: dict[str, Any], datasets: dict[str, Any], models: dict[
     for name in probe.get("models") or []:
         if name not in models:
             yield f"probe.models: {name!r} is not a model of this params file"
+
+
+def _split_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
+    """Each split a benchmark (or a pre-training's validation) reads is one its dataset's kind writes
+    (`xtra.data.readers.DatasetKind.splits`; a kind whose splits depend on its files is asked only
+    when paths are checked)."""
+    from xtra.data.readers import READERS
+
+    datasets = params["datasets"]
+    reads = [
+        (f"probe.benchmarks.{name}.{key}", bench["dataset"], bench[key])
+        for name, bench in params["probe"]["benchmarks"].items()
+        for key in ("train_split", "eval_split")
+    ] + [
+        (f"models.{name}.train.val_split", model["dataset"], model["train"]["val_split"])
+        for name, model in params["models"].items()
+        if model["init"] == "pretrain" and model["train"]["val_every_n_steps"] > 0
+    ]
+    for key, dataset, split in reads:
+        ds = datasets.get(dataset)
+        if ds is None or ds["kind"] not in READERS:
+            continue  # named by the checks above
+        splits = READERS[ds["kind"]].splits_of(ds, look=check_paths)
+        if splits is not None and split not in splits:
+            yield (
+                f"{key}: dataset {dataset!r} (kind {ds['kind']}) has no split {split!r}; "
+                f"its splits: {', '.join(splits)}"
+            )
+
+
+def size_warnings(params: dict[str, Any]) -> list[str]:
+    """Datasets stored smaller than a model reads them (validated params): each image would be upsampled.
+
+    A model reads a dataset at its `eval_resize` (the evaluation resize before the centre crop, and the
+    probes' training transform without augmentation) and crops `arch.img_size`; `image_size` is the
+    shorter side the shards store (0: the originals, not known here)."""
+    datasets, models = params["datasets"], params["models"]
+    reads = [
+        (b["dataset"], m, f"probe.benchmarks.{n}")
+        for n, b in params["probe"]["benchmarks"].items()
+        for m in params["probe"].get("models") or models
+    ]
+    reads += [
+        (model["dataset"], m, f"models.{m}.dataset") for m, model in models.items() if model["init"] == "pretrain"
+    ]
+    warnings, seen = [], set()
+    for dataset, model, via in reads:
+        stored = datasets[dataset]["image_size"] if dataset in datasets else 0
+        needed = max(models[model]["eval_resize"], models[model]["arch"]["img_size"])
+        if 0 < stored < needed and (dataset, model) not in seen:
+            seen.add((dataset, model))
+            warnings.append(
+                f"datasets.{dataset}.image_size is {stored}, but model {model} reads it at {needed} px "
+                f"(models.{model}.eval_resize / arch.img_size; {via}): every image is upsampled. Prepare it "
+                f"at image_size >= {needed} (or 0 to keep the originals)"
+            )
+    return warnings
 
 
 def load_params(path: str | Path = "params.yaml", check_paths: bool = True) -> dict[str, Any]:
@@ -281,6 +341,8 @@ def run(args: argparse.Namespace) -> int:
     problems = [] if args.no_paths else launch_problems(params, args.params)
     if problems:
         raise ParamsError("\n".join(problems))
+    for warning in size_warnings(params):
+        print(f"warning: {args.params}: {warning}", file=sys.stderr)
     print(
         f"{args.params}: valid (profile {params['profile']!r}, {len(params['datasets'])} datasets, "
         f"{len(params['models'])} models, {len(params['probe']['benchmarks'])} benchmarks)"
