@@ -36,6 +36,8 @@ __all__ = [
     "load_schema",
     "schema_section",
     "section_defaults",
+    "PROFILE_DEFAULTS",
+    "profile_defaults",
     "size_warnings",
     "params_hash",
     "model_arch",
@@ -113,6 +115,62 @@ def section_defaults(section: str) -> dict[str, Any]:
     return {k: json.loads(json.dumps(v["default"])) for k, v in props.items() if "default" in v}
 
 
+# The sections of named entries (a dataset, a model, a benchmark) complete a key an entry leaves out
+# from the others first: the value most of the section's other entries give it is the active profile's
+# default (a benchmark added to the demo gets the demo's epochs, batch and grid, not the schema's
+# paper-scale ones); the schema's default applies only where no other entry gives one. Per section:
+# (the schema's definition of an entry, the keys that say which data or file an entry is and never
+# come from another, the keys completed key by key: a model's `train`; its `arch` is taken only
+# whole, since a preset decides the sizes that other entries' width or depth would contradict).
+PROFILE_DEFAULTS: dict[str, tuple[str, frozenset[str], frozenset[str]]] = {
+    "datasets": ("dataset", frozenset({"root", "split_lists", "layout", "partition", "heldout_fraction"}), frozenset()),
+    "models": (
+        "model",
+        frozenset({"init", "dataset", "checkpoint", "drop_prefixes", "backbone"}),
+        frozenset({"train"}),
+    ),
+    "probe.benchmarks": ("benchmark", frozenset(), frozenset()),
+}
+_ABSENT = object()
+
+
+def _lookup(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def profile_defaults(params: Any) -> dict[str, Any]:
+    """{dotted key: value} of every key an entry of `PROFILE_DEFAULTS` leaves out and the other entries
+    of its section give: the value most of them give (the first of those, in file order, when tied)."""
+    found: dict[str, Any] = {}
+    for section, (definition, own, per_key) in PROFILE_DEFAULTS.items():
+        entries = _lookup(params, section)
+        if not isinstance(entries, dict):
+            continue
+        props = schema_section(definition)["properties"]
+        keys = [k for k in props if k not in own and k not in per_key and "default" in _resolved(props[k])]
+        keys += [
+            f"{k}.{sub}" for k in per_key for sub, spec in schema_section(k)["properties"].items() if "default" in spec
+        ]
+        for name, entry in entries.items():
+            for key in keys:
+                if not isinstance(entry, dict) or _lookup(entry, key) is not _ABSENT:
+                    continue
+                given = [v for other, e in entries.items() if other != name and (v := _lookup(e, key)) is not _ABSENT]
+                same = [json.dumps(v, sort_keys=True) for v in given]  # equal values compare equal
+                if given:
+                    most = max(range(len(given)), key=lambda i: same.count(same[i]))  # the first of the most
+                    found[f"{section}.{name}.{key}"] = json.loads(json.dumps(given[most]))
+    return found
+
+
+def _resolved(node: dict[str, Any]) -> dict[str, Any]:
+    return {**_resolve_local_ref(node["$ref"]), **node} if "$ref" in node else node
+
+
 def _with_defaults(cls):
     """A validator class that also fills in the schema's defaults (jsonschema's documented recipe)."""
     validate_properties = cls.VALIDATORS["properties"]
@@ -150,12 +208,19 @@ def _describe(error) -> str:  # noqa: ANN001 - a jsonschema ValidationError
 
 
 def validate_params(params: dict[str, Any], source: str = "params.yaml", check_paths: bool = True) -> dict:
-    """Validate in place (filling defaults) and return `params`; raise ParamsError naming the key."""
+    """Validate in place (filling defaults: the other entries' of a section, `profile_defaults`, then the
+    schema's) and return `params`; raise ParamsError naming the key."""
     if not isinstance(params, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level, got {type(params).__name__}")
     renamed = renamed_keys(params)
     if renamed:
         raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(renamed))
+    for key, value in profile_defaults(params).items():  # before the schema's defaults
+        *parents, last = key.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
     errors = sorted(_Validator(load_schema()).iter_errors(params), key=lambda e: list(e.absolute_path))
     if errors:
         lines = "\n  ".join(_describe(e) for e in errors[:10])

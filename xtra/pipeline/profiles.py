@@ -11,7 +11,9 @@ would deep-merge two profiles into one, and DVC cannot see it at all.)
   style, as `dvc exp run -S` does; the result is re-validated and written as plain YAML under a
   header naming the profile and the overrides (docs/ABLATIONS.md lists the paper's ablations).
 - `--fill` writes every key the schema defines into params.yaml and every shipped profile
-  (xtra.pipeline.fill: DVC sees only what the file spells out, and `dvc exp run -S` overrides only that).
+  (xtra.pipeline.fill: DVC sees only what the file spells out, and `dvc exp run -S` overrides only that):
+  a key a new dataset, model or benchmark leaves out gets the value the file's other entries of its
+  section give (the profile's), else the schema default; then dvc.yaml is rewritten.
 - Writing params.yaml also rewrites dvc.yaml beside it (`xtra dag`): its stages are the table of
   the new params (xtra.pipeline.dag).
 - params.yaml is only overwritten when nothing would be lost: when it equals a shipped profile, or
@@ -158,12 +160,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _fill_all(target: Path, profiles_dir: Path) -> int:
+    """Fill the params file and every profile (each from its own entries, `xtra.pipeline.fill`), then
+    rewrite dvc.yaml beside the params file: a filled new entry is new stages."""
+    from xtra.identity import param_value
     from xtra.pipeline.fill import fill_file
 
     for path in [target, *sorted(Path(profiles_dir).glob("*.yaml"))]:
         if path.is_file():
             added = fill_file(path)
-            print(f"{path}: {len(added)} key(s) added" + (f" ({', '.join(added[:4])}...)" if added else ""))
+            values = read_yaml(path.read_text(), str(path)) if added else {}
+            shown = ", ".join(f"{key} = {json.dumps(param_value(values, key))}" for key in added[:6])
+            print(
+                f"{path}: {len(added)} key(s) added"
+                + (f" ({shown}{', ...' if len(added) > 6 else ''})" if added else "")
+            )
+    _write_dag(target)
     return 0
 
 
