@@ -21,7 +21,7 @@ __all__ = ["main", "COMMANDS"]
 # sub-command -> (module, one-line help). Modules are imported only when used.
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("xtra.config", "validate params.yaml against the schema"),
-    "profile": ("xtra.pipeline.profiles", "write a shipped profile (demo, paper_b16, paper_h14) to params.yaml"),
+    "profile": ("xtra.pipeline.profiles", "write a shipped profile (demo, paper_*, release_probe) to params.yaml"),
     "dag": ("xtra.pipeline.dag", "write dvc.yaml: the stage table of params.yaml (--check: is it current?)"),
     "prepare": ("xtra.data.prepare", "convert a raw dataset into checksummed WebDataset shards"),
     "pretrain": ("xtra.train.pretrain", "pre-train (or initialise) one model of params.yaml"),
