@@ -14,16 +14,17 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jsonschema import Draft202012Validator, validators
 
 from xtra.errors import ParamsError
+from xtra.yamlio import read_yaml
 
 __all__ = [
     "SCHEMA_PATH",
@@ -35,6 +36,9 @@ __all__ = [
     "load_schema",
     "schema_section",
     "section_defaults",
+    "PROFILE_DEFAULTS",
+    "profile_defaults",
+    "size_warnings",
     "params_hash",
     "model_arch",
     "launch_problems",
@@ -84,7 +88,7 @@ def renamed_keys(params: Any) -> list[str]:
 @lru_cache(maxsize=1)
 def load_schema() -> dict[str, Any]:
     """The parsed schema (cached; treat it as read-only)."""
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return read_yaml(SCHEMA_PATH.read_text(), str(SCHEMA_PATH))
 
 
 def _resolve_local_ref(ref: str) -> dict[str, Any]:
@@ -109,6 +113,62 @@ def section_defaults(section: str) -> dict[str, Any]:
     """The schema's default of every key of a section that has one (fresh copies)."""
     props = schema_section(section).get("properties", {})
     return {k: json.loads(json.dumps(v["default"])) for k, v in props.items() if "default" in v}
+
+
+# The sections of named entries (a dataset, a model, a benchmark) complete a key an entry leaves out
+# from the others first: the value most of the section's other entries give it is the active profile's
+# default (a benchmark added to the demo gets the demo's epochs, batch and grid, not the schema's
+# paper-scale ones); the schema's default applies only where no other entry gives one. Per section:
+# (the schema's definition of an entry, the keys that say which data or file an entry is and never
+# come from another, the keys completed key by key: a model's `train`; its `arch` is taken only
+# whole, since a preset decides the sizes that other entries' width or depth would contradict).
+PROFILE_DEFAULTS: dict[str, tuple[str, frozenset[str], frozenset[str]]] = {
+    "datasets": ("dataset", frozenset({"root", "split_lists", "layout", "partition", "heldout_fraction"}), frozenset()),
+    "models": (
+        "model",
+        frozenset({"init", "dataset", "checkpoint", "drop_prefixes", "backbone"}),
+        frozenset({"train"}),
+    ),
+    "probe.benchmarks": ("benchmark", frozenset(), frozenset()),
+}
+_ABSENT = object()
+
+
+def _lookup(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def profile_defaults(params: Any) -> dict[str, Any]:
+    """{dotted key: value} of every key an entry of `PROFILE_DEFAULTS` leaves out and the other entries
+    of its section give: the value most of them give (the first of those, in file order, when tied)."""
+    found: dict[str, Any] = {}
+    for section, (definition, own, per_key) in PROFILE_DEFAULTS.items():
+        entries = _lookup(params, section)
+        if not isinstance(entries, dict):
+            continue
+        props = schema_section(definition)["properties"]
+        keys = [k for k in props if k not in own and k not in per_key and "default" in _resolved(props[k])]
+        keys += [
+            f"{k}.{sub}" for k in per_key for sub, spec in schema_section(k)["properties"].items() if "default" in spec
+        ]
+        for name, entry in entries.items():
+            for key in keys:
+                if not isinstance(entry, dict) or _lookup(entry, key) is not _ABSENT:
+                    continue
+                given = [v for other, e in entries.items() if other != name and (v := _lookup(e, key)) is not _ABSENT]
+                same = [json.dumps(v, sort_keys=True) for v in given]  # equal values compare equal
+                if given:
+                    most = max(range(len(given)), key=lambda i: same.count(same[i]))  # the first of the most
+                    found[f"{section}.{name}.{key}"] = json.loads(json.dumps(given[most]))
+    return found
+
+
+def _resolved(node: dict[str, Any]) -> dict[str, Any]:
+    return {**_resolve_local_ref(node["$ref"]), **node} if "$ref" in node else node
 
 
 def _with_defaults(cls):
@@ -148,12 +208,19 @@ def _describe(error) -> str:  # noqa: ANN001 - a jsonschema ValidationError
 
 
 def validate_params(params: dict[str, Any], source: str = "params.yaml", check_paths: bool = True) -> dict:
-    """Validate in place (filling defaults) and return `params`; raise ParamsError naming the key."""
+    """Validate in place (filling defaults: the other entries' of a section, `profile_defaults`, then the
+    schema's) and return `params`; raise ParamsError naming the key."""
     if not isinstance(params, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level, got {type(params).__name__}")
     renamed = renamed_keys(params)
     if renamed:
         raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(renamed))
+    for key, value in profile_defaults(params).items():  # before the schema's defaults
+        *parents, last = key.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
     errors = sorted(_Validator(load_schema()).iter_errors(params), key=lambda e: list(e.absolute_path))
     if errors:
         lines = "\n  ".join(_describe(e) for e in errors[:10])
@@ -199,6 +266,7 @@ def _cross_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
         if online["dataset"] is not None and online["dataset"] not in datasets:
             yield f"{where}.online_probe.dataset: {online['dataset']!r} is not a dataset of this params file"
     yield from _probe_checks(params["probe"], datasets, params["models"])
+    yield from _split_checks(params, check_paths)
 
 
 def _probe_checks(probe: dict[str, Any], datasets: dict[str, Any], models: dict[str, Any]) -> Iterator[str]:
@@ -229,43 +297,71 @@ def _probe_checks(probe: dict[str, Any], datasets: dict[str, Any], models: dict[
             yield f"probe.models: {name!r} is not a model of this params file"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys without a word (a text merge of two branches can
-    leave `heldout_fraction` twice); this loader refuses them, naming the key and both lines."""
+def _split_checks(params: dict[str, Any], check_paths: bool) -> Iterator[str]:
+    """Each split a benchmark (or a pre-training's validation) reads is one its dataset's kind writes
+    (`xtra.data.readers.DatasetKind.splits`; a kind whose splits depend on its files is asked only
+    when paths are checked)."""
+    from xtra.data.readers import READERS
 
-    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise ParamsError(
-                    f"{key_node.start_mark.name}: key {key!r} appears twice in one mapping "
-                    f"(lines {seen[key]} and {line})"
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep)
+    datasets = params["datasets"]
+    reads = [
+        (f"probe.benchmarks.{name}.{key}", bench["dataset"], bench[key])
+        for name, bench in params["probe"]["benchmarks"].items()
+        for key in ("train_split", "eval_split")
+    ] + [
+        (f"models.{name}.train.val_split", model["dataset"], model["train"]["val_split"])
+        for name, model in params["models"].items()
+        if model["init"] == "pretrain" and model["train"]["val_every_n_steps"] > 0
+    ]
+    for key, dataset, split in reads:
+        ds = datasets.get(dataset)
+        if ds is None or ds["kind"] not in READERS:
+            continue  # named by the checks above
+        splits = READERS[ds["kind"]].splits_of(ds, look=check_paths)
+        if splits is not None and split not in splits:
+            yield (
+                f"{key}: dataset {dataset!r} (kind {ds['kind']}) has no split {split!r}; "
+                f"its splits: {', '.join(splits)}"
+            )
+
+
+def size_warnings(params: dict[str, Any]) -> list[str]:
+    """Datasets stored smaller than a model reads them (validated params): each image would be upsampled.
+
+    A model reads a dataset at its `eval_resize` (the evaluation resize before the centre crop, and the
+    probes' training transform without augmentation) and crops `arch.img_size`; `image_size` is the
+    shorter side the shards store (0: the originals, not known here)."""
+    datasets, models = params["datasets"], params["models"]
+    reads = [
+        (b["dataset"], m, f"probe.benchmarks.{n}")
+        for n, b in params["probe"]["benchmarks"].items()
+        for m in params["probe"].get("models") or models
+    ]
+    reads += [
+        (model["dataset"], m, f"models.{m}.dataset") for m, model in models.items() if model["init"] == "pretrain"
+    ]
+    warnings, seen = [], set()
+    for dataset, model, via in reads:
+        stored = datasets[dataset]["image_size"] if dataset in datasets else 0
+        needed = max(models[model]["eval_resize"], models[model]["arch"]["img_size"])
+        if 0 < stored < needed and (dataset, model) not in seen:
+            seen.add((dataset, model))
+            warnings.append(
+                f"datasets.{dataset}.image_size is {stored}, but model {model} reads it at {needed} px "
+                f"(models.{model}.eval_resize / arch.img_size; {via}): every image is upsampled. Prepare it "
+                f"at image_size >= {needed} (or 0 to keep the originals)"
+            )
+    return warnings
 
 
 def load_params(path: str | Path = "params.yaml", check_paths: bool = True) -> dict[str, Any]:
-    """Read, validate and default-fill a params file. Raises ParamsError naming the file and key."""
+    """Read (`read_yaml`), validate and default-fill a params file. Raises ParamsError naming the file and key."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ParamsError(f"cannot read params file {path}: {exc.strerror}") from exc
-    try:
-        loader = _UniqueKeyLoader(text)
-        loader.name = str(path)
-        try:
-            params = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
-    return validate_params(params, str(path), check_paths)
+    return validate_params(read_yaml(text, str(path)), str(path), check_paths)
 
 
 def params_hash(section: Any) -> str:
@@ -322,6 +418,8 @@ def run(args: argparse.Namespace) -> int:
     problems = [] if args.no_paths else launch_problems(params, args.params)
     if problems:
         raise ParamsError("\n".join(problems))
+    for warning in size_warnings(params):
+        print(f"warning: {args.params}: {warning}", file=sys.stderr)
     print(
         f"{args.params}: valid (profile {params['profile']!r}, {len(params['datasets'])} datasets, "
         f"{len(params['models'])} models, {len(params['probe']['benchmarks'])} benchmarks)"

@@ -424,6 +424,38 @@ def test_a_key_given_twice_is_an_error_naming_it(tmp_path):
     assert load_params(PROFILES / "demo.yaml", check_paths=False)["models"]["xtra_k1"]["arch"]["block_size"] == 1
 
 
+# scalars that YAML 1.1 (PyYAML) and YAML 1.2 (ruamel.yaml, DVC) read differently
+YAML_12 = "lr: 1e-3\nmin_lr: 1E-6\nflag: yes\nmode: on\nten: 010\neight: 0o10\nclock: 1:30\n"
+
+
+def test_one_yaml_reading_for_the_project_and_dvc(tmp_path):
+    """The project reads params as DVC does (YAML 1.2): `lr: 1e-3` is 0.001 to `xtra validate`, to
+    DVC's parser, to `xtra profile --set` and to DVC's `-S`, and what either writes reads back the same."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+    from dvc.utils.serialize import parse_yaml
+
+    from xtra.pipeline.profiles import parse_value
+    from xtra.yamlio import dump_yaml, read_yaml
+
+    expected = {"lr": 0.001, "min_lr": 1e-6, "flag": "yes", "mode": "on", "ten": 10, "eight": 8, "clock": "1:30"}
+    assert read_yaml(YAML_12) == parse_yaml(YAML_12, "dvc") == expected
+    assert yaml.safe_load(YAML_12) != expected  # what the project read before: '1e-3', True, 8, 90
+    assert read_yaml(dump_yaml(expected)) == expected and read_yaml(dump_yaml({"s": "1e-3"})) == {"s": "1e-3"}
+    assert [parse_value(v) for v in ("1e-3", "yes", "[1e-3, 0.1]")] == [0.001, "yes", [0.001, 0.1]]
+
+    text = (PROFILES / "demo.yaml").read_text()
+    assert "      lr: 0.001\n" in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("      lr: 0.001\n", "      lr: 1e-3\n", 1))
+    ours = load_params(path, check_paths=False)
+    theirs = parse_yaml(path.read_text(), str(path))
+    assert ours["models"]["xtra_k2"]["train"]["lr"] == theirs["models"]["xtra_k2"]["train"]["lr"] == 0.001
+    dvc_apply_overrides(str(path), ["models.xtra_k2.train.warmup_start_lr=1e-5"])  # what `dvc exp run -S` writes
+    ours = load_params(path, check_paths=False)
+    assert ours["models"]["xtra_k2"]["train"]["warmup_start_lr"] == 1e-5
+    assert ours == validate_params(apply_overrides(profile("demo"), ["models.xtra_k2.train.warmup_start_lr=1e-5"]))
+
+
 @pytest.mark.parametrize(
     "old,value,new",
     [

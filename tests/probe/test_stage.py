@@ -62,7 +62,7 @@ def _reader(train: int, test: int, seed: int):
 
 def make_params(tmp: Path, lrs=(1e-3, 1e-2), epochs: int = 2, protocol: str = "paper") -> dict:
     """A validated params dict: two datasets, one random-init model, two benchmarks x two kinds."""
-    (tmp / "raw").mkdir(exist_ok=True)
+    (tmp / "raw" / "test").mkdir(parents=True, exist_ok=True)  # kind `custom` has a `test` split where it is
     params = {
         "profile": "test",
         "seed": 0,

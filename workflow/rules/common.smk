@@ -8,6 +8,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from xtra.config import validate_params
+from xtra.yamlio import read_yaml
 from xtra.errors import ParamsError
 from xtra.identity import param_value, params_identity
 from xtra.pipeline.dag import stage_table
@@ -19,11 +20,12 @@ PARAMS_FILE = "params.yaml"
 
 def check_config_is_params_file():
     """Refuse --configfile / --config: the plan would use them, the xtra commands would not.
-
     (--configfile would also deep-merge two profiles: the union of their datasets and models.)
-    """
+
+    Then replace Snakemake's reading of params.yaml (PyYAML, YAML 1.1: `lr: 1e-3` is a string there)
+    by the project's (xtra.yamlio.read_yaml, YAML 1.2, as every xtra command and DVC read it)."""
     with open(PARAMS_FILE) as handle:
-        on_disk = yaml.safe_load(handle)
+        on_disk = yaml.safe_load(handle)  # Snakemake's own reading, to compare like with like
     if config != on_disk:
         changed = sorted(k for k in set(config) | set(on_disk) if config.get(k) != on_disk.get(k))
         raise WorkflowError(
@@ -31,6 +33,15 @@ def check_config_is_params_file():
             f"are not used by the xtra commands. Switch profile with `xtra profile NAME` "
             f"(optionally --set KEY=VALUE), or edit {PARAMS_FILE}."
         )
+    config.clear()
+    config.update(read_params_file())
+
+
+def read_params_file():
+    try:
+        return read_yaml(Path(PARAMS_FILE).read_text(), PARAMS_FILE)
+    except ParamsError as exc:
+        raise WorkflowError(str(exc)) from exc
 
 
 def cross_check_params():
@@ -48,8 +59,7 @@ def cross_check_params():
 def check_params_complete():
     """Every params key a stage depends on must be in params.yaml itself, as DVC requires: a value
     the schema filled in would be seen by the commands but by no identity."""
-    with open(PARAMS_FILE) as handle:
-        on_disk = yaml.safe_load(handle)
+    on_disk = read_params_file()
     missing = []
     for stage in STAGES:
         for key in stage.params:

@@ -202,11 +202,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xtra.config import load_params
+    from xtra.config import load_params, size_warnings
     from xtra.pipeline.dvc_yaml import STAMP_TEXT, dvc_yaml_problem, params_problem, share_prepared, write_dvc_yaml
 
     params = load_params(args.params, check_paths=False)  # an invalid file: ParamsError naming the key
     root = Path(args.params).resolve().parent
+    for warning in size_warnings(params):
+        print(f"warning: {args.params}: {warning}", file=sys.stderr)
     if args.check:
         problems = [p for p in (params_problem(args.params), dvc_yaml_problem(params, root)) if p]
         problems = problems or [p for p in [share_prepared(params, root)] if p]  # dvc exp run --temp / --queue

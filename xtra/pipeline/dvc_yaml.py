@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
+from xtra.errors import ParamsError
 from xtra.pipeline.dag import DVC_YAML, Stage, stage_table
+from xtra.yamlio import read_yaml
 
 __all__ = [
     "RECIPES",
@@ -142,10 +144,10 @@ def dvc_yaml_problem(params: dict[str, Any], root: Path) -> str | None:
     if not path.is_file():
         return f"{path} is missing: run `xtra dag` to write it"
     try:
-        found = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+        found = read_yaml(path.read_text(), str(path))
+    except ParamsError:
         found = None
-    if found != yaml.safe_load(render_dvc_yaml(params)):
+    if found != read_yaml(render_dvc_yaml(params)):
         return (
             f"{path} is not the stage table of the current params (a dataset, model, benchmark, kind "
             f"or path changed): run `xtra dag` to rewrite it"

@@ -4,7 +4,10 @@ Why: DVC compares only what params.yaml spells out. A value the schema fills in 
 seen by the command but by no DVC dependency, and `dvc exp run -S KEY=...` refuses a key the file
 does not hold ("Key ... is not in struct"). So the shipped params files (params.yaml and
 profiles/*.yaml) hold every key, and `xtra profile --fill` re-writes them after the schema gained
-a key (the value given is the schema default; a key already present is never changed).
+a key or a section gained a minimal entry. The value given is the one the command would use: for an
+entry of a named section (a dataset, model, benchmark), the value the file's other entries of that
+section give (`xtra.config.profile_defaults`: a demo benchmark gets the demo's epochs, batch and
+grid), else the schema default. A key already present is never changed.
 
 A key that a mapping receives through a YAML merge key (`<<: *demo_arch`) counts as present; new
 keys go after the mapping's last key, and a comment block that followed that key (the lead-in
@@ -23,8 +26,9 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.tokens import CommentToken
 
 from xtra.atomic import write_atomic
-from xtra.config import load_schema
+from xtra.config import load_schema, profile_defaults
 from xtra.errors import ParamsError
+from xtra.yamlio import read_yaml, represent_float
 
 __all__ = ["fill_text", "fill_file", "missing_keys"]
 
@@ -35,17 +39,8 @@ def _yaml() -> YAML:
     y.width = 4096
     y.indent(mapping=2, sequence=4, offset=2)
     y.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    y.representer.add_representer(float, _represent_float)
+    y.representer.add_representer(float, represent_float)
     return y
-
-
-def _represent_float(representer: Any, value: float) -> Any:
-    """`1.0e-05`, not `1e-05`: PyYAML (YAML 1.1, what the xtra commands read) takes the latter for a string."""
-    text = repr(value)
-    if "e" in text and "." not in text.split("e")[0]:
-        mantissa, exponent = text.split("e")
-        text = f"{mantissa}.0e{exponent}"
-    return representer.represent_scalar("tag:yaml.org,2002:float", text)
 
 
 def _resolve(schema: dict[str, Any]) -> dict[str, Any]:
@@ -99,34 +94,39 @@ def _append(node: CommentedMap, key: str, value: Any) -> None:
     node.ca.items[key] = [None, None, CommentToken("\n" + rest, token.start_mark, None), None]
 
 
-def _fill(node: Any, schema: dict[str, Any], where: str, added: list[str]) -> None:
+def _fill(node: Any, schema: dict[str, Any], where: str, added: list[str], profile: dict[str, Any]) -> None:
     schema = _resolve(schema)
     if not isinstance(node, dict):
         return
+    children = []
     for name, sub in schema.get("properties", {}).items():
         sub = _resolve(sub)
         if name not in node and not _merged_has(node, name) and "default" in sub:
-            _append(node, name, _flow(json.loads(json.dumps(sub["default"]))))
+            value = profile.get(f"{where}{name}", sub["default"])  # the file's own entries first
+            _append(node, name, _flow(json.loads(json.dumps(value))))
             added.append(f"{where}{name}")
         if name in node and name in getattr(node, "_ok", node):
-            _fill(node[name], sub, f"{where}{name}.", added)
-            if isinstance(node[name], CommentedMap) and len(node[name]) > 6 and node[name].fa.flow_style():
-                node[name].fa.set_block_style()
+            children.append((name, sub))
     extra = schema.get("additionalProperties")
     if isinstance(extra, dict):
-        for name in list(node):
-            _fill(node[name], extra, f"{where}{name}.", added)
+        children += [(name, extra) for name in node]
+    for name, sub in children:
+        _fill(node[name], sub, f"{where}{name}.", added, profile)
+        if isinstance(node[name], CommentedMap) and len(node[name]) > 6 and node[name].fa.flow_style():
+            node[name].fa.set_block_style()  # a filled-in flow mapping `{dataset: d, eval_split: test}`
 
 
 def fill_text(text: str, source: str = "params.yaml") -> tuple[str, list[str]]:
-    """`text` with every missing schema key written in, and the dotted keys added."""
+    """`text` with every missing schema key written in, and the dotted keys added. A key that an entry
+    of a named section leaves out gets the value the section's other entries give it
+    (`xtra.config.profile_defaults`: the active profile's), else the schema's default."""
     y = _yaml()
     try:
         data = y.load(text)
     except Exception as exc:  # ruamel raises many kinds; all mean "not YAML we can edit"
         raise ParamsError(f"{source}: cannot parse for filling: {exc}") from exc
     added: list[str] = []
-    _fill(data, load_schema(), "", added)
+    _fill(data, load_schema(), "", added, profile_defaults(read_yaml(text, source)))
     if not added:
         return text, []
     out = io.StringIO()

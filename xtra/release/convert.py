@@ -435,24 +435,24 @@ def convert_official(
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
-    import yaml
+    from xtra.yamlio import read_yaml
 
     key, sep, value = item.partition("=")
     if not sep or not key.startswith("arch.") or len(key) <= len("arch."):
         raise ParamsError(f"--set {item!r}: expected arch.KEY=VALUE (e.g. arch.width=192)")
-    return key[len("arch.") :], yaml.safe_load(value)
+    return key[len("arch.") :], read_yaml(value, f"--set {item!r}")
 
 
 def arch_from_cli(preset: str | None, arch_file: str | None, sets: Sequence[str]) -> dict[str, Any]:
     """The architecture of --preset (a size or a paper model) or --arch-file (YAML), then every --set."""
-    import yaml
+    from xtra.yamlio import read_yaml
 
     if preset in MODEL_PRESETS:
         arch = dict(MODEL_PRESETS[preset])
     elif preset in PRESETS:
         arch = {"preset": preset}
     elif arch_file:
-        loaded = yaml.safe_load(Path(arch_file).read_text())
+        loaded = read_yaml(Path(arch_file).read_text(), arch_file)
         arch = dict(loaded.get("arch", loaded)) if isinstance(loaded, dict) else None
         if arch is None:
             raise ParamsError(f"{arch_file}: expected a mapping of arch keys (or one under `arch:`)")

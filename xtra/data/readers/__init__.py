@@ -23,23 +23,37 @@ from xtra.registry import Registry
 __all__ = ["DatasetKind", "READERS", "register_reader", "read_dataset"]
 
 
+# The splits a kind writes: their names, or a function of the dataset's params that finds them in its
+# files (a class-folder tree's optional `test/`); None: the kind does not say (not checked).
+Splits = tuple[str, ...] | Callable[[dict], tuple[str, ...]] | None
+
+
 @dataclass(frozen=True)
 class DatasetKind:
-    """A registered dataset kind: its reader, and whether its data ships inside a package (no `root`)."""
+    """A registered dataset kind: its reader, whether its data ships inside a package (no `root`), and
+    the splits it writes (checked against the benchmarks' `train_split` / `eval_split` by `xtra validate`)."""
 
     name: str
     read: Reader
     embedded: bool = False
+    splits: Splits = None
+
+    def splits_of(self, params: dict, look: bool = True) -> tuple[str, ...] | None:
+        """The splits a dataset of this kind will have; None when the kind does not say, or when they
+        depend on its files and `look` is off (a check of the params file alone)."""
+        if callable(self.splits):
+            return self.splits(params) if look else None
+        return self.splits
 
 
 READERS: Registry[DatasetKind] = Registry("dataset kind", __name__)
 
 
-def register_reader(kind: str, *, embedded: bool = False) -> Callable[[Reader], Reader]:
-    """Decorator: register a reader function as the reader of dataset kind `kind`."""
+def register_reader(kind: str, *, embedded: bool = False, splits: Splits = None) -> Callable[[Reader], Reader]:
+    """Decorator: register a reader function as the reader of dataset kind `kind` (see `DatasetKind`)."""
 
     def register(read: Reader) -> Reader:
-        READERS.add(kind, DatasetKind(kind, read, embedded))
+        READERS.add(kind, DatasetKind(kind, read, embedded, splits))
         return read
 
     return register

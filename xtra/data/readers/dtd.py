@@ -37,7 +37,7 @@ def _split_samples(
     return listed_samples(base / "images", labelled, len(classes), split, skipped)
 
 
-@register_reader("dtd")
+@register_reader("dtd", splits=tuple(DTD_SIZES))
 def read_dtd(params: dict) -> RawDataset:
     """DTD partition `params["partition"]` (1..10) -> `train` (train+val files) / `test`."""
     root = dataset_root(params)

@@ -58,7 +58,7 @@ def _seeded(samples: list[Sample], seed: int) -> dict[str, list[Sample]]:
     return {split: [samples[i] for i in indices] for split, indices in parts.items()}
 
 
-@register_reader("eurosat")
+@register_reader("eurosat", splits=EUROSAT_SPLITS)
 def read_eurosat(params: dict) -> RawDataset:
     """EuroSAT RGB -> `train` / `val` / `test` (root: the folder holding `eurosat/`, or `eurosat/`)."""
     root = dataset_root(params)

@@ -39,7 +39,7 @@ def _split_samples(
     return listed_samples(base, entries, len(classes), split, skipped)
 
 
-@register_reader("food101")
+@register_reader("food101", splits=tuple(FOOD101_SIZES))
 def read_food101(params: dict) -> RawDataset:
     """Food-101 -> `train` / `test` (root: the folder holding `food-101/`, or `food-101/` itself)."""
     root = dataset_root(params)

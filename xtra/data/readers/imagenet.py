@@ -59,7 +59,7 @@ def _flat_images(folder: Path) -> bool:
     return any(is_image(path.name) for path in folder.iterdir() if path.is_file())
 
 
-@register_reader("imagenet1k")
+@register_reader("imagenet1k", splits=tuple(IMAGENET1K_SIZES))
 def read_imagenet1k(params: dict) -> RawDataset:
     """ImageNet-1k: `<root>/train/<wnid>/*.JPEG` and `<root>/val/<wnid>/*.JPEG` -> `train` / `val`."""
     root = dataset_root(params)
@@ -132,7 +132,7 @@ def _read_per_synset(root: Path, params: dict) -> RawDataset:
     return RawDataset(classes=classes, splits=splits, source=source, official_sizes=sizes, skipped=skipped)
 
 
-@register_reader("imagenet21k")
+@register_reader("imagenet21k", splits=("train", "val"))
 def read_imagenet21k(params: dict) -> RawDataset:
     """ImageNet-21k in the 21K-P or the per-synset layout (params `layout`, see the module doc) -> `train` / `val`."""
     root = dataset_root(params)

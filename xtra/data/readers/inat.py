@@ -65,7 +65,7 @@ def _split_samples(
     return samples
 
 
-@register_reader("inat2018")
+@register_reader("inat2018", splits=tuple(INAT2018_SIZES))
 def read_inat2018(params: dict) -> RawDataset:
     """iNaturalist 2018: `train2018.json`, `val2018.json` and `train_val2018/` -> `train` / `val`."""
     root = dataset_root(params)

@@ -89,7 +89,7 @@ def _split_samples(base: Path, split: str, skipped: list[Skipped]) -> list[Sampl
     return samples
 
 
-@register_reader("pcam")
+@register_reader("pcam", splits=tuple(PCAM_SIZES))
 def read_pcam(params: dict) -> RawDataset:
     """PatchCamelyon -> `train` / `val` (the `valid` files) / `test` (root: folder holding `pcam/`, or it)."""
     root = dataset_root(params)

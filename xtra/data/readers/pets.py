@@ -52,7 +52,7 @@ def _split_samples(
     return listed_samples(base, entries, num_classes, split, skipped)
 
 
-@register_reader("pets")
+@register_reader("pets", splits=tuple(PETS_SIZES))
 def read_pets(params: dict) -> RawDataset:
     """Oxford-IIIT Pet -> `train` (trainval.txt) / `test` (test.txt)."""
     root = dataset_root(params)

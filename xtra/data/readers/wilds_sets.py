@@ -159,25 +159,25 @@ def _fmow_classes(data_dir: Path, dataset: Any) -> list[str]:
     return list(categories)
 
 
-@register_reader("iwildcam")
+@register_reader("iwildcam", splits=tuple(WILDS_SIZES["iwildcam"]))
 def read_iwildcam(params: dict) -> RawDataset:
     """iWildCam (WILDS v2.0, 182 classes) -> `train` / `val` (OOD) / `test` / `id_val` / `id_test`."""
     return _read(params, "iwildcam", lambda d, i: f"train/{d._input_array[i]}", _iwildcam_classes)
 
 
-@register_reader("camelyon17")
+@register_reader("camelyon17", splits=tuple(WILDS_SIZES["camelyon17"]))
 def read_camelyon17(params: dict) -> RawDataset:
     """Camelyon17 (WILDS v1.0): `train`, `id_val`, `val` (OOD, centre 1), `test` (centre 2)."""
     return _read(params, "camelyon17", lambda d, i: str(d._input_array[i]), lambda p, d: ["normal", "tumor"])
 
 
-@register_reader("rxrx1")
+@register_reader("rxrx1", splits=tuple(WILDS_SIZES["rxrx1"]))
 def read_rxrx1(params: dict) -> RawDataset:
     """RxRx1 (WILDS v1.0, 1,139 siRNAs) -> `train` / `val` / `test` / `id_test`."""
     return _read(params, "rxrx1", lambda d, i: str(d._input_array[i]).replace("\\", "/"), _rxrx1_classes)
 
 
-@register_reader("fmow")
+@register_reader("fmow", splits=tuple(WILDS_SIZES["fmow"]))
 def read_fmow(params: dict) -> RawDataset:
     """fMoW (WILDS v1.1, 62 classes) -> `train` / `id_val` / `id_test` / `val` / `test`."""
     return _read(params, "fmow", lambda d, i: f"images/rgb_img_{int(d.full_idxs[i])}.png", _fmow_classes)
