@@ -82,3 +82,26 @@ def test_ctrl_c_in_a_probe_job_names_its_state_and_epochs(tmp_path: Path, monkey
         f"interrupted: xtra prepare: nothing of this run is kept (its .partial folder is removed by the next "
         f"run); {manifest} (the last complete preparation) is unchanged"
     )
+
+
+class _CtrlCWhilePickled:
+    """An object whose pickling sends this process SIGINT: a Ctrl-C in the middle of torch.save."""
+
+    def __reduce__(self):
+        signal.raise_signal(signal.SIGINT)
+        return (dict, ())
+
+
+def test_ctrl_c_during_a_checkpoint_write_lands_after_the_file_is_whole(tmp_path: Path) -> None:
+    """The race CI met: SIGINT while torch's zip writer is mid-file surfaced as its RuntimeError
+    ("unexpected pos"), exit 1 with a traceback. The interruption now arrives once the file is in place."""
+    import torch
+
+    from xtra.atomic import save_torch_atomic
+
+    path = tmp_path / "step-000004.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        save_torch_atomic({"weights": torch.arange(4.0), "interrupt": _CtrlCWhilePickled()}, path)
+    assert torch.equal(torch.load(path, weights_only=False)["weights"], torch.arange(4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

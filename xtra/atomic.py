@@ -12,6 +12,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,28 +55,49 @@ def save_torch_atomic(obj: Any, path: str | Path) -> None:
     checkpoint (weights, gradients' AdamW moments: ~10 GB) would otherwise take its size again in
     host memory at every save. torch's writer reports a failed write as a RuntimeError; one whose
     cause is a full disk is raised as the OSError(ENOSPC) it is, which `xtra.errors.writing_to`
-    turns into a message naming the output folder.
+    turns into a message naming the output folder. A Ctrl-C during the write takes effect once the
+    file is in place (`_ctrl_c_after`): a KeyboardInterrupt inside torch's zip writer would surface
+    as its RuntimeError ("unexpected pos"), not as the interruption it is.
     """
     import torch  # here, so that the torch-free users of this module do not import it
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with _ctrl_c_after():
         try:
-            with open(tmp, "wb") as handle:
-                torch.save(obj, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except RuntimeError as exc:
-            if _disk_full(tmp):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc
-            raise
-        if path.exists():
-            shutil.copymode(path, tmp)
-        os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as handle:
+                    torch.save(obj, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except RuntimeError as exc:
+                if _disk_full(tmp):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc
+                raise
+            if path.exists():
+                shutil.copymode(path, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _ctrl_c_after() -> Iterator[None]:
+    """A SIGINT during the block is recorded, and delivered to the handler there was when it ends
+    (only the main thread may set a handler; elsewhere, or under a handler set outside Python, as is)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
     finally:
-        tmp.unlink(missing_ok=True)
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 def sha256_file(path: str | Path) -> str:
