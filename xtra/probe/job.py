@@ -195,8 +195,15 @@ def job_identity(params: dict, job: ProbeJob) -> tuple[str, str]:
     return stage_identity("probe", key_values(params, keys), inputs), model
 
 
+def _say(line: str) -> None:
+    """A job's default `log`: the line on stdout. A function of this module, so that it pickles into
+    the spawned ranks by its name; `print` itself fails there once a library (Ray) has replaced
+    `builtins.print` in the parent ("not the same object as builtins.print")."""
+    print(line, flush=True)
+
+
 def run_job(
-    params: dict, job: ProbeJob, hooks: JobHooks = JobHooks(), log: Callable[[str], None] = print
+    params: dict, job: ProbeJob, hooks: JobHooks = JobHooks(), log: Callable[[str], None] = _say
 ) -> dict[str, dict]:
     """Train and evaluate one job on its devices; returns {kind: probe-result dict} (docs/ARCHITECTURE.md).
 

@@ -296,13 +296,18 @@ def evaluate_bank(
     bank: HeadBank, batches: Iterable[Batch], num_classes: int, device: torch.device, precision: str = "32-true"
 ) -> HeadScores:
     """Top-1 (and top-5, from 5 classes up) of every head on (features, labels) batches, in %
-    (torchmetrics' micro-averaged MulticlassAccuracy; normalisation in eval mode)."""
+    (torchmetrics' micro-averaged MulticlassAccuracy; normalisation in eval mode).
+
+    The counts are this process's: a multi-device job evaluates on rank 0 alone while the others wait
+    at a barrier, so the metrics never synchronise (torchmetrics would all-gather in `compute` as soon
+    as a process group exists, and meet the other ranks' barrier instead)."""
     from torchmetrics.classification import MulticlassAccuracy
 
     bank.to(device).eval()
     ks = (1, 5) if num_classes >= 5 else (1,)
     metrics = [
-        {k: MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device) for k in ks} for _ in range(len(bank))
+        {k: MulticlassAccuracy(num_classes, top_k=k, average="micro", sync_on_compute=False).to(device) for k in ks}
+        for _ in range(len(bank))
     ]
     count = 0
     for feats, labels in batches:
