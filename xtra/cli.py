@@ -116,7 +116,7 @@ def what_was_saved(args: argparse.Namespace) -> str:
         kept = f"{manifest} (the last complete preparation) is unchanged" if manifest.is_file() else "none was"
         return f"nothing of this run is kept (its .partial folder is removed by the next run); {kept}"
     if args.command == "pretrain" and paths:
-        ckpts = sorted((Path(paths["models"]) / args.model / "checkpoints").glob("*/step-*.ckpt"))
+        ckpts = (Path(paths["models"]) / args.model / "checkpoints").glob("*/step-*.ckpt")
         newest = max(ckpts, key=lambda p: p.stat().st_mtime, default=None)
         if newest is None:
             return f"no checkpoint saved yet; `xtra pretrain {args.model}` starts over"

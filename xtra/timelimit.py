@@ -156,9 +156,8 @@ class AttemptLog:
             )
             raise NoProgressError(
                 f"{self.job}: no progress since the previous attempt: attempt {last.get('attempt')} started at "
-                f"{self.unit} {start} and {how} without saving a later one; attempt {attempt} of the front-end would "
-                f"start "
-                f"there again ({self.path}). Give the job more time (its resources.runtime) or look at the "
+                f"{self.unit} {start} and {how} without saving a later one; attempt {attempt} of the front-end "
+                f"would start there again ({self.path}). Give the job more time (its resources.runtime) or look at the "
                 f"previous attempt's log; a run started by hand is not refused."
             )
 
